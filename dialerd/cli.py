@@ -1,0 +1,242 @@
+"""The command line: run, submit, check, status, simulate. Exit codes follow sysexits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_PATH, Config, ConfigError, load_config, read_api_key
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class Failure(Exception):
+    """A clear one-sentence error for stderr, with its exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit code is 2; sysexits says 64
+        self.print_usage(sys.stderr)
+        raise Failure(f"{self.prog}: {message}", EX_USAGE)
+
+
+def _config_path(args) -> str:
+    return args.config or os.environ.get("DIALERD_CONFIG") or DEFAULT_PATH
+
+
+def _load(args) -> Config:
+    try:
+        return load_config(_config_path(args))
+    except ConfigError as error:
+        raise Failure(_config_message(error), EX_CONFIG) from None
+
+
+def _config_message(error: ConfigError) -> str:
+    if len(error.problems) == 1:
+        return f"bad config: {error.problems[0]}"
+    return "bad config:\n" + "\n".join(f"  {p}" for p in error.problems)
+
+
+def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latency", default="0.1-0.5", metavar="MIN-MAX",
+                        help="simulated answer delay range in seconds (default 0.1-0.5)")
+    for fault in ("error", "reset", "hang"):
+        parser.add_argument(f"--{fault}-rate", type=float, default=0.0, metavar="P",
+                            help=f"probability of a simulated {fault} (default 0)")
+
+
+def _faults(args):
+    from .simulator import Faults
+
+    try:
+        low, high = (float(part) for part in args.latency.split("-", 1))
+    except ValueError:
+        raise Failure(f"--latency: expected MIN-MAX in seconds, not {args.latency!r}",
+                      EX_USAGE) from None
+    return Faults(error_5xx=args.error_rate, reset=args.reset_rate, hang=args.hang_rate,
+                  latency=(low, high))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="dialerd", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", help=f"config file (default $DIALERD_CONFIG, {DEFAULT_PATH})")
+    run.add_argument("--simulate", action="store_true",
+                     help="place calls on the built-in simulator of the API, not the real one")
+    _add_simulation_options(run)
+
+    submit = commands.add_parser("submit", help="validate requests and drop them into the spool")
+    submit.add_argument("-c", "--config")
+    submit.add_argument("files", nargs="*", default=["-"], metavar="FILE",
+                        help="JSON lines, JSON object or array, or CSV with a header ('-': stdin)")
+    submit.add_argument("--skip-invalid", action="store_true",
+                        help="submit the valid requests even when some are invalid")
+
+    check = commands.add_parser("check", help="validate the config")
+    check.add_argument("-c", "--config")
+
+    status = commands.add_parser("status", help="queues, in flight and outcomes, from the ledger")
+    status.add_argument("-c", "--config")
+    status.add_argument("--json", action="store_true", help="as one JSON object")
+
+    simulate = commands.add_parser("simulate", help="run the API simulator as its own server")
+    from .simulator import add_arguments
+
+    add_arguments(simulate)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .daemon import Daemon
+    from .ledger import LedgerLocked
+    from .logs import log
+
+    config = _load(args)
+    if not args.simulate:
+        try:
+            read_api_key(config.api)
+        except ConfigError as error:
+            raise Failure(_config_message(error), EX_CONFIG) from None
+    faults = _faults(args) if args.simulate else None
+    try:
+        asyncio.run(Daemon(config, simulate=faults).run())
+    except LedgerLocked as error:
+        raise Failure(str(error), EX_TEMPFAIL) from None
+    except OSError as error:
+        raise Failure(f"cannot run: {error}", EX_CANTCREAT) from None
+    except ExceptionGroup as group:
+        log.exception("a task of the daemon failed", exc_info=group)
+        raise Failure(f"stopped by a fault: {_first_cause(group)}", EX_SOFTWARE) from None
+    return EX_OK
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def cmd_submit(args) -> int:
+    from .submit import drop_into_spool, read_input
+
+    config = _load(args)
+    if config.spool_dir is None:
+        raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
+    documents, errors = [], []
+    for name in args.files:
+        data = _read_input_file(name)
+        submission = read_input(data, "stdin" if name == "-" else name, config)
+        documents += submission.documents
+        errors += submission.errors
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors and not args.skip_invalid:
+        raise Failure(f"{len(errors)} invalid request(s); nothing submitted "
+                      "(--skip-invalid submits the valid ones)", EX_DATAERR)
+    if not documents:
+        raise Failure("no valid request to submit", EX_DATAERR)
+    try:
+        path = drop_into_spool(config.spool_dir, documents)
+    except OSError as error:
+        raise Failure(f"cannot write to the spool: {error}", EX_CANTCREAT) from None
+    print(f"submitted {len(documents)} request(s) as {path.name}"
+          + (f"; skipped {len(errors)} invalid" if errors else ""), file=sys.stderr)
+    return EX_OK
+
+
+def _read_input_file(name: str) -> bytes:
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read()
+        return Path(name).read_bytes()
+    except OSError as error:
+        raise Failure(f"cannot read {name}: {error.strerror}", 66) from None
+
+
+def cmd_check(args) -> int:
+    config = _load(args)
+    try:
+        read_api_key(config.api)
+    except ConfigError as error:
+        raise Failure(_config_message(error), EX_CONFIG) from None
+    agents = ", ".join(f"{a.id} ({a.region}, {a.rate}/s)" for a in config.agents.values())
+    print(f"{_config_path(args)}: OK; agents: {agents}")
+    return EX_OK
+
+
+def cmd_status(args) -> int:
+    from .ledger import read_status
+
+    config = _load(args)
+    report = read_status(config.state_dir)
+    if report is None:
+        report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(_status_text(report, config))
+    return EX_OK
+
+
+def _status_text(report: dict, config: Config) -> str:
+    lines = [f"{'agent':<24} {'rate':>4} {'queued':>8} {'due now':>8} {'in flight':>9}  next due"]
+    for agent_id in sorted(set(config.agents) | set(report["agents"])):
+        entry = report["agents"].get(agent_id, {})
+        rate = config.agents[agent_id].rate if agent_id in config.agents else "-"
+        next_due = entry.get("next_due")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(next_due)) if next_due else "-"
+        lines.append(f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
+                     f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9}  {when}")
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
+    lines.append(f"outcomes: {outcomes}")
+    if report["results_unwritten"]:
+        lines.append(f"results not yet written: {report['results_unwritten']}")
+    return "\n".join(lines)
+
+
+def cmd_simulate(args) -> int:
+    from .simulator import serve
+
+    asyncio.run(serve(args))
+    return EX_OK
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "check": cmd_check, "status": cmd_status,
+            "simulate": cmd_simulate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logs import configure
+
+    try:
+        args = build_parser().parse_args(argv)
+        configure(args.log_level)
+        return COMMANDS[args.command](args)
+    except Failure as failure:
+        print(f"dialerd: {failure}", file=sys.stderr)
+        return failure.code
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""The config: YAML into frozen dataclasses, validated in one place, every problem named by key."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_PATH = "/etc/dialerd/config.yaml"
+DEFAULT_ENDPOINTS = MappingProxyType(
+    {
+        "eu": "https://studio-api-eu.ai.vonage.com/telephony/make-call",
+        "us": "https://studio-api-us.ai.vonage.com/telephony/make-call",
+    }
+)
+APPROVED_RATES = (1, 3, 5)
+CALLBACK_STATUSES = ("cancelled", "rejected", "busy", "timeout", "failed")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+AGENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` lists each one as 'key.path: what is wrong'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    key_env: str | None
+    key_file: Path | None
+    endpoints: Mapping[str, str]
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    id: str
+    region: str
+    rate: int
+    number: str | None
+    margin: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two sends: the rate, less the safety margin."""
+        return 1.0 / (self.rate * (1.0 - self.margin))
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class CallbacksConfig:
+    listen: Listen
+    public_url: str | None
+    wait_s: float
+
+
+@dataclass(frozen=True)
+class RedialPolicy:
+    attempts: int
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class CallingHours:
+    start: dt.time
+    end: dt.time
+    days: frozenset[int]
+    default_timezone: str
+    holidays: frozenset[dt.date]
+
+
+@dataclass(frozen=True)
+class NumberCap:
+    count: int
+    per_s: float
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    api: ApiConfig
+    agents: Mapping[str, AgentConfig]
+    default_agent: str | None
+    state_dir: Path
+    spool_dir: Path | None
+    stdin: str | bool
+    results: str | None
+    callbacks: CallbacksConfig | None
+    redial: Mapping[str, RedialPolicy]
+    admin: Listen | None
+    calling_hours: CallingHours | None
+    dnc_file: Path | None
+    max_calls_per_number: NumberCap | None
+    shutdown_timeout_s: float
+
+    def agent_by_number(self, number: str) -> AgentConfig | None:
+        return next((a for a in self.agents.values() if a.number == number), None)
+
+    def results_target(self, stdin_is_source: bool) -> str:
+        """Where result lines go: the configured target, else stdout for stdin runs."""
+        if self.results is not None:
+            return self.results
+        return "-" if stdin_is_source else str(self.state_dir / "results.jsonl")
+
+
+class _Reader:
+    """Walks the YAML tree, collecting every problem under its key path instead of stopping."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def mapping(self, node: Any, key: str, allowed: tuple[str, ...] | None) -> dict[str, Any]:
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            self.fail(key, "must be a mapping")
+            return {}
+        for name in node:
+            if allowed is not None and name not in allowed:
+                self.fail(f"{key}.{name}" if key else str(name), "unknown key")
+        return node
+
+    def value(
+        self, node: dict, key: str, name: str, convert: Callable[[Any], Any], default: Any = None
+    ) -> Any:
+        if name not in node or node[name] is None:
+            return default
+        try:
+            return convert(node[name])
+        except (TypeError, ValueError) as error:
+            self.fail(f"{key}.{name}" if key else name, str(error))
+            return default
+
+
+def _positive(kind: type) -> Callable[[Any], Any]:
+    def convert(raw: Any) -> Any:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"must be a number, not {raw!r}")
+        if kind is int and raw != int(raw):
+            raise ValueError(f"must be a whole number, not {raw!r}")
+        if raw <= 0:
+            raise ValueError(f"must be above 0, not {raw!r}")
+        return kind(raw)
+
+    return convert
+
+
+def _string(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be a non-empty string, not {raw!r}")
+    return raw
+
+
+def _url(raw: Any) -> str:
+    parts = urlsplit(_string(raw))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, not {raw!r}")
+    return raw.rstrip("/") if parts.path in ("", "/") else raw
+
+
+def _listen(raw: Any) -> Listen:
+    text = str(raw)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, not {raw!r}")
+    return Listen(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _time_of_day(raw: Any) -> dt.time:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        # YAML 1.1 reads an unquoted 08:00 as base 60 (480): say how to write it.
+        hours, minutes = divmod(raw, 60)
+        raise ValueError(
+            f"was read as the number {raw}, as YAML does with an unquoted time; "
+            f'write it quoted: "{hours:02d}:{minutes:02d}"'
+        )
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", str(raw))
+    if not match:
+        raise ValueError(f'must be a time of day written "HH:MM", not {raw!r}')
+    return dt.time(int(match[1]), int(match[2]))
+
+
+def _timezone(raw: Any) -> str:
+    try:
+        zoneinfo.ZoneInfo(_string(raw))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"is not a known time zone: {raw!r}") from None
+    return raw
+
+
+def _days(raw: Any) -> frozenset[int]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"must be a list of days out of {', '.join(WEEKDAYS)}")
+    unknown = [d for d in raw if str(d).lower() not in WEEKDAYS]
+    if unknown:
+        raise ValueError(f"unknown days {unknown!r}; use {', '.join(WEEKDAYS)}")
+    return frozenset(WEEKDAYS.index(str(d).lower()) for d in raw)
+
+
+def _dates(raw: Any) -> frozenset[dt.date]:
+    if not isinstance(raw, list):
+        raise ValueError("must be a list of dates (YYYY-MM-DD)")
+    dates = set()
+    for item in raw:
+        if isinstance(item, dt.date):
+            dates.add(item)
+        else:
+            try:
+                dates.add(dt.date.fromisoformat(str(item)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not a date (YYYY-MM-DD)") from None
+    return frozenset(dates)
+
+
+def _stdin_mode(raw: Any) -> str | bool:
+    if raw in ("auto", True, False):
+        return raw
+    raise ValueError(f"must be auto, true or false, not {raw!r}")
+
+
+def _margin(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw < 0.5:
+        raise ValueError(f"must be a fraction from 0 to 0.5 (0.03 = 3 %), not {raw!r}")
+    return float(raw)
+
+
+def _rate(raw: Any) -> int:
+    if raw not in APPROVED_RATES or isinstance(raw, bool):
+        raise ValueError(f"must be one of {', '.join(map(str, APPROVED_RATES))}, not {raw!r}")
+    return int(raw)
+
+
+def _read_api(r: _Reader, node: Any) -> ApiConfig:
+    api = r.mapping(node, "api", ("key_env", "key_file", "endpoints", "timeout_s"))
+    key_env = r.value(api, "api", "key_env", _string)
+    key_file = r.value(api, "api", "key_file", lambda v: Path(_string(v)))
+    if key_env and key_file:
+        r.fail("api", "set key_env or key_file, not both")
+    if "key" in api:
+        r.fail("api.key", "the key is never written in the config; use key_env or key_file")
+    endpoints = dict(DEFAULT_ENDPOINTS)
+    for region, url in r.mapping(api.get("endpoints"), "api.endpoints", None).items():
+        converted = r.value({region: url}, "api.endpoints", region, _url)
+        if converted:
+            endpoints[str(region)] = converted
+    return ApiConfig(
+        key_env=key_env,
+        key_file=key_file,
+        endpoints=MappingProxyType(endpoints),
+        timeout_s=r.value(api, "api", "timeout_s", _positive(float), 15.0),
+    )
+
+
+def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str, AgentConfig]:
+    agents = {}
+    for agent_id, body in r.mapping(node, "agents", None).items():
+        key = f"agents.{agent_id}"
+        if not AGENT_ID.match(str(agent_id)):
+            r.fail(key, "an agent id is 1-128 of A-Za-z0-9._:-")
+        fields = r.mapping(body, key, ("region", "rate", "number", "margin"))
+        region = r.value(fields, key, "region", _string)
+        if region is None:
+            r.fail(f"{key}.region", "is required (one of " + ", ".join(regions) + ")")
+        elif region not in regions:
+            r.fail(f"{key}.region", f"{region!r} has no endpoint; use one of {', '.join(regions)}")
+        rate = r.value(fields, key, "rate", _rate)
+        if "rate" not in fields:
+            r.fail(f"{key}.rate", "is required (1, 3 or 5)")
+        number = r.value(fields, key, "number", lambda v: _digits(str(v)))
+        agents[str(agent_id)] = AgentConfig(
+            id=str(agent_id),
+            region=region or "eu",
+            rate=rate or 1,
+            number=number,
+            margin=r.value(fields, key, "margin", _margin, 0.03),
+        )
+    if not agents and not r.problems:
+        r.fail("agents", "at least one agent is required")
+    numbers = [a.number for a in agents.values() if a.number]
+    for number in {n for n in numbers if numbers.count(n) > 1}:
+        r.fail("agents", f"number {number} is given to more than one agent")
+    return agents
+
+
+def _digits(raw: str) -> str:
+    digits = re.sub(r"[\s+\-.()]", "", raw)
+    if not digits.isdigit():
+        raise ValueError(f"must be a phone number in digits, not {raw!r}")
+    return digits
+
+
+def _read_callbacks(r: _Reader, node: Any) -> CallbacksConfig | None:
+    if node is None:
+        return None
+    cb = r.mapping(node, "callbacks", ("listen", "public_url", "wait_s"))
+    return CallbacksConfig(
+        listen=r.value(cb, "callbacks", "listen", _listen, Listen("127.0.0.1", 8080)),
+        public_url=r.value(cb, "callbacks", "public_url", _url),
+        wait_s=r.value(cb, "callbacks", "wait_s", _positive(float), 120.0),
+    )
+
+
+def _read_redial(r: _Reader, node: Any) -> dict[str, RedialPolicy]:
+    policies = {}
+    for status, body in r.mapping(node, "redial", CALLBACK_STATUSES).items():
+        key = f"redial.{status}"
+        fields = r.mapping(body, key, ("attempts", "delay_s"))
+        if "attempts" not in fields:
+            r.fail(f"{key}.attempts", "is required")
+        policies[status] = RedialPolicy(
+            attempts=r.value(fields, key, "attempts", _positive(int), 1),
+            delay_s=r.value(fields, key, "delay_s", _positive(float), 300.0),
+        )
+    return policies
+
+
+def _read_admin(r: _Reader, node: Any) -> Listen | None:
+    if node is None:
+        return None
+    admin = r.mapping(node, "admin", ("listen",))
+    return r.value(admin, "admin", "listen", _listen, Listen("127.0.0.1", 9090))
+
+
+def _read_calling_hours(r: _Reader, node: Any) -> CallingHours | None:
+    if node is None:
+        return None
+    key = "calling_hours"
+    hours = r.mapping(node, key, ("start", "end", "days", "default_timezone", "holidays"))
+    for name in ("start", "end"):
+        if name not in hours:
+            r.fail(f"{key}.{name}", 'is required ("HH:MM")')
+    start = r.value(hours, key, "start", _time_of_day, dt.time(0))
+    end = r.value(hours, key, "end", _time_of_day, dt.time(0))
+    if start == end and "start" in hours and "end" in hours:
+        r.fail(key, "start and end are the same time: the window would be empty")
+    return CallingHours(
+        start=start,
+        end=end,
+        days=r.value(hours, key, "days", _days, frozenset(range(7))),
+        default_timezone=r.value(hours, key, "default_timezone", _timezone, "UTC"),
+        holidays=r.value(hours, key, "holidays", _dates, frozenset()),
+    )
+
+
+def _read_cap(r: _Reader, node: Any) -> NumberCap | None:
+    if node is None:
+        return None
+    key = "max_calls_per_number"
+    cap = r.mapping(node, key, ("count", "per_s"))
+    for name in ("count", "per_s"):
+        if name not in cap:
+            r.fail(f"{key}.{name}", "is required")
+    return NumberCap(
+        count=r.value(cap, key, "count", _positive(int), 1),
+        per_s=r.value(cap, key, "per_s", _positive(float), 86400.0),
+    )
+
+
+TOP_KEYS = (
+    "api",
+    "agents",
+    "default_agent",
+    "state_dir",
+    "spool",
+    "stdin",
+    "results",
+    "callbacks",
+    "redial",
+    "admin",
+    "calling_hours",
+    "dnc_file",
+    "max_calls_per_number",
+    "shutdown_timeout_s",
+)
+
+
+def build_config(document: Any, path: Path | None = None) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem by key."""
+    r = _Reader()
+    if not isinstance(document, dict):
+        raise ConfigError(["(top): the config must be a YAML mapping"])
+    top = r.mapping(document, "", TOP_KEYS)
+    api = _read_api(r, top.get("api"))
+    agents = _read_agents(r, top.get("agents"), api.endpoints)
+    default_agent = r.value(top, "", "default_agent", _string)
+    if default_agent is None and len(agents) == 1:
+        default_agent = next(iter(agents))
+    elif default_agent is not None and default_agent not in agents:
+        r.fail("default_agent", f"{default_agent!r} is not under agents")
+    spool = r.mapping(top.get("spool"), "spool", ("dir",))
+    if "spool" in top and "dir" not in spool:
+        r.fail("spool.dir", "is required when spool is given")
+    callbacks = _read_callbacks(r, top.get("callbacks"))
+    admin = _read_admin(r, top.get("admin"))
+    if callbacks and admin and callbacks.listen == admin:
+        r.fail("admin.listen", "must differ from callbacks.listen: admin is never on the callback port")
+    config = Config(
+        path=path,
+        api=api,
+        agents=MappingProxyType(agents),
+        default_agent=default_agent,
+        state_dir=r.value(top, "", "state_dir", lambda v: Path(_string(v)), Path("/var/lib/dialerd")),
+        spool_dir=r.value(spool, "spool", "dir", lambda v: Path(_string(v))),
+        stdin=r.value(top, "", "stdin", _stdin_mode, "auto"),
+        results=r.value(top, "", "results", _string),
+        callbacks=callbacks,
+        redial=MappingProxyType(_read_redial(r, top.get("redial"))),
+        admin=admin,
+        calling_hours=_read_calling_hours(r, top.get("calling_hours")),
+        dnc_file=r.value(top, "", "dnc_file", lambda v: Path(_string(v))),
+        max_calls_per_number=_read_cap(r, top.get("max_calls_per_number")),
+        shutdown_timeout_s=r.value(top, "", "shutdown_timeout_s", _positive(float), 30.0),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate the config file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"(file): cannot read {path}: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"(file): {path} is not UTF-8 text"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"(file): not valid YAML{where}: {getattr(error, 'problem', error)}"])
+    return build_config(document, path)
+
+
+def read_api_key(api: ApiConfig) -> str:
+    """The API key from the environment or the key file; ConfigError if missing."""
+    if api.key_file is not None:
+        try:
+            key = api.key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError([f"api.key_file: cannot read {api.key_file}: {error}"]) from None
+        if not key:
+            raise ConfigError([f"api.key_file: {api.key_file} is empty"])
+        return key
+    env_name = api.key_env or "VGAI_KEY"
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        raise ConfigError([f"api.key_env: the environment variable {env_name} is not set"])
+    return key

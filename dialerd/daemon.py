@@ -1,0 +1,151 @@
+"""The daemon: start-up, one TaskGroup supervising every task, and a drain in a fixed order.
+
+Shutdown order: stop intake (sources commit what they read) → stop the lanes and let sends in
+flight finish or park them (in_doubt at the next start) → write the last results → close the
+session → close the ledger. Signal handlers only set state; the supervisor acts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+from types import MappingProxyType
+
+from . import studio
+from .config import Config, read_api_key
+from .dispatcher import Dispatcher
+from .ledger import Ledger
+from .logs import log
+from .results import ResultsWriter
+from .simulator import Faults, Simulator
+from .sources import Intake, SpoolSource, StdinSource, stdin_is_data
+
+SIMULATED_KEY = "simulated-key"
+DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
+
+
+class Daemon:
+    def __init__(self, config: Config, simulate: Faults | None = None):
+        self.config = config
+        self._simulate = simulate
+        self._stop = asyncio.Event()
+        self._final = asyncio.Event()
+        self._stdin: StdinSource | None = None
+        self._spool: SpoolSource | None = None
+        self._simulator: Simulator | None = None
+        self.ledger = Ledger(config.state_dir)
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            log.info("stopping", reason=reason)
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+
+    def _notify_final(self) -> None:
+        self._final.set()
+        self._results.wake()
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until stopped (or until stdin, the only source, is done); raise on a fault."""
+        await asyncio.to_thread(self.ledger.open)
+        try:
+            await self._run_with_ledger()
+        finally:
+            await asyncio.to_thread(self.ledger.close)
+
+    async def _run_with_ledger(self) -> None:
+        parked = await self.ledger.recover_in_flight()
+        if parked:
+            log.warning("sends in flight at the last stop are in_doubt", count=parked)
+        stdin_source = self.config.stdin is True or (
+            self.config.stdin == "auto" and stdin_is_data()
+        )
+        self._results = ResultsWriter(self.ledger, self.config.results_target(stdin_source))
+        try:
+            key, endpoints = await self._api()
+            http = studio.session(self.config.api.timeout_s, [studio.departure_tracing()])
+            async with http:
+                client = studio.StudioClient(http, key, endpoints)
+                self._install_signals()
+                await self._supervise(client, stdin_source)
+        finally:
+            if self._simulator is not None:
+                await self._simulator.stop()
+            self._results.close()
+
+    async def _api(self) -> tuple[str, MappingProxyType]:
+        """The key and endpoints: the configured API, or the built-in simulator."""
+        if self._simulate is None:
+            return read_api_key(self.config.api), self.config.api.endpoints
+        agents = {a.id: a.rate for a in self.config.agents.values()}
+        numbers = {a.number: a.id for a in self.config.agents.values() if a.number}
+        self._simulator = Simulator(agents, numbers=numbers, faults=self._simulate)
+        await self._simulator.start()
+        regions = {a.region for a in self.config.agents.values()}
+        endpoints = {region: self._simulator.endpoint(region) for region in regions}
+        log.info("simulating the API", url=endpoints)
+        self.config = dataclasses.replace(
+            self.config, api=dataclasses.replace(self.config.api, endpoints=endpoints)
+        )
+        return SIMULATED_KEY, MappingProxyType(endpoints)
+
+    async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
+        intake = Intake(self.ledger, self._on_queued, self._notify_final)
+        self._dispatcher = Dispatcher(self.ledger, client, self._notify_final)
+        async with asyncio.TaskGroup() as group:
+            writer = group.create_task(self._results.run(), name="results")
+            self._dispatcher.add_lanes(self.config.agents.values(), group)
+            sources = []
+            if stdin_source:
+                self._stdin = StdinSource(self.config, intake)
+                sources.append(group.create_task(self._stdin.run(), name="stdin"))
+            if self.config.spool_dir is not None:
+                self._spool = SpoolSource(self.config, intake, self.ledger)
+                sources.append(group.create_task(self._spool.run(), name="spool"))
+            if not sources:
+                log.warning("no source: neither stdin nor a spool is configured")
+            log.info("running", agents=len(self.config.agents), stdin=stdin_source,
+                     spool=str(self.config.spool_dir) if self._spool else None)
+            watchers = []
+            if self._spool is None and self._stdin is not None:
+                watchers.append(group.create_task(self._stop_when_stdin_done(sources[0])))
+            await self._stop.wait()
+            for watcher in watchers:
+                watcher.cancel()
+            await self._drain(sources)
+            writer.cancel()
+
+    def _on_queued(self, agent_ids: frozenset[str]) -> None:
+        self._dispatcher.wake(agent_ids)
+
+    async def _stop_when_stdin_done(self, stdin_task: asyncio.Task) -> None:
+        """stdin as the only source: the run ends once all it gave has a final result."""
+        await asyncio.wait({stdin_task})
+        while await self.ledger.open_requests(self.ledger.run):
+            self._final.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._final.wait(), timeout=1.0)
+        self.request_stop("stdin done, every request from it final")
+
+    async def _drain(self, sources: list[asyncio.Task]) -> None:
+        for source in (self._stdin, self._spool):
+            if source is not None:
+                source.stop()
+        if sources:
+            await asyncio.wait(sources)
+        self._dispatcher.stop()
+        stuck = await self._dispatcher.drain(self.config.api.timeout_s + DRAIN_GRACE_S)
+        if stuck:
+            log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
+        await self._results.flush()
+        log.info("stopped")

@@ -1,0 +1,229 @@
+"""The dispatcher: one lane per agent, sending due requests evenly spaced at the agent's rate.
+
+A lane's aiolimiter limiter (capacity 1, one grant per interval) sets the cadence; no send then
+leaves less than one interval after the previous one actually left (a cold connection or TLS
+handshake delays a departure, and the next must not catch up with it). Each send runs as its own
+task once it has left, so a slow answer never holds the next send back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from aiolimiter import AsyncLimiter
+
+from .config import AgentConfig
+from .ledger import Ledger, Pending
+from .logs import log
+from .studio import SendResult, StudioClient, Verdict
+
+PREFETCH = 32  # due requests a lane reads from the ledger at a time
+MAX_RETRIES = 8  # refused sends (429, 502-504, no connection) before a request ends `failed`
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 60.0
+WIDEN_STEP = 0.05  # margin added per 429, for WIDEN_FOR_S after the last one
+WIDEN_MAX = 0.25
+WIDEN_FOR_S = 60.0
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with full jitter, capped."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retries))
+
+
+class Lane:
+    """Everything one agent sends goes through its lane."""
+
+    def __init__(
+        self,
+        agent: AgentConfig,
+        ledger: Ledger,
+        client: StudioClient,
+        on_final: Callable[[], None],
+    ):
+        self.agent = agent
+        self._ledger = ledger
+        self._client = client
+        self._on_final = on_final
+        self._loop = asyncio.get_running_loop()
+        self._extra_margin = 0.0
+        self._widened_until = 0.0
+        self._limiter = AsyncLimiter(1, self.interval)
+        self._not_before = 0.0  # loop time before which the next send may not leave
+        self._due: deque[Pending] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.in_flight: set[asyncio.Task] = set()
+
+    @property
+    def interval(self) -> float:
+        margin = min(self.agent.margin + self._extra_margin, 0.9)
+        return 1.0 / (self.agent.rate * (1.0 - margin))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def reconfigure(self, agent: AgentConfig) -> None:
+        """A new rate or margin takes effect from the next send."""
+        self.agent = agent
+        self._limiter = AsyncLimiter(1, self.interval)
+
+    async def run(self, start_delay: float) -> None:
+        """Send due requests until stopped; what is not yet sent stays queued in the ledger."""
+        await self._sleep_until(self._loop.time() + start_delay)
+        while not self._stopping:
+            pending = await self._next_due()
+            if pending is None:
+                continue
+            if pending.expires_at is not None and pending.expires_at <= time.time():
+                await self._finish(pending, "expired", error="expires_at passed before sending")
+                continue
+            await self._pace()
+            if self._stopping:
+                return
+            await self._send(pending)
+
+    async def _next_due(self) -> Pending | None:
+        if not self._due:
+            self._wake.clear()
+            due, next_due = await self._ledger.due(self.agent.id, time.time(), PREFETCH)
+            self._due.extend(due)
+            if not due:
+                wait = None if next_due is None else max(0.0, next_due - time.time())
+                await self._wait_for_wake(wait)
+                return None
+        return self._due.popleft()
+
+    async def _wait_for_wake(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _sleep_until(self, deadline: float) -> None:
+        """Sleep until a loop time, or until the lane is stopped."""
+        while not self._stopping and (remaining := deadline - self._loop.time()) > 0:
+            self._wake.clear()
+            await self._wait_for_wake(remaining)
+
+    async def _pace(self) -> None:
+        self._restore_margin()
+        await self._limiter.acquire()
+        await self._sleep_until(self._not_before)
+
+    async def _send(self, pending: Pending) -> None:
+        """Mark the send, start it, and wait only until the request has left."""
+        await self._ledger.mark_sending(pending.seq)
+        departed = self._loop.create_future()
+        task = asyncio.create_task(self._complete(pending, departed))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        await asyncio.wait((departed, task), return_when=asyncio.FIRST_COMPLETED)
+        left_at = departed.result() if departed.done() else self._loop.time()
+        self._not_before = max(self._not_before, left_at + self.interval)
+
+    async def _complete(self, pending: Pending, departed: asyncio.Future) -> None:
+        started = self._loop.time()
+        result = await self._client.make_call(self.agent.region, pending.body, departed)
+        log.info(
+            "send", agent=self.agent.id, id=pending.id, attempt=pending.attempts + 1,
+            verdict=result.verdict.value, http_status=result.http_status,
+            latency_ms=round((self._loop.time() - started) * 1000, 1), error=result.error,
+        )
+        await self._record(pending, result)
+
+    async def _record(self, pending: Pending, result: SendResult) -> None:
+        if result.verdict is Verdict.PLACED:
+            await self._finish(
+                pending, "dialed", attempts=pending.attempts + 1, http_status=result.http_status,
+                conversation_uuid=result.conversation_uuid, response=result.response,
+                error=result.error,
+            )
+        elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:
+            await self._retry_later(pending, result)
+        elif result.verdict is Verdict.RETRY:
+            await self._finish(
+                pending, "failed", http_status=result.http_status, response=result.response,
+                error=f"gave up after {pending.retries + 1} refused sends: {result.error}",
+            )
+        else:
+            await self._finish(
+                pending, result.verdict.value, http_status=result.http_status,
+                response=result.response, error=result.error,
+            )
+
+    async def _retry_later(self, pending: Pending, result: SendResult) -> None:
+        if result.http_status == 429:
+            delay = result.retry_after if result.retry_after is not None else 1.0
+            self._widen_margin()
+            # The whole agent is over its limit at the API: hold every send back, not just this one.
+            self._not_before = max(self._not_before, self._loop.time() + delay)
+        else:
+            delay = backoff(pending.retries)
+        await self._ledger.retry_later(pending.seq, time.time() + delay, True, result.error)
+        self._loop.call_later(delay, self._wake.set)
+
+    async def _finish(self, pending: Pending, outcome: str, **fields) -> None:
+        await self._ledger.finish(pending.seq, outcome, **fields)
+        self._on_final()
+
+    def _widen_margin(self) -> None:
+        self._extra_margin = min(self._extra_margin + WIDEN_STEP, WIDEN_MAX)
+        self._widened_until = self._loop.time() + WIDEN_FOR_S
+        self._limiter = AsyncLimiter(1, self.interval)
+        log.warning("rate limited by the API: widening the margin", agent=self.agent.id,
+                    margin=round(self.agent.margin + self._extra_margin, 3))
+
+    def _restore_margin(self) -> None:
+        if self._extra_margin and self._loop.time() >= self._widened_until:
+            self._extra_margin = 0.0
+            self._limiter = AsyncLimiter(1, self.interval)
+
+
+class Dispatcher:
+    """The lanes of every configured agent."""
+
+    def __init__(self, ledger: Ledger, client: StudioClient, on_final: Callable[[], None]):
+        self._ledger = ledger
+        self._client = client
+        self._on_final = on_final
+        self.lanes: dict[str, Lane] = {}
+
+    def add_lanes(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
+        """Start a lane per agent, staggered over one second so agents never send in step."""
+        agents = list(agents)
+        for index, agent in enumerate(agents):
+            lane = Lane(agent, self._ledger, self._client, self._on_final)
+            self.lanes[agent.id] = lane
+            group.create_task(lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}")
+
+    def wake(self, agent_ids: Iterable[str]) -> None:
+        for agent_id in agent_ids:
+            lane = self.lanes.get(agent_id)
+            if lane is not None:
+                lane.wake()
+
+    def stop(self) -> None:
+        for lane in self.lanes.values():
+            lane.stop()
+
+    def in_flight(self) -> set[asyncio.Task]:
+        return set().union(*(lane.in_flight for lane in self.lanes.values()))
+
+    async def drain(self, timeout: float) -> int:
+        """Let sends in flight finish; after `timeout`, cancel the rest (they become in_doubt)."""
+        tasks = self.in_flight()
+        if not tasks:
+            return 0
+        _done, stuck = await asyncio.wait(tasks, timeout=timeout)
+        for task in stuck:
+            task.cancel()
+        return len(stuck)

@@ -1,0 +1,438 @@
+"""The ledger: every request and its fate in SQLite, written from one thread in group commits.
+
+Each call runs in the ledger's own thread; the calls that queue up while one transaction commits
+are run together in the next, each under a savepoint, so a burst of sends or an intake batch costs
+one commit, and one failing call never undoes the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .request import Request
+from .results import result_line
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    run INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    to_number TEXT NOT NULL,
+    body TEXT NOT NULL,
+    meta TEXT,
+    source TEXT NOT NULL,
+    expires_at REAL,
+    due_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    conversation_uuid TEXT,
+    status TEXT,
+    error TEXT,
+    response TEXT,
+    outcome TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_due ON requests(agent_id, due_at, seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS requests_open ON requests(run, state) WHERE state != 'final';
+CREATE INDEX IF NOT EXISTS requests_outcome ON requests(agent_id, outcome);
+CREATE TABLE IF NOT EXISTS rejects (
+    seq INTEGER PRIMARY KEY, id TEXT, outcome TEXT NOT NULL, error TEXT, source TEXT, at REAL
+);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, line TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spool_files (name TEXT PRIMARY KEY, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, pid INTEGER, started_at REAL);
+"""
+RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
+
+
+class LedgerLocked(Exception):
+    """Another daemon holds this state_dir."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A queued request as the dispatcher needs it."""
+
+    seq: int
+    id: str
+    agent_id: str
+    body: dict[str, Any]
+    attempts: int
+    retries: int
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What one intake batch did: requests queued per agent, and results it produced at once."""
+
+    queued_agents: frozenset[str]
+    accepted: int
+    rejected: int
+
+
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the send it marks goes out, power loss included.
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _lock(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state_dir for the life of the process."""
+    fd = os.open(state_dir / "dialerd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LedgerLocked(f"another dialerd (pid {holder}) is running with {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Ledger:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.path = state_dir / "ledger.sqlite3"
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.run = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the state_dir, open the database and start this run; blocking, called once."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(self.state_dir)
+        self._conn = _connect(self.path)
+        self._conn.executescript(SCHEMA)
+        cursor = self._conn.execute(
+            "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
+        )
+        self.run = cursor.lastrowid
+        self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish queued calls, stop the thread, close the database and release the lock."""
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the ledger thread -------------------------------------------------------------------
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run fn(conn, *args) in the ledger thread, inside the next group commit."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, future, loop))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            first = self._calls.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 2000:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._calls.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list) -> None:
+        conn = self._conn
+        outcomes = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, args, _future, _loop in batch:
+                conn.execute("SAVEPOINT call")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                    conn.execute("RELEASE call")
+                except Exception as error:  # handed to the caller, who decides
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                    outcomes.append((False, error))
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            # The commit itself failed (disk full, I/O error): nothing of the batch holds.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, error)] * len(batch)
+        for (_fn, _args, future, loop), outcome in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def add(
+        self, requests: list[Request], invalid: list[dict], spool_file: tuple[str, str] | None
+    ) -> Intake:
+        """Queue valid requests, record invalid ones (and ids seen before) as final results."""
+        return await self.call(_add, self.run, requests, invalid, spool_file)
+
+    async def spool_file_digest(self, name: str) -> str | None:
+        return await self.call(_spool_digest, name)
+
+    async def forget_spool_file(self, name: str) -> None:
+        await self.call(lambda conn: conn.execute("DELETE FROM spool_files WHERE name = ?", (name,)))
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    async def due(self, agent_id: str, now: float, limit: int) -> tuple[list[Pending], float | None]:
+        """Up to `limit` due requests of an agent in due order, and when the next one is due."""
+        return await self.call(_due, agent_id, now, limit)
+
+    async def mark_sending(self, seq: int) -> None:
+        await self.call(_execute, "UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?",
+                        (time.time(), seq))
+
+    async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
+        """Back to the queue: the API refused the send before placing a call."""
+        await self.call(
+            _execute,
+            "UPDATE requests SET state = 'queued', due_at = ?, retries = retries + ?, error = ?"
+            " WHERE seq = ?",
+            (due_at, int(counts_retry), error, seq),
+        )
+
+    async def finish(self, seq: int, outcome: str, **fields: Any) -> None:
+        """Record the final outcome and queue its result line, in one transaction."""
+        await self.call(_finish, seq, outcome, fields)
+
+    async def recover_in_flight(self) -> int:
+        """Sends marked but never answered (the daemon stopped): `in_doubt`, never resent."""
+        return await self.call(_recover_in_flight)
+
+    async def open_requests(self, run: int | None = None) -> int:
+        return await self.call(_open_requests, run)
+
+    async def agents_with_work(self) -> list[str]:
+        return await self.call(
+            lambda conn: [r[0] for r in conn.execute(
+                "SELECT DISTINCT agent_id FROM requests WHERE state = 'queued'")]
+        )
+
+    # -- results -----------------------------------------------------------------------------
+
+    async def outbox(self, limit: int) -> list[tuple[int, str]]:
+        return await self.call(
+            lambda conn: conn.execute(
+                "SELECT seq, line FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        )
+
+    async def outbox_written(self, last_seq: int) -> None:
+        await self.call(_execute, "DELETE FROM outbox WHERE seq <= ?", (last_seq,))
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        return await self.call(status_report, time.time())
+
+
+def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
+    if future.cancelled():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
+    conn.execute(sql, params)
+
+
+def _add(
+    conn: sqlite3.Connection,
+    run: int,
+    requests: list[Request],
+    invalid: list[dict],
+    spool_file: tuple[str, str] | None,
+) -> Intake:
+    now = time.time()
+    agents = set()
+    accepted = 0
+    for request in requests:
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
+            " expires_at, due_at, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',?)",
+            (
+                request.id,
+                run,
+                request.agent_id,
+                request.to,
+                json.dumps(request.api_body(), separators=(",", ":")),
+                None if request.meta is None else json.dumps(request.meta),
+                request.source,
+                request.expires_at,
+                max(now, request.not_before or now),
+                now,
+            ),
+        )
+        if cursor.rowcount:
+            agents.add(request.agent_id)
+            accepted += 1
+        else:
+            _reject(conn, now, {
+                "id": request.id, "to": request.to, "agent_id": request.agent_id,
+                "meta": request.meta, "source": request.source, "outcome": "duplicate",
+                "error": f"id {request.id!r} was already taken by an earlier request",
+            })
+    for fields in invalid:
+        _reject(conn, now, {"outcome": "invalid", **fields})
+    if spool_file is not None:
+        conn.execute("INSERT OR REPLACE INTO spool_files (name, digest) VALUES (?, ?)", spool_file)
+    return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
+
+
+def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
+    conn.execute(
+        "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
+        (fields.get("id"), fields["outcome"], fields["error"], fields["source"], now),
+    )
+    conn.execute("INSERT INTO outbox (line) VALUES (?)", (result_line(at=now, **fields),))
+
+
+def _spool_digest(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT digest FROM spool_files WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
+    rows = conn.execute(
+        "SELECT seq, id, body, attempts, retries, expires_at FROM requests"
+        " WHERE state = 'queued' AND agent_id = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?",
+        (agent_id, now, limit),
+    ).fetchall()
+    pending = [Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires)
+               for seq, id_, body, attempts, retries, expires in rows]
+    next_due = conn.execute(
+        "SELECT min(due_at) FROM requests WHERE state = 'queued' AND agent_id = ? AND due_at > ?",
+        (agent_id, now),
+    ).fetchone()[0]
+    return pending, next_due
+
+
+FINISH_COLUMNS = ("attempts", "http_status", "conversation_uuid", "status", "error", "response")
+
+
+def _finish(conn: sqlite3.Connection, seq: int, outcome: str, fields: dict) -> None:
+    now = time.time()
+    columns = [c for c in FINISH_COLUMNS if c in fields]
+    assignments = "".join(f", {c} = ?" for c in columns)
+    row = conn.execute(
+        f"UPDATE requests SET state = 'final', outcome = ?, finished_at = ?{assignments}"
+        " WHERE seq = ? AND state != 'final'"
+        " RETURNING id, to_number, agent_id, attempts, http_status, conversation_uuid, status,"
+        " error, meta, source",
+        (outcome, now, *(fields[c] for c in columns), seq),
+    ).fetchone()
+    if row is None:
+        return  # already final: a finish is applied once
+    id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
+    line = result_line(
+        id=id_, to=to, agent_id=agent_id, outcome=outcome, attempts=attempts,
+        http_status=http_status, conversation_uuid=conversation_uuid, status=status, error=error,
+        meta=None if meta is None else json.loads(meta), source=source, at=now,
+    )
+    conn.execute("INSERT INTO outbox (line) VALUES (?)", (line,))
+
+
+IN_DOUBT_ERROR = "the daemon stopped while this send was in flight; requeue it to send again"
+
+
+def _recover_in_flight(conn: sqlite3.Connection) -> int:
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM requests WHERE state = 'sending'")]
+    for seq in seqs:
+        _finish(conn, seq, "in_doubt", {"error": IN_DOUBT_ERROR})
+    return len(seqs)
+
+
+def _open_requests(conn: sqlite3.Connection, run: int | None) -> int:
+    if run is None:
+        return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]
+    return conn.execute(
+        "SELECT count(*) FROM requests WHERE state != 'final' AND run = ?", (run,)
+    ).fetchone()[0]
+
+
+def status_report(conn: sqlite3.Connection, now: float) -> dict:
+    """Queue per agent, in flight, due times and counts per outcome, as `dialerd status` shows."""
+    agents: dict[str, dict] = {}
+    for agent_id, state, count, next_due in conn.execute(
+        "SELECT agent_id, state, count(*), min(due_at) FROM requests"
+        " WHERE state != 'final' GROUP BY agent_id, state"
+    ):
+        entry = agents.setdefault(agent_id, {"queued": 0, "due_now": 0, "in_flight": 0,
+                                             "next_due": None})
+        if state == "queued":
+            entry["queued"] = count
+            entry["next_due"] = next_due
+        else:
+            entry["in_flight"] += count
+    for agent_id, due_now in conn.execute(
+        "SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND due_at <= ?"
+        " GROUP BY agent_id", (now,)
+    ):
+        agents[agent_id]["due_now"] = due_now
+    outcomes: dict[str, int] = {}
+    for outcome, count in conn.execute(
+        "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
+        " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
+    ):
+        outcomes[outcome] = outcomes.get(outcome, 0) + count
+    return {"agents": agents, "outcomes": outcomes,
+            "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0]}
+
+
+def read_status(state_dir: Path) -> dict | None:
+    """The status from the ledger file, whether or not a daemon runs; None if there is none."""
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return None
+    conn = _connect(path, read_only=True)
+    try:
+        return status_report(conn, time.time())
+    finally:
+        conn.close()
+

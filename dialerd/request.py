@@ -1,0 +1,225 @@
+"""A request: one JSON object, validated per the contract into what the API is sent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import phonenumbers
+
+from .config import Config
+
+MAX_LINE_BYTES = 64 * 1024
+FIELDS = frozenset(
+    {
+        "to",
+        "agent_id",
+        "from",
+        "id",
+        "session_parameters",
+        "hangup_on_answer_machine",
+        "not_before",
+        "expires_at",
+        "meta",
+    }
+)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SIP_ADDRESS = re.compile(r"sip:[^@\s]+@[^@\s]+")
+NUMBER_PUNCTUATION = re.compile(r"[\s\-.()]")
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be sent; the message says what is wrong and in which field."""
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        # What could be read of the request, so its `invalid` result still says id, to and meta.
+        self.partial = partial or {}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: str
+    to: str
+    agent_id: str
+    sender: str | None  # the `from` number, sent instead of agent_id when the request used it
+    session_parameters: tuple[tuple[str, Any], ...]
+    hangup_on_answer_machine: bool | None
+    not_before: float | None  # epoch seconds
+    expires_at: float | None
+    meta: Any
+    source: str
+
+    def api_body(self) -> dict[str, Any]:
+        """The make-call body, without status_url (that belongs to each attempt)."""
+        body: dict[str, Any] = {"to": self.to}
+        if self.sender:
+            body["from"] = self.sender
+        else:
+            body["agent_id"] = self.agent_id
+        if self.session_parameters:
+            body["session_parameters"] = [
+                {"name": name, "value": value} for name, value in self.session_parameters
+            ]
+        if self.hangup_on_answer_machine is not None:
+            body["hangup_on_answer_machine"] = self.hangup_on_answer_machine
+        return body
+
+
+def normalise_number(raw: Any) -> str:
+    """`to` as the API wants it: digits with country code, or a sip: address kept as given."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be a phone number or sip: address, not {raw!r}")
+    text = raw.strip()
+    if text.lower().startswith("sip:"):
+        if not SIP_ADDRESS.fullmatch(text):
+            raise ValueError(f"{text!r} is not a sip:user@host address")
+        return text
+    digits = NUMBER_PUNCTUATION.sub("", text).removeprefix("+")
+    if not digits.isdigit() or not digits.isascii():
+        raise ValueError(f"{text!r} is not a number in international notation")
+    try:
+        number = phonenumbers.parse("+" + digits)
+    except phonenumbers.NumberParseException:
+        raise ValueError(f"{text!r} has no known country code") from None
+    if not phonenumbers.is_possible_number(number):
+        raise ValueError(f"{text!r} is not a possible number for its country")
+    return digits
+
+
+def _session_parameters(raw: Any) -> tuple[tuple[str, Any], ...]:
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, list):
+        pairs = []
+        for item in raw:
+            if not isinstance(item, dict) or set(item) != {"name", "value"}:
+                raise ValueError('a list must hold only {"name": ..., "value": ...} objects')
+            pairs.append((item["name"], item["value"]))
+    else:
+        raise ValueError('must be {"NAME": "value", ...} or a list of {"name", "value"}')
+    for name, value in pairs:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"parameter names must be non-empty strings, not {name!r}")
+        if isinstance(value, dict | list) or value is None:
+            raise ValueError(f"{name}: a value must be a string, number or boolean")
+    return tuple(pairs)
+
+
+def _moment(raw: Any) -> float:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be an ISO 8601 time with a UTC offset, not {raw!r}")
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{raw!r} has no UTC offset (add Z or +HH:MM)")
+    return moment.timestamp()
+
+
+def _agent(fields: dict, config: Config) -> tuple[str, str | None]:
+    """The agent that calls, and the `from` number when the request named the agent by it."""
+    if "agent_id" in fields and "from" in fields:
+        raise InvalidRequest("agent_id, from: give one of them, not both")
+    if "from" in fields:
+        try:
+            number = normalise_number(fields["from"])
+        except ValueError as error:
+            raise InvalidRequest(f"from: {error}") from None
+        agent = config.agent_by_number(number)
+        if agent is None:
+            raise InvalidRequest(f"from: {number} is not the number of any configured agent")
+        return agent.id, number
+    agent_id = fields.get("agent_id", config.default_agent)
+    if agent_id is None:
+        raise InvalidRequest("agent_id: required, since the config has no default_agent")
+    if not isinstance(agent_id, str) or agent_id not in config.agents:
+        raise InvalidRequest(f"agent_id: {agent_id!r} is not an agent in the config")
+    return agent_id, None
+
+
+def _optional(fields: dict, name: str, convert) -> Any:
+    if name not in fields:
+        return None
+    try:
+        return convert(fields[name])
+    except ValueError as error:
+        raise InvalidRequest(f"{name}: {error}") from None
+
+
+def _request_id(fields: dict) -> str:
+    if "id" not in fields:
+        return uuid.uuid4().hex
+    raw = fields["id"]
+    if not isinstance(raw, str) or not REQUEST_ID.fullmatch(raw):
+        raise InvalidRequest(f"id: {raw!r} is not 1-128 of A-Za-z0-9._:-")
+    return raw
+
+
+def _boolean(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"must be true or false, not {raw!r}")
+    return raw
+
+
+def _object(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError("must be a JSON object")
+    return raw
+
+
+def build_request(fields: Any, config: Config, source: str) -> Request:
+    """Validate one decoded JSON value as a request; InvalidRequest says what is wrong."""
+    if not isinstance(fields, dict):
+        raise InvalidRequest(f"a request is a JSON object, not {type(fields).__name__}")
+    partial = {k: fields[k] for k in ("id", "to", "agent_id", "meta") if k in fields}
+    try:
+        unknown = sorted(set(fields) - FIELDS)
+        if unknown:
+            raise InvalidRequest(f"unknown field {', '.join(map(repr, unknown))}")
+        if "to" not in fields:
+            raise InvalidRequest("to: required")
+        to = _optional(fields, "to", normalise_number)
+        agent_id, sender = _agent(fields, config)
+        partial["agent_id"] = agent_id
+        not_before = _optional(fields, "not_before", _moment)
+        expires_at = _optional(fields, "expires_at", _moment)
+        if not_before and expires_at and expires_at <= not_before:
+            raise InvalidRequest("expires_at: is not after not_before")
+        return Request(
+            id=_request_id(fields),
+            to=to,
+            agent_id=agent_id,
+            sender=sender,
+            session_parameters=_optional(fields, "session_parameters", _session_parameters) or (),
+            hangup_on_answer_machine=_optional(fields, "hangup_on_answer_machine", _boolean),
+            not_before=not_before,
+            expires_at=expires_at,
+            meta=_optional(fields, "meta", _object),
+            source=source,
+        )
+    except InvalidRequest as error:
+        raise InvalidRequest(str(error), partial) from None
+
+
+def decode_line(line: bytes) -> Any:
+    """One line of input as JSON; InvalidRequest when it is too long, not UTF-8 or not JSON."""
+    if len(line) > MAX_LINE_BYTES:
+        raise InvalidRequest(f"line longer than {MAX_LINE_BYTES // 1024} KiB")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"not UTF-8 (byte {error.start + 1})") from None
+    if "\x00" in text:
+        raise InvalidRequest("holds a NUL byte")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"not JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise InvalidRequest("not JSON: nested too deeply") from None

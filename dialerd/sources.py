@@ -1,0 +1,378 @@
+"""Sources: requests from stdin (JSON lines) and from the spool directory, into the ledger.
+
+Both hand each batch to `Intake`, which validates it and records it in the ledger in one
+transaction; only then can a request be sent, and only then does a spool file leave incoming/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import stat
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .ledger import Ledger
+from .logs import log
+from .request import MAX_LINE_BYTES, InvalidRequest, Request, build_request, decode_line
+
+MAX_SPOOL_FILE = 64 * 1024 * 1024
+STDIN_BATCH = 1000  # requests per intake commit
+STDIN_LINGER_S = 0.05  # longest a read request waits for its batch to commit
+STOP_CHECK_S = 0.25
+READ_CHUNK = 256 * 1024
+SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event was lost
+SPOOL_POLL_S = 0.1  # without inotify
+
+
+def stdin_is_data() -> bool:
+    """Whether stdin is a pipe, a socket or a file (not a terminal, nor /dev/null)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+@dataclass
+class Batch:
+    """Requests read from one source, on their way into the ledger."""
+
+    requests: list[Request] = field(default_factory=list)
+    invalid: list[dict] = field(default_factory=list)  # fields of each `invalid` result
+    errors: list[str] = field(default_factory=list)  # one line per invalid request
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.invalid)
+
+    def add(self, document: Any, config: Config, source: str) -> None:
+        try:
+            self.requests.append(build_request(document, config, source))
+        except InvalidRequest as error:
+            self.reject(source, str(error), error.partial)
+
+    def add_line(self, line: bytes, config: Config, source: str) -> None:
+        try:
+            document = decode_line(line)
+        except InvalidRequest as error:
+            self.reject(source, str(error), {})
+            return
+        self.add(document, config, source)
+
+    def reject(self, source: str, error: str, partial: dict) -> None:
+        self.invalid.append({**partial, "source": source, "error": error})
+        self.errors.append(f"{source}: {error}")
+
+
+class Intake:
+    """Records batches in the ledger and tells the dispatcher and results writer."""
+
+    def __init__(self, ledger: Ledger, on_queued: Callable[[frozenset[str]], None],
+                 on_final: Callable[[], None]):
+        self._ledger = ledger
+        self._on_queued = on_queued
+        self._on_final = on_final
+
+    async def record(self, batch: Batch, spool_file: tuple[str, str] | None = None) -> None:
+        intake = await self._ledger.add(batch.requests, batch.invalid, spool_file)
+        if intake.queued_agents:
+            self._on_queued(intake.queued_agents)
+        if intake.rejected:
+            self._on_final()
+
+
+def split_lines(chunks: Iterator[bytes]) -> Iterator[bytes | None]:
+    """Lines of a byte stream without their newline; None for a line over the limit.
+
+    Never holds more than one line's limit of an overlong line in memory.
+    """
+    pending = bytearray()
+    overlong = False
+    for chunk in chunks:
+        pending += chunk
+        while (newline := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:newline])
+            del pending[: newline + 1]
+            yield None if overlong else line
+            overlong = False
+        if len(pending) > MAX_LINE_BYTES:
+            overlong = True
+            pending.clear()
+    if pending or overlong:
+        yield None if overlong else bytes(pending)
+
+
+class StdinSource:
+    """JSON lines from stdin, committed in batches (at most STDIN_LINGER_S after reading)."""
+
+    def __init__(self, config: Config, intake: Intake):
+        self._config = config
+        self._intake = intake
+        self._stopping = False
+        self.lines_read = 0
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self) -> None:
+        lines: asyncio.Queue[bytes | None | EOFError] = asyncio.Queue(maxsize=20_000)
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_read_stdin, args=(lines, loop), name="stdin", daemon=True).start()
+        batch = Batch()
+        deadline = None
+        while not self._stopping:
+            # Wake at least every STOP_CHECK_S to see a stop, however quiet stdin is.
+            timeout = STOP_CHECK_S if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                line = await asyncio.wait_for(lines.get(), timeout)
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    await self._commit(batch)
+                    batch, deadline = Batch(), None
+                continue
+            if isinstance(line, EOFError):
+                break
+            self._take(batch, line)
+            if deadline is None:
+                deadline = loop.time() + STDIN_LINGER_S
+            if len(batch) >= STDIN_BATCH:
+                await self._commit(batch)
+                batch, deadline = Batch(), None
+        await self._commit(batch)
+        log.info("stdin ended" if not self._stopping else "stdin intake stopped",
+                 lines=self.lines_read)
+
+    def _take(self, batch: Batch, line: bytes | None) -> None:
+        self.lines_read += 1
+        source = f"stdin:{self.lines_read}"
+        if line is None:
+            batch.reject(source, f"line longer than {MAX_LINE_BYTES // 1024} KiB", {})
+        elif line.strip():
+            batch.add_line(line, self._config, source)
+
+    async def _commit(self, batch: Batch) -> None:
+        if len(batch):
+            await self._intake.record(batch)
+
+
+def _read_stdin(lines: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+    """Blocking reads in a thread: works for pipes and regular files alike."""
+    fd = sys.stdin.fileno()
+
+    def chunks() -> Iterator[bytes]:
+        while chunk := os.read(fd, READ_CHUNK):
+            yield chunk
+
+    def put(item) -> None:
+        asyncio.run_coroutine_threadsafe(lines.put(item), loop).result()
+
+    try:
+        for line in split_lines(chunks()):
+            put(line)
+    except OSError as error:
+        log.error("cannot read stdin", error=str(error))
+    except RuntimeError:
+        return  # the loop closed while reading: the daemon is gone
+    put(EOFError())
+
+
+class Rejected(Exception):
+    """A spool file that cannot be read at all."""
+
+
+def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
+    """A whole JSON object, a JSON array of objects, or JSON lines; Rejected if none of these."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise Rejected(f"not UTF-8 (byte {error.start + 1})") from None
+    if "\x00" in text:
+        raise Rejected("holds NUL bytes")
+    batch = Batch()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        document = None
+    except RecursionError:
+        raise Rejected("JSON nested too deeply") from None
+    if isinstance(document, dict):
+        batch.add(document, config, f"spool:{name}")
+    elif isinstance(document, list):
+        for index, item in enumerate(document, 1):
+            batch.add(item, config, f"spool:{name}#{index}")
+    else:
+        _parse_json_lines(data, name, config, batch)
+    return batch
+
+
+def _parse_json_lines(data: bytes, name: str, config: Config, batch: Batch) -> None:
+    parsed_any = False
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        source = f"spool:{name}:{number}"
+        try:
+            document = decode_line(line)
+        except InvalidRequest as error:
+            batch.reject(source, str(error), {})
+            continue
+        parsed_any = True
+        batch.add(document, config, source)
+    if not parsed_any:
+        raise Rejected("no part of it parses as JSON")
+
+
+class SpoolSource:
+    """Takes files from incoming/ into the ledger, then moves them to done/ or rejected/."""
+
+    def __init__(self, config: Config, intake: Intake, ledger: Ledger):
+        self._config = config
+        self._intake = intake
+        self._ledger = ledger
+        root = config.spool_dir
+        self.incoming, self.done, self.rejected = root / "incoming", root / "done", root / "rejected"
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        for directory in (self.incoming, self.done, self.rejected):
+            directory.mkdir(parents=True, exist_ok=True)
+        async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(self._watch())
+            try:
+                await self._take_files()
+            finally:
+                watcher.cancel()
+
+    async def _take_files(self) -> None:
+        rescan = SPOOL_RESCAN_S
+        while not self._stopping:
+            self._changed.clear()
+            try:
+                names = await asyncio.to_thread(self._waiting_files)
+            except OSError as error:
+                log.error("cannot read the spool", dir=str(self.incoming), error=str(error))
+                names = []
+            for name in names:
+                if self._stopping:
+                    return
+                await self._take(name)
+            try:
+                await asyncio.wait_for(self._changed.wait(), rescan)
+            except TimeoutError:
+                pass
+
+    async def _watch(self) -> None:
+        """Wake the spool on every file renamed or written into incoming/."""
+        try:
+            from asyncinotify import Inotify, Mask
+        except (ImportError, OSError):
+            inotify = None
+        else:
+            try:
+                inotify = Inotify()
+                inotify.add_watch(self.incoming, Mask.MOVED_TO | Mask.CLOSE_WRITE)
+            except OSError as error:
+                log.warning("no inotify; polling the spool", error=str(error))
+                inotify = None
+        if inotify is None:
+            while True:
+                await asyncio.sleep(SPOOL_POLL_S)
+                self._changed.set()
+        with inotify:
+            async for _event in inotify:
+                self._changed.set()
+
+    def _waiting_files(self) -> list[str]:
+        """Files in incoming/, oldest first; names starting with '.' are still being written."""
+        entries = []
+        with os.scandir(self.incoming) as scan:
+            for entry in scan:
+                if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                    entries.append((entry.stat().st_mtime, entry.name))
+        return [name for _mtime, name in sorted(entries)]
+
+    async def _take(self, name: str) -> None:
+        path = self.incoming / name
+        try:
+            data = await asyncio.to_thread(_read_limited, path)
+            digest = hashlib.sha256(data).hexdigest()
+            if await self._ledger.spool_file_digest(name) == digest:
+                # Recorded before a crash that came before the move: record nothing twice.
+                await asyncio.to_thread(_move, path, self.done, None)
+            else:
+                batch = parse_spool_file(data, name, self._config)
+                await self._intake.record(batch, spool_file=(name, digest))
+                await asyncio.to_thread(_move, path, self.done, _errors_text(batch))
+                log.info("spool file taken", file=name, requests=len(batch.requests),
+                         invalid=len(batch.invalid))
+            await self._ledger.forget_spool_file(name)
+        except Rejected as error:
+            log.warning("spool file rejected", file=name, error=str(error))
+            await asyncio.to_thread(_reject, path, self.rejected, str(error))
+        except FileNotFoundError:
+            pass  # taken away by its writer meanwhile
+
+
+def _read_limited(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        data = file.read(MAX_SPOOL_FILE + 1)
+    if len(data) > MAX_SPOOL_FILE:
+        raise Rejected(f"larger than {MAX_SPOOL_FILE // (1024 * 1024)} MiB")
+    return data
+
+
+def _errors_text(batch: Batch) -> str | None:
+    return "".join(line + "\n" for line in batch.errors) or None
+
+
+def _free_name(directory: Path, name: str, note_suffix: str) -> str:
+    """`name`, or name.N where the directory already holds one of that name or its note."""
+    candidate, counter = name, 0
+    while (directory / candidate).exists() or (directory / (candidate + note_suffix)).exists():
+        counter += 1
+        candidate = f"{name}.{counter}"
+    return candidate
+
+
+def _move(path: Path, directory: Path, errors: str | None) -> None:
+    target = _free_name(directory, path.name, ".errors")
+    if errors is not None:
+        _write_file(directory / f"{target}.errors", errors)
+    os.rename(path, directory / target)
+    _sync_dir(directory)
+    _sync_dir(path.parent)
+
+
+def _reject(path: Path, directory: Path, reason: str) -> None:
+    target = _free_name(directory, path.name, ".error")
+    _write_file(directory / f"{target}.error", reason + "\n")
+    os.rename(path, directory / target)
+    _sync_dir(directory)
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

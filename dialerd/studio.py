@@ -1,0 +1,151 @@
+"""The Studio client: one make-call POST, and what its answer means for the request."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+
+RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+ERROR_TEXT_KEPT = 500
+
+
+class Verdict(enum.Enum):
+    PLACED = "placed"  # 2xx: the API placed the call
+    RETRY = "retry"  # refused before any call was placed: send again later
+    FAILED = "failed"  # refused for good
+    IN_DOUBT = "in_doubt"  # written, but the answer was lost: never sent again
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    verdict: Verdict
+    http_status: int | None = None
+    conversation_uuid: str | None = None
+    response: str | None = None  # the API's answer body, as text
+    error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429's Retry-After
+
+
+def session(timeout_s: float, trace_configs: list[aiohttp.TraceConfig]) -> aiohttp.ClientSession:
+    """The one session of the process; its pool has no cap, so it never limits the rate."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
+                                     keepalive_timeout=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        trace_configs=trace_configs,
+        raise_for_status=False,
+    )
+
+
+def departure_tracing() -> aiohttp.TraceConfig:
+    """Tells each send's `departed` future the moment its request was written to the socket."""
+    trace = aiohttp.TraceConfig()
+
+    async def headers_sent(_session, context: SimpleNamespace, _params) -> None:
+        departed = context.trace_request_ctx
+        if departed is not None and not departed.done():
+            departed.set_result(asyncio.get_running_loop().time())
+
+    trace.on_request_headers_sent.append(headers_sent)
+    return trace
+
+
+class StudioClient:
+    def __init__(self, http: aiohttp.ClientSession, key: str, endpoints: Mapping[str, str]):
+        self._http = http
+        self._headers = {"X-Vgai-Key": key, "Content-Type": "application/json"}
+        self._endpoints = endpoints
+
+    async def make_call(
+        self, region: str, body: dict[str, Any], departed: asyncio.Future
+    ) -> SendResult:
+        """POST one call; `departed` gets the loop time at which the request left."""
+        try:
+            async with self._http.post(
+                self._endpoints[region],
+                data=json.dumps(body, separators=(",", ":")).encode(),
+                headers=self._headers,
+                trace_request_ctx=departed,
+            ) as response:
+                return await _judge(response)
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            return _judge_failure(error, written=departed.done())
+
+
+async def _judge(response: aiohttp.ClientResponse) -> SendResult:
+    status = response.status
+    try:
+        text = await response.text(errors="replace")
+    except (aiohttp.ClientError, TimeoutError) as error:
+        if 200 <= status < 300:
+            return SendResult(Verdict.PLACED, status, error=f"answer body lost: {_describe(error)}")
+        text = ""
+    if 200 <= status < 300:
+        return SendResult(Verdict.PLACED, status, _conversation_uuid(text), text)
+    message = _api_message(text) or response.reason or f"HTTP {status}"
+    if status in RETRIED_STATUSES:
+        retry_after = _retry_after(response.headers.get("Retry-After")) if status == 429 else None
+        return SendResult(Verdict.RETRY, status, response=text, error=message,
+                          retry_after=retry_after)
+    return SendResult(Verdict.FAILED, status, response=text, error=message)
+
+
+def _judge_failure(error: BaseException, written: bool) -> SendResult:
+    described = _describe(error)
+    if written:
+        # The API may have the request: at most once means it is never sent again.
+        return SendResult(Verdict.IN_DOUBT, error=f"no answer after sending: {described}")
+    return SendResult(Verdict.RETRY, error=f"not sent: {described}")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return f"{type(error).__name__}: {error}".rstrip(": ")
+
+
+def _conversation_uuid(text: str) -> str | None:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    value = document.get("conversation_uuid") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _api_message(text: str) -> str | None:
+    """The error message of an API answer: a JSON field where there is one, else the text."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return text.strip()[:ERROR_TEXT_KEPT] or None
+    if isinstance(document, dict):
+        for key in ("error", "message", "detail", "title"):
+            if isinstance(document.get(key), str):
+                return document[key][:ERROR_TEXT_KEPT]
+    return text.strip()[:ERROR_TEXT_KEPT] or None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
