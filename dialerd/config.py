@@ -50,12 +50,7 @@ class AgentConfig:
     region: str
     rate: int
     number: str | None
-    margin: float
-
-    @property
-    def interval(self) -> float:
-        """Seconds between two sends: the rate, less the safety margin."""
-        return 1.0 / (self.rate * (1.0 - self.margin))
+    margin: float  # sends are spaced (1 + margin) / rate apart
 
 
 @dataclass(frozen=True)

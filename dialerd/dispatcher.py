@@ -4,6 +4,12 @@ A lane's aiolimiter limiter (capacity 1, one grant per interval) sets the cadenc
 leaves less than one interval after the previous one actually left (a cold connection or TLS
 handshake delays a departure, and the next must not catch up with it). Each send runs as its own
 task once it has left, so a slow answer never holds the next send back.
+
+The interval is (1 + margin) / rate. Timers wake late (epoll counts in whole milliseconds); a
+limiter of capacity exactly 1 forgets that lateness and its cadence drifts wider with each send.
+So the limiter holds a little more than 1 (`tolerance`, half the margin): a late grant is made
+up by the next one, the cadence stays on its grid and the rate is kept, while no two sends come
+closer than (1 - tolerance) intervals and no `rate + 1` sends fit in a second.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ PREFETCH = 32  # due requests a lane reads from the ledger at a time
 MAX_RETRIES = 8  # refused sends (429, 502-504, no connection) before a request ends `failed`
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
-WIDEN_STEP = 0.05  # margin added per 429, for WIDEN_FOR_S after the last one
-WIDEN_MAX = 0.25
+# Margin added per 429, for WIDEN_FOR_S after the last one; at most 2 % more, so the lane still
+# keeps 95 % of its rate at the default margin.
+WIDEN_STEP = 0.01
+WIDEN_MAX = 0.02
 WIDEN_FOR_S = 60.0
+MARK_LEAD_S = 0.05  # the longest a send is marked in the ledger before it leaves
 
 
 def backoff(retries: int) -> float:
@@ -52,7 +61,7 @@ class Lane:
         self._loop = asyncio.get_running_loop()
         self._extra_margin = 0.0
         self._widened_until = 0.0
-        self._limiter = AsyncLimiter(1, self.interval)
+        self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
@@ -61,8 +70,17 @@ class Lane:
 
     @property
     def interval(self) -> float:
-        margin = min(self.agent.margin + self._extra_margin, 0.9)
-        return 1.0 / (self.agent.rate * (1.0 - margin))
+        return (1.0 + self.agent.margin + self._extra_margin) / self.agent.rate
+
+    @property
+    def tolerance(self) -> float:
+        """The part of an interval by which one send may come early to keep the cadence."""
+        return self.agent.margin / 2
+
+    def _new_limiter(self) -> AsyncLimiter:
+        # Leaks one send per interval; holds 1 + tolerance, so a late grant is made up.
+        capacity = 1.0 + self.tolerance
+        return AsyncLimiter(capacity, capacity * self.interval)
 
     def wake(self) -> None:
         self._wake.set()
@@ -74,7 +92,7 @@ class Lane:
     def reconfigure(self, agent: AgentConfig) -> None:
         """A new rate or margin takes effect from the next send."""
         self.agent = agent
-        self._limiter = AsyncLimiter(1, self.interval)
+        self._limiter = self._new_limiter()
 
     async def run(self, start_delay: float) -> None:
         """Send due requests until stopped; what is not yet sent stays queued in the ledger."""
@@ -86,10 +104,8 @@ class Lane:
             if pending.expires_at is not None and pending.expires_at <= time.time():
                 await self._finish(pending, "expired", error="expires_at passed before sending")
                 continue
-            await self._pace()
-            if self._stopping:
-                return
-            await self._send(pending)
+            if await self._pace_and_mark(pending):
+                await self._send(pending)
 
     async def _next_due(self) -> Pending | None:
         if not self._due:
@@ -114,21 +130,32 @@ class Lane:
             self._wake.clear()
             await self._wait_for_wake(remaining)
 
-    async def _pace(self) -> None:
+    async def _pace_and_mark(self, pending: Pending) -> bool:
+        """Wait for the send's moment, marking it in the ledger just before; False if stopped.
+
+        The mark is committed while the previous send's interval runs out, so its commit never
+        widens the spacing; it comes at most MARK_LEAD_S before the POST, so a crash in between
+        leaves few requests in_doubt that were never sent.
+        """
         self._restore_margin()
+        await self._sleep_until(self._not_before - MARK_LEAD_S)
         await self._limiter.acquire()
-        await self._sleep_until(self._not_before)
+        if self._stopping:
+            return False
+        await self._ledger.mark_sending(pending.seq)
+        # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
+        await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
+        return True
 
     async def _send(self, pending: Pending) -> None:
-        """Mark the send, start it, and wait only until the request has left."""
-        await self._ledger.mark_sending(pending.seq)
+        """Start the send, and wait only until the request has left."""
         departed = self._loop.create_future()
         task = asyncio.create_task(self._complete(pending, departed))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
         await asyncio.wait((departed, task), return_when=asyncio.FIRST_COMPLETED)
         left_at = departed.result() if departed.done() else self._loop.time()
-        self._not_before = max(self._not_before, left_at + self.interval)
+        self._not_before = max(self._not_before, left_at + (1.0 - self.tolerance) * self.interval)
 
     async def _complete(self, pending: Pending, departed: asyncio.Future) -> None:
         started = self._loop.time()
@@ -178,14 +205,14 @@ class Lane:
     def _widen_margin(self) -> None:
         self._extra_margin = min(self._extra_margin + WIDEN_STEP, WIDEN_MAX)
         self._widened_until = self._loop.time() + WIDEN_FOR_S
-        self._limiter = AsyncLimiter(1, self.interval)
+        self._limiter = self._new_limiter()
         log.warning("rate limited by the API: widening the margin", agent=self.agent.id,
                     margin=round(self.agent.margin + self._extra_margin, 3))
 
     def _restore_margin(self) -> None:
         if self._extra_margin and self._loop.time() >= self._widened_until:
             self._extra_margin = 0.0
-            self._limiter = AsyncLimiter(1, self.interval)
+            self._limiter = self._new_limiter()
 
 
 class Dispatcher:
