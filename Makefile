@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf .demo-state
 	$(BIN)/dialerd run --simulate -c examples/demo.yaml < examples/requests.jsonl
 
 test: $(STAMP)
