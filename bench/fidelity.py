@@ -70,7 +70,9 @@ def _run_dialerd(workdir: Path, base_url: str) -> subprocess.Popen:
     ]
     process = subprocess.Popen(
         [sys.executable, "-m", "dialerd", "run", "-c", str(workdir / "config.yaml")],
-        stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
     )
     process.stdin.write(("\n".join(lines) + "\n").encode())
     process.stdin.close()
@@ -97,8 +99,11 @@ def run() -> list[str]:
             asyncio.run(_run_clients(base_url))
             dialer.wait(timeout=SECONDS * 4)
         arrivals = read_arrivals(log)
-    names = {"dialerd": "dialerd", "naive": "naive sequential (POST, sleep 1/rate)",
-             "limiter": "AsyncLimiter(rate, 1), the common way"}
+    names = {
+        "dialerd": "dialerd",
+        "naive": "naive sequential (POST, sleep 1/rate)",
+        "limiter": "AsyncLimiter(rate, 1), the common way",
+    }
     table = [
         f"Rate fidelity, {SECONDS} s of work per tier, API latency {LATENCY} s "
         "(achieved = placed calls/s at the simulator ÷ rate):",
@@ -109,6 +114,8 @@ def run() -> list[str]:
     for client in clients:
         for rate in TIERS:
             figure = fidelity(arrivals.get(f"{client}-{rate}", []), rate)
-            table.append(f"| {names[client]} | {rate}/s | {figure.placed} | "
-                         f"{figure.achieved:.3f} | {figure.refused_429} |")
+            table.append(
+                f"| {names[client]} | {rate}/s | {figure.placed} | "
+                f"{figure.achieved:.3f} | {figure.refused_429} |"
+            )
     return table

@@ -25,8 +25,18 @@ def free_port() -> int:
 def simulator_process(agents: dict[str, int], log: Path, latency: str) -> Iterator[str]:
     """`dialerd simulate` on 127.0.0.1; yields its base URL, stops it at the end."""
     port = free_port()
-    command = [sys.executable, "-m", "dialerd", "simulate", "--port", str(port), "--log", str(log),
-               "--latency", latency]
+    command = [
+        sys.executable,
+        "-m",
+        "dialerd",
+        "simulate",
+        "--port",
+        str(port),
+        "--log",
+        str(log),
+        "--latency",
+        latency,
+    ]
     for agent_id, rate in agents.items():
         command += ["--agent", f"{agent_id}={rate}"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT_PATH, Config, ConfigError, load_config, read_api_key
+from .simulator import add_arguments, add_fault_arguments, faults_from
 
 EX_OK = 0
 EX_USAGE = 64
@@ -52,44 +53,38 @@ def _config_message(error: ConfigError) -> str:
     return "bad config:\n" + "\n".join(f"  {p}" for p in error.problems)
 
 
-def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--latency", default="0.1-0.5", metavar="MIN-MAX",
-                        help="simulated answer delay range in seconds (default 0.1-0.5)")
-    for fault in ("error", "reset", "hang"):
-        parser.add_argument(f"--{fault}-rate", type=float, default=0.0, metavar="P",
-                            help=f"probability of a simulated {fault} (default 0)")
-
-
-def _faults(args):
-    from .simulator import Faults
-
-    try:
-        low, high = (float(part) for part in args.latency.split("-", 1))
-    except ValueError:
-        raise Failure(f"--latency: expected MIN-MAX in seconds, not {args.latency!r}",
-                      EX_USAGE) from None
-    return Faults(error_5xx=args.error_rate, reset=args.reset_rate, hang=args.hang_rate,
-                  latency=(low, high))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dialerd", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    run.add_argument("-c", "--config", help=f"config file (default $DIALERD_CONFIG, {DEFAULT_PATH})")
-    run.add_argument("--simulate", action="store_true",
-                     help="place calls on the built-in simulator of the API, not the real one")
-    _add_simulation_options(run)
+    run.add_argument(
+        "-c", "--config", help=f"config file (default $DIALERD_CONFIG, {DEFAULT_PATH})"
+    )
+    run.add_argument(
+        "--simulate",
+        action="store_true",
+        help="place calls on the built-in simulator of the API, not the real one",
+    )
+    add_fault_arguments(run, latency="0.1-0.5")
 
     submit = commands.add_parser("submit", help="validate requests and drop them into the spool")
     submit.add_argument("-c", "--config")
-    submit.add_argument("files", nargs="*", default=["-"], metavar="FILE",
-                        help="JSON lines, JSON object or array, or CSV with a header ('-': stdin)")
-    submit.add_argument("--skip-invalid", action="store_true",
-                        help="submit the valid requests even when some are invalid")
+    submit.add_argument(
+        "files",
+        nargs="*",
+        default=["-"],
+        metavar="FILE",
+        help="JSON lines, JSON object or array, or CSV with a header ('-': stdin)",
+    )
+    submit.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="submit the valid requests even when some are invalid",
+    )
 
     check = commands.add_parser("check", help="validate the config")
     check.add_argument("-c", "--config")
@@ -99,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="as one JSON object")
 
     simulate = commands.add_parser("simulate", help="run the API simulator as its own server")
-    from .simulator import add_arguments
-
     add_arguments(simulate)
     return parser
 
@@ -116,7 +109,7 @@ def cmd_run(args) -> int:
             read_api_key(config.api)
         except ConfigError as error:
             raise Failure(_config_message(error), EX_CONFIG) from None
-    faults = _faults(args) if args.simulate else None
+    faults = faults_from(args) if args.simulate else None
     try:
         asyncio.run(Daemon(config, simulate=faults).run())
     except LedgerLocked as error:
@@ -150,16 +143,22 @@ def cmd_submit(args) -> int:
     for error in errors:
         print(error, file=sys.stderr)
     if errors and not args.skip_invalid:
-        raise Failure(f"{len(errors)} invalid request(s); nothing submitted "
-                      "(--skip-invalid submits the valid ones)", EX_DATAERR)
+        raise Failure(
+            f"{len(errors)} invalid request(s); nothing submitted "
+            "(--skip-invalid submits the valid ones)",
+            EX_DATAERR,
+        )
     if not documents:
         raise Failure("no valid request to submit", EX_DATAERR)
     try:
         path = drop_into_spool(config.spool_dir, documents)
     except OSError as error:
         raise Failure(f"cannot write to the spool: {error}", EX_CANTCREAT) from None
-    print(f"submitted {len(documents)} request(s) as {path.name}"
-          + (f"; skipped {len(errors)} invalid" if errors else ""), file=sys.stderr)
+    print(
+        f"submitted {len(documents)} request(s) as {path.name}"
+        + (f"; skipped {len(errors)} invalid" if errors else ""),
+        file=sys.stderr,
+    )
     return EX_OK
 
 
@@ -204,8 +203,10 @@ def _status_text(report: dict, config: Config) -> str:
         rate = config.agents[agent_id].rate if agent_id in config.agents else "-"
         next_due = entry.get("next_due")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(next_due)) if next_due else "-"
-        lines.append(f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
-                     f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9}  {when}")
+        lines.append(
+            f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
+            f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9}  {when}"
+        )
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
     lines.append(f"outcomes: {outcomes}")
     if report["results_unwritten"]:
@@ -220,8 +221,13 @@ def cmd_simulate(args) -> int:
     return EX_OK
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "check": cmd_check, "status": cmd_status,
-            "simulate": cmd_simulate}
+COMMANDS = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "check": cmd_check,
+    "status": cmd_status,
+    "simulate": cmd_simulate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -408,13 +408,17 @@ def build_config(document: Any, path: Path | None = None) -> Config:
     callbacks = _read_callbacks(r, top.get("callbacks"))
     admin = _read_admin(r, top.get("admin"))
     if callbacks and admin and callbacks.listen == admin:
-        r.fail("admin.listen", "must differ from callbacks.listen: admin is never on the callback port")
+        r.fail(
+            "admin.listen", "must differ from callbacks.listen: admin is never on the callback port"
+        )
     config = Config(
         path=path,
         api=api,
         agents=MappingProxyType(agents),
         default_agent=default_agent,
-        state_dir=r.value(top, "", "state_dir", lambda v: Path(_string(v)), Path("/var/lib/dialerd")),
+        state_dir=r.value(
+            top, "", "state_dir", lambda v: Path(_string(v)), Path("/var/lib/dialerd")
+        ),
         spool_dir=r.value(spool, "spool", "dir", lambda v: Path(_string(v))),
         stdin=r.value(top, "", "stdin", _stdin_mode, "auto"),
         results=r.value(top, "", "results", _string),
@@ -445,7 +449,8 @@ def load_config(path: str | os.PathLike) -> Config:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"(file): not valid YAML{where}: {getattr(error, 'problem', error)}"])
+        problem = getattr(error, "problem", error)
+        raise ConfigError([f"(file): not valid YAML{where}: {problem}"]) from None
     return build_config(document, path)
 
 

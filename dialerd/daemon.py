@@ -8,12 +8,12 @@ session → close the ledger. Signal handlers only set state; the supervisor act
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 from types import MappingProxyType
 
 from . import studio
+from .aio import wait_event
 from .config import Config, read_api_key
 from .dispatcher import Dispatcher
 from .ledger import Ledger
@@ -114,8 +114,12 @@ class Daemon:
                 sources.append(group.create_task(self._spool.run(), name="spool"))
             if not sources:
                 log.warning("no source: neither stdin nor a spool is configured")
-            log.info("running", agents=len(self.config.agents), stdin=stdin_source,
-                     spool=str(self.config.spool_dir) if self._spool else None)
+            log.info(
+                "running",
+                agents=len(self.config.agents),
+                stdin=stdin_source,
+                spool=str(self.config.spool_dir) if self._spool else None,
+            )
             watchers = []
             if self._spool is None and self._stdin is not None:
                 watchers.append(group.create_task(self._stop_when_stdin_done(sources[0])))
@@ -133,8 +137,7 @@ class Daemon:
         await asyncio.wait({stdin_task})
         while await self.ledger.open_requests(self.ledger.run):
             self._final.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._final.wait(), timeout=1.0)
+            await wait_event(self._final, 1.0)
         self.request_stop("stdin done, every request from it final")
 
     async def _drain(self, sources: list[asyncio.Task]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 from aiolimiter import AsyncLimiter
 
+from .aio import wait_event
 from .config import AgentConfig
 from .ledger import Ledger, Pending
 from .logs import log
@@ -114,21 +115,15 @@ class Lane:
             self._due.extend(due)
             if not due:
                 wait = None if next_due is None else max(0.0, next_due - time.time())
-                await self._wait_for_wake(wait)
+                await wait_event(self._wake, wait)
                 return None
         return self._due.popleft()
-
-    async def _wait_for_wake(self, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def _sleep_until(self, deadline: float) -> None:
         """Sleep until a loop time, or until the lane is stopped."""
         while not self._stopping and (remaining := deadline - self._loop.time()) > 0:
             self._wake.clear()
-            await self._wait_for_wake(remaining)
+            await wait_event(self._wake, remaining)
 
     async def _pace_and_mark(self, pending: Pending) -> bool:
         """Wait for the send's moment, marking it in the ledger just before; False if stopped.
@@ -161,30 +156,45 @@ class Lane:
         started = self._loop.time()
         result = await self._client.make_call(self.agent.region, pending.body, departed)
         log.info(
-            "send", agent=self.agent.id, id=pending.id, attempt=pending.attempts + 1,
-            verdict=result.verdict.value, http_status=result.http_status,
-            latency_ms=round((self._loop.time() - started) * 1000, 1), error=result.error,
+            "send",
+            agent=self.agent.id,
+            id=pending.id,
+            attempt=pending.attempts + 1,
+            verdict=result.verdict.value,
+            http_status=result.http_status,
+            latency_ms=round((self._loop.time() - started) * 1000, 1),
+            error=result.error,
         )
         await self._record(pending, result)
 
     async def _record(self, pending: Pending, result: SendResult) -> None:
         if result.verdict is Verdict.PLACED:
             await self._finish(
-                pending, "dialed", attempts=pending.attempts + 1, http_status=result.http_status,
-                conversation_uuid=result.conversation_uuid, response=result.response,
+                pending,
+                "dialed",
+                attempts=pending.attempts + 1,
+                http_status=result.http_status,
+                conversation_uuid=result.conversation_uuid,
+                response=result.response,
                 error=result.error,
             )
         elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:
             await self._retry_later(pending, result)
         elif result.verdict is Verdict.RETRY:
             await self._finish(
-                pending, "failed", http_status=result.http_status, response=result.response,
+                pending,
+                "failed",
+                http_status=result.http_status,
+                response=result.response,
                 error=f"gave up after {pending.retries + 1} refused sends: {result.error}",
             )
         else:
             await self._finish(
-                pending, result.verdict.value, http_status=result.http_status,
-                response=result.response, error=result.error,
+                pending,
+                result.verdict.value,
+                http_status=result.http_status,
+                response=result.response,
+                error=result.error,
             )
 
     async def _retry_later(self, pending: Pending, result: SendResult) -> None:
@@ -206,8 +216,11 @@ class Lane:
         self._extra_margin = min(self._extra_margin + WIDEN_STEP, WIDEN_MAX)
         self._widened_until = self._loop.time() + WIDEN_FOR_S
         self._limiter = self._new_limiter()
-        log.warning("rate limited by the API: widening the margin", agent=self.agent.id,
-                    margin=round(self.agent.margin + self._extra_margin, 3))
+        log.warning(
+            "rate limited by the API: widening the margin",
+            agent=self.agent.id,
+            margin=round(self.agent.margin + self._extra_margin, 3),
+        )
 
     def _restore_margin(self) -> None:
         if self._extra_margin and self._loop.time() >= self._widened_until:

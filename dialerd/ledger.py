@@ -212,17 +212,24 @@ class Ledger:
         return await self.call(_spool_digest, name)
 
     async def forget_spool_file(self, name: str) -> None:
-        await self.call(lambda conn: conn.execute("DELETE FROM spool_files WHERE name = ?", (name,)))
+        await self.call(
+            lambda conn: conn.execute("DELETE FROM spool_files WHERE name = ?", (name,))
+        )
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    async def due(self, agent_id: str, now: float, limit: int) -> tuple[list[Pending], float | None]:
+    async def due(
+        self, agent_id: str, now: float, limit: int
+    ) -> tuple[list[Pending], float | None]:
         """Up to `limit` due requests of an agent in due order, and when the next one is due."""
         return await self.call(_due, agent_id, now, limit)
 
     async def mark_sending(self, seq: int) -> None:
-        await self.call(_execute, "UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?",
-                        (time.time(), seq))
+        await self.call(
+            _execute,
+            "UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?",
+            (time.time(), seq),
+        )
 
     async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
         """Back to the queue: the API refused the send before placing a call."""
@@ -246,8 +253,12 @@ class Ledger:
 
     async def agents_with_work(self) -> list[str]:
         return await self.call(
-            lambda conn: [r[0] for r in conn.execute(
-                "SELECT DISTINCT agent_id FROM requests WHERE state = 'queued'")]
+            lambda conn: [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT agent_id FROM requests WHERE state = 'queued'"
+                )
+            ]
         )
 
     # -- results -----------------------------------------------------------------------------
@@ -313,11 +324,19 @@ def _add(
             agents.add(request.agent_id)
             accepted += 1
         else:
-            _reject(conn, now, {
-                "id": request.id, "to": request.to, "agent_id": request.agent_id,
-                "meta": request.meta, "source": request.source, "outcome": "duplicate",
-                "error": f"id {request.id!r} was already taken by an earlier request",
-            })
+            _reject(
+                conn,
+                now,
+                {
+                    "id": request.id,
+                    "to": request.to,
+                    "agent_id": request.agent_id,
+                    "meta": request.meta,
+                    "source": request.source,
+                    "outcome": "duplicate",
+                    "error": f"id {request.id!r} was already taken by an earlier request",
+                },
+            )
     for fields in invalid:
         _reject(conn, now, {"outcome": "invalid", **fields})
     if spool_file is not None:
@@ -344,8 +363,10 @@ def _due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
         " WHERE state = 'queued' AND agent_id = ? AND due_at <= ? ORDER BY due_at, seq LIMIT ?",
         (agent_id, now, limit),
     ).fetchall()
-    pending = [Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires)
-               for seq, id_, body, attempts, retries, expires in rows]
+    pending = [
+        Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires)
+        for seq, id_, body, attempts, retries, expires in rows
+    ]
     next_due = conn.execute(
         "SELECT min(due_at) FROM requests WHERE state = 'queued' AND agent_id = ? AND due_at > ?",
         (agent_id, now),
@@ -371,9 +392,18 @@ def _finish(conn: sqlite3.Connection, seq: int, outcome: str, fields: dict) -> N
         return  # already final: a finish is applied once
     id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
     line = result_line(
-        id=id_, to=to, agent_id=agent_id, outcome=outcome, attempts=attempts,
-        http_status=http_status, conversation_uuid=conversation_uuid, status=status, error=error,
-        meta=None if meta is None else json.loads(meta), source=source, at=now,
+        id=id_,
+        to=to,
+        agent_id=agent_id,
+        outcome=outcome,
+        attempts=attempts,
+        http_status=http_status,
+        conversation_uuid=conversation_uuid,
+        status=status,
+        error=error,
+        meta=None if meta is None else json.loads(meta),
+        source=source,
+        at=now,
     )
     conn.execute("INSERT INTO outbox (line) VALUES (?)", (line,))
 
@@ -403,8 +433,9 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         "SELECT agent_id, state, count(*), min(due_at) FROM requests"
         " WHERE state != 'final' GROUP BY agent_id, state"
     ):
-        entry = agents.setdefault(agent_id, {"queued": 0, "due_now": 0, "in_flight": 0,
-                                             "next_due": None})
+        entry = agents.setdefault(
+            agent_id, {"queued": 0, "due_now": 0, "in_flight": 0, "next_due": None}
+        )
         if state == "queued":
             entry["queued"] = count
             entry["next_due"] = next_due
@@ -412,7 +443,8 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
             entry["in_flight"] += count
     for agent_id, due_now in conn.execute(
         "SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND due_at <= ?"
-        " GROUP BY agent_id", (now,)
+        " GROUP BY agent_id",
+        (now,),
     ):
         agents[agent_id]["due_now"] = due_now
     outcomes: dict[str, int] = {}
@@ -421,8 +453,11 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
     ):
         outcomes[outcome] = outcomes.get(outcome, 0) + count
-    return {"agents": agents, "outcomes": outcomes,
-            "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0]}
+    return {
+        "agents": agents,
+        "outcomes": outcomes,
+        "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+    }
 
 
 def read_status(state_dir: Path) -> dict | None:
@@ -435,4 +470,3 @@ def read_status(state_dir: Path) -> dict | None:
         return status_report(conn, time.time())
     finally:
         conn.close()
-

@@ -8,18 +8,30 @@ last lines written but never lose one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .aio import wait_event
+
 if TYPE_CHECKING:
     from .ledger import Ledger
 
 RESULT_FIELDS = (
-    "id", "to", "agent_id", "outcome", "attempts", "http_status", "conversation_uuid", "status",
-    "error", "meta", "source",
+    "id",
+    "to",
+    "agent_id",
+    "outcome",
+    "attempts",
+    "http_status",
+    "conversation_uuid",
+    "status",
+    "error",
+    "meta",
+    "source",
 )
 
 
@@ -51,10 +63,7 @@ class ResultsWriter:
         """Write lines whenever woken (and every second, as a safety net), until cancelled."""
         while True:
             await self.flush()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, 1.0)
             self._wake.clear()
 
     async def flush(self) -> None:
@@ -73,7 +82,6 @@ class ResultsWriter:
 def _write_durably(stream, data: bytes) -> None:
     stream.write(data)
     stream.flush()
-    try:
+    # A pipe or a terminal cannot be synced; the flush is what counts there.
+    with contextlib.suppress(OSError):
         os.fsync(stream.fileno())
-    except OSError:
-        pass  # a pipe or a terminal cannot be synced; the flush is what counts there

@@ -332,12 +332,7 @@ async def serve(args: argparse.Namespace) -> None:
     simulator = Simulator(
         dict(args.agent),
         default_rate=args.default_rate,
-        faults=Faults(
-            error_5xx=args.error_rate,
-            reset=args.reset_rate,
-            hang=args.hang_rate,
-            latency=args.latency,
-        ),
+        faults=faults_from(args),
         seed=args.seed,
         log_path=args.log,
     )
@@ -378,12 +373,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="accept unknown agents at this rate (default: refuse them)",
     )
+    add_fault_arguments(parser, latency="0")
+    parser.add_argument("--seed", type=int, help="seed for the fault and latency draws")
+    parser.add_argument("--log", metavar="FILE", help="append every arrival to FILE as a JSON line")
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser, latency: str) -> None:
+    """The simulated latency and faults; shared by `simulate` and `run --simulate`."""
     parser.add_argument(
         "--latency",
         type=_latency_range,
-        default=(0.0, 0.0),
+        default=_latency_range(latency),
         metavar="MIN-MAX",
-        help="answer delay range in seconds, e.g. 0.1-0.5",
+        help=f"answer delay range in seconds (default {latency})",
     )
     parser.add_argument(
         "--error-rate", type=_probability, default=0.0, metavar="P", help="chance to answer 503"
@@ -394,8 +396,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hang-rate", type=_probability, default=0.0, metavar="P", help="chance to never answer"
     )
-    parser.add_argument("--seed", type=int, help="seed for the fault and latency draws")
-    parser.add_argument("--log", metavar="FILE", help="append every arrival to FILE as a JSON line")
+
+
+def faults_from(args: argparse.Namespace) -> Faults:
+    return Faults(
+        error_5xx=args.error_rate, reset=args.reset_rate, hang=args.hang_rate, latency=args.latency
+    )
 
 
 def _agent_rate(text: str) -> tuple[str, int]:

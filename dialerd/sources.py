@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .aio import wait_event
 from .config import Config
 from .ledger import Ledger
 from .logs import log
@@ -74,8 +75,12 @@ class Batch:
 class Intake:
     """Records batches in the ledger and tells the dispatcher and results writer."""
 
-    def __init__(self, ledger: Ledger, on_queued: Callable[[frozenset[str]], None],
-                 on_final: Callable[[], None]):
+    def __init__(
+        self,
+        ledger: Ledger,
+        on_queued: Callable[[frozenset[str]], None],
+        on_final: Callable[[], None],
+    ):
         self._ledger = ledger
         self._on_queued = on_queued
         self._on_final = on_final
@@ -146,8 +151,9 @@ class StdinSource:
                 await self._commit(batch)
                 batch, deadline = Batch(), None
         await self._commit(batch)
-        log.info("stdin ended" if not self._stopping else "stdin intake stopped",
-                 lines=self.lines_read)
+        log.info(
+            "stdin ended" if not self._stopping else "stdin intake stopped", lines=self.lines_read
+        )
 
     def _take(self, batch: Batch, line: bytes | None) -> None:
         self.lines_read += 1
@@ -237,7 +243,11 @@ class SpoolSource:
         self._intake = intake
         self._ledger = ledger
         root = config.spool_dir
-        self.incoming, self.done, self.rejected = root / "incoming", root / "done", root / "rejected"
+        self.incoming, self.done, self.rejected = (
+            root / "incoming",
+            root / "done",
+            root / "rejected",
+        )
         self._changed = asyncio.Event()
         self._stopping = False
 
@@ -268,10 +278,7 @@ class SpoolSource:
                 if self._stopping:
                     return
                 await self._take(name)
-            try:
-                await asyncio.wait_for(self._changed.wait(), rescan)
-            except TimeoutError:
-                pass
+            await wait_event(self._changed, rescan)
 
     async def _watch(self) -> None:
         """Wake the spool on every file renamed or written into incoming/."""
@@ -315,8 +322,12 @@ class SpoolSource:
                 batch = parse_spool_file(data, name, self._config)
                 await self._intake.record(batch, spool_file=(name, digest))
                 await asyncio.to_thread(_move, path, self.done, _errors_text(batch))
-                log.info("spool file taken", file=name, requests=len(batch.requests),
-                         invalid=len(batch.invalid))
+                log.info(
+                    "spool file taken",
+                    file=name,
+                    requests=len(batch.requests),
+                    invalid=len(batch.invalid),
+                )
             await self._ledger.forget_spool_file(name)
         except Rejected as error:
             log.warning("spool file rejected", file=name, error=str(error))
@@ -375,4 +386,3 @@ def _sync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -37,8 +37,9 @@ class SendResult:
 
 def session(timeout_s: float, trace_configs: list[aiohttp.TraceConfig]) -> aiohttp.ClientSession:
     """The one session of the process; its pool has no cap, so it never limits the rate."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
-                                     keepalive_timeout=60)
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
+    )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -95,8 +96,9 @@ async def _judge(response: aiohttp.ClientResponse) -> SendResult:
     message = _api_message(text) or response.reason or f"HTTP {status}"
     if status in RETRIED_STATUSES:
         retry_after = _retry_after(response.headers.get("Retry-After")) if status == 429 else None
-        return SendResult(Verdict.RETRY, status, response=text, error=message,
-                          retry_after=retry_after)
+        return SendResult(
+            Verdict.RETRY, status, response=text, error=message, retry_after=retry_after
+        )
     return SendResult(Verdict.FAILED, status, response=text, error=message)
 
 

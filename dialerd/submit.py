@@ -108,7 +108,9 @@ def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
                 file.write(json.dumps(document, ensure_ascii=False) + "\n")
             file.flush()
             os.fsync(file.fileno())
-        final = incoming / f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{Path(temporary).stem[8:]}.jsonl"
+        final = (
+            incoming / f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{Path(temporary).stem[8:]}.jsonl"
+        )
         os.rename(temporary, final)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
