@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+import aiohttp
 from aiohttp import web
 
 WINDOW_S = 1.0
@@ -35,6 +36,7 @@ SHUTDOWN_TIMEOUT_S = 0.5
 ALLOWED_FIELDS = frozenset(
     {"agent_id", "from", "to", "status_url", "hangup_on_answer_machine", "session_parameters"}
 )
+CALLBACK_STATUSES = ("cancelled", "rejected", "busy", "timeout", "failed")
 DIGITS = re.compile(r"[0-9]+")
 SIP_ADDRESS = re.compile(r"sip:[^@\s]+@[^@\s]+")
 
@@ -47,14 +49,24 @@ class Faults:
     reset: float = 0.0  # drop the connection without an answer; the call IS placed
     hang: float = 0.0  # never answer; the call IS placed
     latency: tuple[float, float] = (0.0, 0.0)  # uniform delay of every answer, in seconds
+    # For placed calls that carry a status_url: (status, probability) of a callback saying the
+    # callee was not reached, as the real API sends; and its delay after the answer.
+    unreached: tuple[tuple[str, float], ...] = ()
+    callback_delay: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         probabilities = (self.error_5xx, self.reset, self.hang)
         if any(not 0.0 <= p <= 1.0 for p in probabilities) or sum(probabilities) > 1.0:
             raise ValueError("fault probabilities must each be in [0, 1] and sum to at most 1")
-        low, high = self.latency
-        if not 0.0 <= low <= high:
-            raise ValueError("latency must be a range MIN-MAX with 0 <= MIN <= MAX")
+        for low, high in (self.latency, self.callback_delay):
+            if not 0.0 <= low <= high:
+                raise ValueError("a delay must be a range MIN-MAX with 0 <= MIN <= MAX")
+        chances = [p for _status, p in self.unreached]
+        if any(not 0.0 <= p <= 1.0 for p in chances) or sum(chances) > 1.0:
+            raise ValueError("callback probabilities must each be in [0, 1] and sum to at most 1")
+        unknown = {status for status, _p in self.unreached} - set(CALLBACK_STATUSES)
+        if unknown:
+            raise ValueError(f"unknown callback status {', '.join(sorted(unknown))}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +143,9 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._base_url = ""
         self.arrivals: list[Arrival] = []
+        self.callbacks_sent: list[dict] = []  # each callback body, with "http_status" of its POST
+        self._callback_tasks: set[asyncio.Task] = set()
+        self._http: aiohttp.ClientSession | None = None
         self.app = web.Application()
         self.app.router.add_route("*", "/{region}/telephony/make-call", self._make_call)
 
@@ -149,6 +164,11 @@ class Simulator:
     async def stop(self) -> None:
         # Release the hanging requests first, or shutdown would wait for them.
         self._stopping.set()
+        for task in self._callback_tasks:
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -175,7 +195,7 @@ class Simulator:
         agent_id = self._agent_of(body or {})
         reply = self._refusal(request, body, agent_id) or self._admit(agent_id, at)
         self._record(request, body or {}, agent_id, at, wall, reply)
-        return await self._deliver(request, reply)
+        return await self._deliver(request, reply, body or {})
 
     def _agent_of(self, body: dict) -> str | None:
         """The agent a request is counted for: `from` wins when it is an agent's number."""
@@ -254,7 +274,7 @@ class Simulator:
             self._log.write(json.dumps(dataclasses.asdict(arrival)) + "\n")
             self._log.flush()
 
-    async def _deliver(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
+    async def _deliver(self, request: web.Request, reply: _Reply, body: dict) -> web.StreamResponse:
         if reply.action is _Action.HANG:
             await self._stopping.wait()
             return _drop_connection(request)
@@ -262,7 +282,40 @@ class Simulator:
         if reply.action is _Action.RESET:
             return _drop_connection(request)
         headers = {"Retry-After": "1"} if reply.status == 429 else None
-        return web.json_response(reply.payload, status=reply.status, headers=headers)
+        response = web.json_response(reply.payload, status=reply.status, headers=headers)
+        if reply.status == 200 and isinstance(body.get("status_url"), str):
+            self._maybe_call_back(body, reply.payload["conversation_uuid"])
+        return response
+
+    def _maybe_call_back(self, body: dict, conversation_uuid: str) -> None:
+        """Draw whether the callee goes unreached; if so, POST the callback after its delay."""
+        draw = self._rng.random()
+        for status, probability in self.faults.unreached:
+            if draw < probability:
+                delay = self._rng.uniform(*self.faults.callback_delay)
+                payload = {
+                    "agent_id": body.get("agent_id") or body.get("from"),
+                    "to": body["to"],
+                    "conversation_uuid": conversation_uuid,
+                    "status": status,
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                task = asyncio.create_task(self._call_back(body["status_url"], payload, delay))
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
+                return
+            draw -= probability
+
+    async def _call_back(self, url: str, payload: dict, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            async with self._http.post(url, json=payload) as answer:
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0  # the listener was down: the real API does not retry either
+        self.callbacks_sent.append({**payload, "http_status": status})
 
 
 async def _read_json_object(request: web.Request) -> dict | None:
@@ -397,11 +450,42 @@ def add_fault_arguments(parser: argparse.ArgumentParser, latency: str) -> None:
         "--hang-rate", type=_probability, default=0.0, metavar="P", help="chance to never answer"
     )
 
+    parser.add_argument(
+        "--unreached",
+        type=_status_chance,
+        action="append",
+        default=[],
+        metavar="STATUS=P",
+        help="chance of a callback with this status for a placed call with a status_url "
+        f"(repeatable; STATUS one of {', '.join(CALLBACK_STATUSES)})",
+    )
+    parser.add_argument(
+        "--callback-delay",
+        type=_latency_range,
+        default=(1.0, 3.0),
+        metavar="MIN-MAX",
+        help="delay of those callbacks in seconds (default 1-3)",
+    )
+
 
 def faults_from(args: argparse.Namespace) -> Faults:
     return Faults(
-        error_5xx=args.error_rate, reset=args.reset_rate, hang=args.hang_rate, latency=args.latency
+        error_5xx=args.error_rate,
+        reset=args.reset_rate,
+        hang=args.hang_rate,
+        latency=args.latency,
+        unreached=tuple(args.unreached),
+        callback_delay=args.callback_delay,
     )
+
+
+def _status_chance(text: str) -> tuple[str, float]:
+    status, separator, chance = text.partition("=")
+    if not separator or status not in CALLBACK_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"expected STATUS=P with STATUS one of {', '.join(CALLBACK_STATUSES)}, got {text!r}"
+        )
+    return status, _probability(chance)
 
 
 def _agent_rate(text: str) -> tuple[str, int]:

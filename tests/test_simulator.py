@@ -7,6 +7,7 @@ import json
 import time
 
 import aiohttp
+import aiohttp.web
 import pytest
 
 from dialerd.simulator import Arrival, Faults, Simulator, add_arguments, serve, window_violations
@@ -400,3 +401,70 @@ async def test_serve_listens_until_cancelled(http, capsys):
     server.cancel()
     with pytest.raises(asyncio.CancelledError):
         await server
+
+
+async def receiver():
+    """A callback listener on 127.0.0.1 that keeps what it is sent."""
+    received = []
+
+    async def keep(request):
+        received.append(await request.json())
+        return aiohttp.web.Response(status=204)
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/cb/{token}", keep)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}/cb", received
+
+
+async def test_an_unreached_callee_is_reported_to_the_status_url(http, start):
+    runner, url, received = await receiver()
+    try:
+        faults = Faults(unreached=(("busy", 1.0),), callback_delay=(0.0, 0.05))
+        simulator = await start(faults=faults)
+        body = {"agent_id": "a", "to": "447700900123", "status_url": f"{url}/t1"}
+        status, _, answer = await call(http, simulator, body)
+        assert status == 200
+        async with asyncio.timeout(5):
+            while not received:
+                await asyncio.sleep(0.01)
+        assert received == [
+            {
+                "agent_id": "a",
+                "to": "447700900123",
+                "conversation_uuid": answer["conversation_uuid"],
+                "status": "busy",
+                "timestamp": received[0]["timestamp"],
+            }
+        ]
+        assert simulator.callbacks_sent[0]["http_status"] == 204
+    finally:
+        await runner.cleanup()
+
+
+async def test_no_callback_without_a_status_url_or_when_the_callee_is_reached(http, start):
+    runner, url, received = await receiver()
+    try:
+        reached = await start(faults=Faults(callback_delay=(0.0, 0.0)))
+        unreached = await start(faults=Faults(unreached=(("timeout", 1.0),)))
+        await call(http, reached, {"agent_id": "a", "to": "447700900123", "status_url": url + "/x"})
+        await call(http, unreached, {"agent_id": "a", "to": "447700900123"})
+        await asyncio.sleep(0.2)
+        assert received == []
+        assert reached.callbacks_sent == unreached.callbacks_sent == []
+    finally:
+        await runner.cleanup()
+
+
+def test_callback_arguments_are_parsed():
+    args = parse("--unreached", "busy=0.3", "--unreached", "timeout=0.1", "--callback-delay", "0-1")
+    assert args.unreached == [("busy", 0.3), ("timeout", 0.1)]
+    assert args.callback_delay == (0.0, 1.0)
+    with pytest.raises(SystemExit):
+        parse("--unreached", "answered=0.5")
+    with pytest.raises(ValueError):
+        Faults(unreached=(("busy", 0.7), ("timeout", 0.7)))
