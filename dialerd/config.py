@@ -181,6 +181,12 @@ def _listen(raw: Any) -> Listen:
     return Listen(host.strip("[]") or "127.0.0.1", int(port))
 
 
+def _same_socket(a: Listen, b: Listen) -> bool:
+    """Whether two listeners would take the same port: the same host, or one on every host."""
+    wildcards = ("0.0.0.0", "::")
+    return a.port == b.port and (a.host == b.host or a.host in wildcards or b.host in wildcards)
+
+
 def _time_of_day(raw: Any) -> dt.time:
     if isinstance(raw, int) and not isinstance(raw, bool):
         # YAML 1.1 reads an unquoted 08:00 as base 60 (480): say how to write it.
@@ -228,7 +234,7 @@ def _dates(raw: Any) -> frozenset[dt.date]:
 
 
 def _stdin_mode(raw: Any) -> str | bool:
-    if raw in ("auto", True, False):
+    if raw == "auto" or isinstance(raw, bool):  # not `in`: 1 == True, 0 == False
         return raw
     raise ValueError(f"must be auto, true or false, not {raw!r}")
 
@@ -268,6 +274,7 @@ def _read_api(r: _Reader, node: Any) -> ApiConfig:
 
 def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str, AgentConfig]:
     agents = {}
+    before = len(r.problems)
     for agent_id, body in r.mapping(node, "agents", None).items():
         key = f"agents.{agent_id}"
         if not AGENT_ID.match(str(agent_id)):
@@ -279,7 +286,7 @@ def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str,
         elif region not in regions:
             r.fail(f"{key}.region", f"{region!r} has no endpoint; use one of {', '.join(regions)}")
         rate = r.value(fields, key, "rate", _rate)
-        if "rate" not in fields:
+        if fields.get("rate") is None:  # absent, or `rate:` left empty
             r.fail(f"{key}.rate", "is required (1, 3 or 5)")
         number = r.value(fields, key, "number", lambda v: _digits(str(v)))
         agents[str(agent_id)] = AgentConfig(
@@ -289,7 +296,7 @@ def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str,
             number=number,
             margin=r.value(fields, key, "margin", _margin, 0.03),
         )
-    if not agents and not r.problems:
+    if not agents and len(r.problems) == before:
         r.fail("agents", "at least one agent is required")
     numbers = [a.number for a in agents.values() if a.number]
     for number in {n for n in numbers if numbers.count(n) > 1}:
@@ -344,9 +351,10 @@ def _read_calling_hours(r: _Reader, node: Any) -> CallingHours | None:
     for name in ("start", "end"):
         if name not in hours:
             r.fail(f"{key}.{name}", 'is required ("HH:MM")')
+    before = len(r.problems)
     start = r.value(hours, key, "start", _time_of_day, dt.time(0))
     end = r.value(hours, key, "end", _time_of_day, dt.time(0))
-    if start == end and "start" in hours and "end" in hours:
+    if start == end and "start" in hours and "end" in hours and len(r.problems) == before:
         r.fail(key, "start and end are the same time: the window would be empty")
     return CallingHours(
         start=start,
@@ -407,7 +415,7 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         r.fail("spool.dir", "is required when spool is given")
     callbacks = _read_callbacks(r, top.get("callbacks"))
     admin = _read_admin(r, top.get("admin"))
-    if callbacks and admin and callbacks.listen == admin:
+    if callbacks and admin and _same_socket(callbacks.listen, admin):
         r.fail(
             "admin.listen", "must differ from callbacks.listen: admin is never on the callback port"
         )

@@ -147,7 +147,8 @@ class Daemon:
         if sources:
             await asyncio.wait(sources)
         self._dispatcher.stop()
-        stuck = await self._dispatcher.drain(self.config.api.timeout_s + DRAIN_GRACE_S)
+        grace = min(self.config.api.timeout_s + DRAIN_GRACE_S, self.config.shutdown_timeout_s)
+        stuck = await self._dispatcher.drain(grace)
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
         await self._results.flush()

@@ -102,11 +102,18 @@ class Lane:
             pending = await self._next_due()
             if pending is None:
                 continue
-            if pending.expires_at is not None and pending.expires_at <= time.time():
-                await self._finish(pending, "expired", error="expires_at passed before sending")
+            if await self._expire_if_due(pending):
                 continue
-            if await self._pace_and_mark(pending):
+            # Checked again once its moment has come: pacing or a 429 hold may outlast expires_at.
+            if await self._pace_and_mark(pending) and not await self._expire_if_due(pending):
                 await self._send(pending)
+
+    async def _expire_if_due(self, pending: Pending) -> bool:
+        """Finish the request `expired` if its expires_at has passed; True if it did."""
+        if pending.expires_at is None or pending.expires_at > time.time():
+            return False
+        await self._finish(pending, "expired", error="expires_at passed before sending")
+        return True
 
     async def _next_due(self) -> Pending | None:
         if not self._due:

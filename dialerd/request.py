@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ FIELDS = frozenset(
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SIP_ADDRESS = re.compile(r"sip:[^@\s]+@[^@\s]+")
 NUMBER_PUNCTUATION = re.compile(r"[\s\-.()]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class InvalidRequest(ValueError):
@@ -84,8 +86,10 @@ def normalise_number(raw: Any) -> str:
         raise ValueError(f"{text!r} is not a number in international notation")
     try:
         number = phonenumbers.parse("+" + digits)
-    except phonenumbers.NumberParseException:
-        raise ValueError(f"{text!r} has no known country code") from None
+    except phonenumbers.NumberParseException as error:
+        if error.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+            raise ValueError(f"{text!r} has no known country code") from None
+        raise ValueError(f"{text!r} is not a possible number for its country") from None
     if not phonenumbers.is_possible_number(number):
         raise ValueError(f"{text!r} is not a possible number for its country")
     return digits
@@ -189,7 +193,7 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
         partial["agent_id"] = agent_id
         not_before = _optional(fields, "not_before", _moment)
         expires_at = _optional(fields, "expires_at", _moment)
-        if not_before and expires_at and expires_at <= not_before:
+        if not_before is not None and expires_at is not None and expires_at <= not_before:
             raise InvalidRequest("expires_at: is not after not_before")
         return Request(
             id=_request_id(fields),
@@ -207,6 +211,28 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
         raise InvalidRequest(str(error), partial) from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+def loads(text: str) -> Any:
+    """Strict JSON: no NaN or Infinity, no lone surrogate escapes; ValueError says why."""
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    if SURROGATE_ESCAPE.search(text):  # rare: see that each one is half of a pair
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\u escape holds half a surrogate pair, not a character") from None
+    return value
+
+
 def decode_line(line: bytes) -> Any:
     """One line of input as JSON; InvalidRequest when it is too long, not UTF-8 or not JSON."""
     if len(line) > MAX_LINE_BYTES:
@@ -218,8 +244,10 @@ def decode_line(line: bytes) -> Any:
     if "\x00" in text:
         raise InvalidRequest("holds a NUL byte")
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as error:
         raise InvalidRequest(f"not JSON: {error.msg} at column {error.colno}") from None
+    except ValueError as error:  # NaN, 1e999, a lone surrogate, an integer of 4300+ digits
+        raise InvalidRequest(f"not JSON: {error}") from None
     except RecursionError:
         raise InvalidRequest("not JSON: nested too deeply") from None

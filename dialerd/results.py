@@ -39,7 +39,7 @@ def result_line(at: float, **fields: Any) -> str:
     """The result as one JSON line, fields in the documented order, absent ones null."""
     record = {name: fields.get(name) for name in RESULT_FIELDS}
     record["attempts"] = record["attempts"] or 0
-    record["at"] = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="milliseconds")
+    record["at"] = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds")
     record["at"] = record["at"].replace("+00:00", "Z")
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import stat
 import sys
@@ -22,7 +21,7 @@ from .aio import wait_event
 from .config import Config
 from .ledger import Ledger
 from .logs import log
-from .request import MAX_LINE_BYTES, InvalidRequest, Request, build_request, decode_line
+from .request import MAX_LINE_BYTES, InvalidRequest, Request, build_request, decode_line, loads
 
 MAX_SPOOL_FILE = 64 * 1024 * 1024
 STDIN_BATCH = 1000  # requests per intake commit
@@ -203,8 +202,8 @@ def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
         raise Rejected("holds NUL bytes")
     batch = Batch()
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
+        document = loads(text)
+    except ValueError:  # not one JSON document (or a bad value in it): read it line by line
         document = None
     except RecursionError:
         raise Rejected("JSON nested too deeply") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import enum
 import json
@@ -64,6 +65,7 @@ def departure_tracing() -> aiohttp.TraceConfig:
 class StudioClient:
     def __init__(self, http: aiohttp.ClientSession, key: str, endpoints: Mapping[str, str]):
         self._http = http
+        self._key = key
         self._headers = {"X-Vgai-Key": key, "Content-Type": "application/json"}
         self._endpoints = endpoints
 
@@ -78,9 +80,20 @@ class StudioClient:
                 headers=self._headers,
                 trace_request_ctx=departed,
             ) as response:
-                return await _judge(response)
+                result = await _judge(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            return _judge_failure(error, written=departed.done())
+            result = _judge_failure(error, written=departed.done())
+        return _redacted(result, self._key)
+
+
+def _redacted(result: SendResult, key: str) -> SendResult:
+    """The result with any copy of the key the API echoed blanked out: it is never kept."""
+    fields = {
+        name: value.replace(key, "[redacted]")
+        for name in ("conversation_uuid", "response", "error")
+        if (value := getattr(result, name)) is not None and key in value
+    }
+    return dataclasses.replace(result, **fields) if fields else result
 
 
 async def _judge(response: aiohttp.ClientResponse) -> SendResult:

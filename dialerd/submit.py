@@ -27,8 +27,17 @@ class Submission:
 
 def read_input(data: bytes, name: str, config: Config) -> Submission:
     """Requests from JSON lines, a JSON object or array, or CSV with a header row."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM, as spreadsheets and editors write it
     if _looks_like_csv(data):
-        return _from_documents(_csv_documents(data, name), config)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return Submission(errors=[f"{name}: not UTF-8 (byte {error.start + 1})"])
+        try:
+            documents = _csv_documents(text, name)
+        except csv.Error as error:
+            return Submission(errors=[f"{name}: not readable as CSV: {error}"])
+        return _from_documents(documents, config)
     try:
         batch = parse_spool_file(data, name, config)
     except Rejected as error:
@@ -43,9 +52,8 @@ def _looks_like_csv(data: bytes) -> bool:
     return first not in (b"{", b"[", b"")
 
 
-def _csv_documents(data: bytes, name: str) -> list[tuple[str, Any]]:
+def _csv_documents(text: str, name: str) -> list[tuple[str, Any]]:
     """Each CSV row as a request object: known columns as fields, the rest session_parameters."""
-    text = data.decode("utf-8-sig", errors="replace")
     rows = csv.DictReader(io.StringIO(text, newline=""))
     documents = []
     for row in rows:
@@ -103,6 +111,9 @@ def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
     incoming.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".submit-", suffix=".tmp", dir=incoming)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp gives 0600: the daemon may be another user
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             for document in documents:
                 file.write(json.dumps(document, ensure_ascii=False) + "\n")

@@ -16,8 +16,8 @@ from dataclasses import astuple
 from types import SimpleNamespace
 
 import aiohttp
-import pytest
 import aioresponses as aioresponses_module
+import pytest
 from yarl import URL
 
 from dialerd import studio
@@ -46,7 +46,9 @@ class MockedResponse(aiohttp.ClientResponse):
         super().__init__(*args, **kwargs)
 
 
-class aioresponses(aioresponses_module.aioresponses):  # noqa: N801 - a drop-in replacement
+class aioresponses(aioresponses_module.aioresponses):
+    """aioresponses, answering with MockedResponse unless told otherwise."""
+
     def add(self, url, method="GET", *args, **kwargs):
         kwargs.setdefault("response_class", MockedResponse)
         super().add(url, method, *args, **kwargs)
@@ -117,8 +119,9 @@ async def test_2xx_without_a_conversation_uuid_is_still_placed(http, body):
 @pytest.mark.parametrize(("header", "seconds"), [("2", 2.0), ("0.5", 0.5), ("0", 0.0)])
 async def test_429_with_retry_after_seconds_is_retried_after_them(http, header, seconds):
     with aioresponses() as mock:
-        mock.post(EU, status=429, payload={"error": "Too Many Requests"},
-                  headers={"Retry-After": header})
+        mock.post(
+            EU, status=429, payload={"error": "Too Many Requests"}, headers={"Retry-After": header}
+        )
         result, _ = await send(StudioClient(http, KEY, DEFAULT_ENDPOINTS))
 
     assert result.verdict is Verdict.RETRY
@@ -130,8 +133,11 @@ async def test_429_with_retry_after_seconds_is_retried_after_them(http, header, 
 async def test_429_with_an_http_date_retry_after_is_retried_at_that_time(http):
     moment = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
     with aioresponses() as mock:
-        mock.post(EU, status=429, headers={"Retry-After": email.utils.format_datetime(
-            moment, usegmt=True)})
+        mock.post(
+            EU,
+            status=429,
+            headers={"Retry-After": email.utils.format_datetime(moment, usegmt=True)},
+        )
         result, _ = await send(StudioClient(http, KEY, DEFAULT_ENDPOINTS))
 
     assert result.verdict is Verdict.RETRY
@@ -168,8 +174,12 @@ async def test_429_without_retry_after_has_none(http):
 async def test_gateway_errors_are_retried(http, status):
     with aioresponses() as mock:
         # A Retry-After on anything but a 429 is not taken.
-        mock.post(EU, status=status, payload={"message": "upstream unavailable"},
-                  headers={"Retry-After": "7"})
+        mock.post(
+            EU,
+            status=status,
+            payload={"message": "upstream unavailable"},
+            headers={"Retry-After": "7"},
+        )
         result, _ = await send(StudioClient(http, KEY, DEFAULT_ENDPOINTS))
 
     assert result.verdict is Verdict.RETRY
@@ -182,8 +192,11 @@ async def test_gateway_errors_are_retried(http, status):
     ("status", "answer", "message"),
     [
         (400, {"error": UNKNOWN_AGENT}, UNKNOWN_AGENT),
-        (404, {"message": "published version for Agent agent-x was not found"},
-         "published version for Agent agent-x was not found"),
+        (
+            404,
+            {"message": "published version for Agent agent-x was not found"},
+            "published version for Agent agent-x was not found",
+        ),
         (401, {"detail": "invalid credentials"}, "invalid credentials"),
         (500, {"error": "Internal Server Error", "code": 17}, "Internal Server Error"),
         (400, "ID agent-x is not an ID to any agent or published version\n", UNKNOWN_AGENT),
@@ -460,9 +473,7 @@ async def test_simulator_hang_with_a_short_timeout_is_in_doubt(simulator_factory
     assert_no_key(result)
 
 
-async def test_simulator_refuses_a_missing_key_so_the_key_header_is_what_it_checks(
-    http, simulator_factory
-):
+async def test_simulator_refuses_a_blank_key_for_good(http, simulator_factory):
     simulator = await simulator_factory({"agent-a": 5})
     result, _ = await send(StudioClient(http, " ", {"eu": simulator.endpoint("eu")}))
 
@@ -485,7 +496,11 @@ async def test_the_key_is_in_no_result_of_any_kind(http):
         results = [(await send(client))[0] for _ in range(6)]
 
     assert [r.verdict for r in results] == [
-        Verdict.PLACED, Verdict.RETRY, Verdict.RETRY, Verdict.FAILED, Verdict.IN_DOUBT,
+        Verdict.PLACED,
+        Verdict.RETRY,
+        Verdict.RETRY,
+        Verdict.FAILED,
+        Verdict.IN_DOUBT,
         Verdict.RETRY,
     ]
     for result in results:

@@ -1,0 +1,533 @@
+"""The dispatcher's lanes with a real ledger, against the simulator or a scripted API on 127.0.0.1.
+
+Each test queues requests in a ledger in tmp_path, runs the lanes in the test's event loop until
+every request is final, and judges the results (the outbox lines) and what the API saw (SPEC 6, 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import json
+import random
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+
+from dialerd import dispatcher as dispatcher_module
+from dialerd import studio
+from dialerd.config import Config, build_config
+from dialerd.dispatcher import Dispatcher, Lane
+from dialerd.ledger import Ledger
+from dialerd.request import build_request
+from dialerd.simulator import Faults, Simulator, window_violations
+
+KEY = "dispatcher-test-key"
+UNKNOWN_AGENT = "ID ghost is not an ID to any agent or published version"
+
+
+# -- the bench -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):
+    ledger = Ledger(tmp_path / "state")
+    ledger.open()
+    yield ledger
+    ledger.close()
+
+
+def make_config(
+    tmp_path: Path,
+    endpoints: Mapping[str, str],
+    agents: Mapping[str, tuple[str, int]],
+    timeout_s: float = 5,
+) -> Config:
+    """A config with the given agents ({id: (region, rate)}) sending to the given endpoints."""
+    return build_config(
+        {
+            "api": {"key_env": "VGAI_KEY", "endpoints": dict(endpoints), "timeout_s": timeout_s},
+            "agents": {a: {"region": region, "rate": rate} for a, (region, rate) in agents.items()},
+            "state_dir": str(tmp_path / "state"),
+        }
+    )
+
+
+def number(index: int, block: int = 0) -> str:
+    """A distinct possible UK mobile number per (block, index)."""
+    return f"4477009{block:02d}{index:03d}"
+
+
+def requests_for(agent_id: str, count: int, block: int = 0, **fields) -> list[dict]:
+    return [
+        {
+            "id": f"{agent_id}-{i}",
+            "to": number(i, block),
+            "agent_id": agent_id,
+            "meta": {"row": i},
+            **fields,
+        }
+        for i in range(count)
+    ]
+
+
+def at(seconds_from_now: float) -> str:
+    return dt.datetime.fromtimestamp(time.time() + seconds_from_now, dt.UTC).isoformat()
+
+
+class Run:
+    """What a dispatch did: the results by id, the dispatcher, and how many finals were told."""
+
+    def __init__(self, results: dict[str, dict], dispatcher: Dispatcher, finals: int):
+        self.results = results
+        self.dispatcher = dispatcher
+        self.finals = finals
+
+    def lane(self, agent_id: str):
+        return self.dispatcher.lanes[agent_id]
+
+
+async def dispatch(
+    config: Config,
+    ledger: Ledger,
+    fields: list[dict],
+    *,
+    limit: float = 30.0,
+    linger: float = 0.0,
+    connector: aiohttp.BaseConnector | None = None,
+) -> Run:
+    """Queue the requests, run a lane per agent until all are final (then `linger` more), and
+    return the results; the whole run is bounded by `limit` seconds."""
+    requests = [build_request(f, config, f"test:{i}") for i, f in enumerate(fields)]
+    intake = await ledger.add(requests, [], None)
+    assert intake.accepted == len(requests)
+    final = asyncio.Event()
+    finals = 0
+
+    def on_final() -> None:
+        nonlocal finals
+        finals += 1
+        final.set()
+
+    if connector is None:
+        http = studio.session(config.api.timeout_s, [studio.departure_tracing()])
+    else:
+        http = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=config.api.timeout_s),
+            trace_configs=[studio.departure_tracing()],
+        )
+    async with asyncio.timeout(limit), http:
+        client = studio.StudioClient(http, KEY, config.api.endpoints)
+        dispatcher = Dispatcher(ledger, client, on_final)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.add_lanes(config.agents.values(), group)
+            while await ledger.open_requests():
+                final.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(final.wait(), 0.2)
+            await asyncio.sleep(linger)
+            dispatcher.stop()
+        assert await dispatcher.drain(1.0) == 0
+    lines = [json.loads(line) for _seq, line in await ledger.outbox(10_000)]
+    results = {line["id"]: line for line in lines}
+    assert len(results) == len(lines) == len(fields), "exactly one result per request"
+    return Run(results, dispatcher, finals)
+
+
+def fresh_interval(config: Config, agent_id: str, ledger: Ledger) -> float:
+    """The interval of a new lane of the agent, before any 429 widened it."""
+    return Lane(config.agents[agent_id], ledger, None, lambda: None).interval
+
+
+def achieved_rate(times: list[float]) -> float:
+    times = sorted(times)
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def assert_all_dialed_once(run: Run, simulator: Simulator, agent_id: str, count: int) -> None:
+    """Every request of the agent was placed exactly once and its result says so."""
+    placed = [a for a in simulator.placed() if a.agent_id == agent_id]
+    by_number = collections.Counter(a.to for a in placed)
+    assert sorted(by_number) == sorted(number_of(run, agent_id))
+    assert set(by_number.values()) == {1}, "a request was placed more than once"
+    assert len(placed) == count
+    uuid_of = {a.to: a.conversation_uuid for a in placed}
+    for result in run.results.values():
+        if result["agent_id"] != agent_id:
+            continue
+        assert result["outcome"] == "dialed", result
+        assert result["attempts"] == 1
+        assert result["http_status"] == 200
+        assert result["error"] is None
+        assert result["conversation_uuid"] == uuid_of[result["to"]]
+        assert result["meta"] == {"row": int(result["id"].rsplit("-", 1)[1])}
+
+
+def number_of(run: Run, agent_id: str) -> list[str]:
+    return [r["to"] for r in run.results.values() if r["agent_id"] == agent_id]
+
+
+def assert_paced(simulator: Simulator, agent_id: str, rate: int) -> None:
+    """SPEC 8.1: never over the rate in any 1 s window, and at least 95 % of it."""
+    times = [a.at for a in simulator.placed() if a.agent_id == agent_id]
+    assert window_violations(times, rate) == 0
+    assert achieved_rate(times) >= 0.95 * rate, (agent_id, achieved_rate(times))
+
+
+class ScriptedApi:
+    """A make-call endpoint that gives the scripted answers in order (status, headers), then
+    200s; it records when each request arrived and what it was."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]]):
+        self.answers = list(answers)
+        self.arrivals: list[tuple[float, int, dict]] = []  # (monotonic time, status, body)
+        self._runner: web.AppRunner | None = None
+        self.base = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{region}/telephony/make-call", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.base = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def endpoints(self) -> dict[str, str]:
+        return {region: f"{self.base}/{region}/telephony/make-call" for region in ("eu", "us")}
+
+    def times(self, status: int | None = None) -> list[float]:
+        return [t for t, s, _ in self.arrivals if status is None or s == status]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        self.arrivals.append((time.monotonic(), status, body))
+        if 200 <= status < 300:
+            payload = {"conversation_uuid": f"CON-{len(self.arrivals)}"}
+        else:
+            payload = {"error": f"scripted {status}"}
+        return web.json_response(payload, status=status, headers=headers)
+
+
+@pytest.fixture
+async def scripted_api():
+    started: list[ScriptedApi] = []
+
+    async def start(answers: list[tuple[int, dict[str, str]]]) -> ScriptedApi:
+        api = ScriptedApi(answers)
+        await api.start()
+        started.append(api)
+        return api
+
+    yield start
+    for api in started:
+        await api.stop()
+
+
+def endpoints_of(simulator: Simulator) -> dict[str, str]:
+    return {"eu": simulator.endpoint("eu"), "us": simulator.endpoint("us")}
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(dispatcher_module, "BACKOFF_BASE_S", 0.01)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch, fast_backoff):
+    monkeypatch.setattr(dispatcher_module, "MAX_RETRIES", 2)
+
+
+# -- rate --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "count"), [(1, 8), (3, 20), (5, 50)])
+async def test_a_lane_keeps_its_rate_exactly_under_slow_answers(
+    tmp_path, ledger, simulator_factory, rate, count
+):
+    simulator = await simulator_factory({"agent-a": rate}, Faults(latency=(0.1, 0.5)))
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", rate)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", count))
+
+    assert_all_dialed_once(run, simulator, "agent-a", count)
+    assert simulator.count_429() == 0
+    assert_paced(simulator, "agent-a", rate)
+    assert run.finals == count
+
+
+async def test_three_agents_in_two_regions_keep_their_own_rates_at_once(
+    tmp_path, ledger, simulator_factory
+):
+    agents = {"eu-five": ("eu", 5), "eu-three": ("eu", 3), "us-one": ("us", 1)}
+    counts = {"eu-five": 20, "eu-three": 12, "us-one": 5}
+    simulator = await simulator_factory(
+        {a: rate for a, (_, rate) in agents.items()}, Faults(latency=(0.1, 0.5))
+    )
+    config = make_config(tmp_path, endpoints_of(simulator), agents)
+    fields = [
+        request
+        for block, agent_id in enumerate(agents)
+        for request in requests_for(agent_id, counts[agent_id], block)
+    ]
+
+    run = await dispatch(config, ledger, fields)
+
+    assert simulator.count_429() == 0
+    for agent_id, (region, rate) in agents.items():
+        assert_all_dialed_once(run, simulator, agent_id, counts[agent_id])
+        assert {a.region for a in simulator.arrivals if a.agent_id == agent_id} == {region}
+        assert_paced(simulator, agent_id, rate)
+
+
+class SlowResolver(AbstractResolver):
+    """Resolves every name to 127.0.0.1, each new connection after a random delay: a cold
+    connection that holds its request back."""
+
+    def __init__(self, delays: random.Random, most: float):
+        self._delays = delays
+        self._most = most
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        await asyncio.sleep(self._delays.uniform(0, self._most))
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_sends_are_spaced_from_when_they_leave_not_when_they_were_started(
+    tmp_path, ledger, simulator_factory
+):
+    """Some connections take up to 1.5 intervals to open: the send after a slow one must still
+    leave a full interval after it, never catch up with it."""
+    simulator = await simulator_factory({"agent-a": 5}, Faults(latency=(0.1, 0.5)))
+    port = simulator.endpoint("eu").split(":")[2].split("/")[0]
+    endpoints = {"eu": f"http://studio-api.test:{port}/eu/telephony/make-call"}
+    config = make_config(tmp_path, endpoints, {"agent-a": ("eu", 5)})
+    connector = aiohttp.TCPConnector(
+        limit=0, use_dns_cache=False, resolver=SlowResolver(random.Random(7), 0.3)
+    )
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 15), connector=connector)
+
+    assert_all_dialed_once(run, simulator, "agent-a", 15)
+    assert simulator.count_429() == 0
+    times = sorted(a.at for a in simulator.placed())
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    lane = run.lane("agent-a")
+    # No two leave closer than the lane allows ((1 - tolerance) intervals), less arrival jitter.
+    assert min(gaps) >= (1 - lane.tolerance) * lane.interval - 0.01, gaps
+    interval = lane.interval
+    assert max(gaps) > 1.2 * interval, "no connection was slow: the test proves nothing"
+    assert window_violations(times, 5) == 0
+
+
+# -- refusals and retries ----------------------------------------------------------------------
+
+
+async def test_over_the_limit_at_the_api_the_lane_slows_and_every_request_is_dialed(
+    tmp_path, ledger, simulator_factory
+):
+    """The API allows 1/s but the config says 3/s: 429s, which are retried after Retry-After,
+    widen the margin and are not attempts; nothing is placed twice or over the API's limit."""
+    simulator = await simulator_factory({"agent-a": 1})
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 3)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 3))
+
+    assert simulator.count_429() >= 1
+    placed = simulator.placed()
+    assert len(placed) == 3
+    assert collections.Counter(a.to for a in placed).most_common(1)[0][1] == 1
+    assert window_violations([a.at for a in placed], 1) == 0
+    for result in run.results.values():
+        assert (result["outcome"], result["attempts"], result["http_status"]) == ("dialed", 1, 200)
+        assert result["error"] is None
+    # The margin was widened.
+    assert run.lane("agent-a").interval > fresh_interval(config, "agent-a", ledger)
+
+
+@pytest.mark.parametrize(("retry_after", "delay"), [({}, 1.0), ({"Retry-After": "0.5"}, 0.5)])
+async def test_a_429_is_retried_after_its_delay_and_holds_the_whole_lane(
+    tmp_path, ledger, scripted_api, retry_after, delay
+):
+    api = await scripted_api([(429, retry_after)])
+    config = make_config(tmp_path, api.endpoints(), {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 3))
+
+    first = run.results["agent-a-0"]
+    assert (first["outcome"], first["attempts"], first["http_status"]) == ("dialed", 1, 200)
+    assert first["error"] is None
+    assert all(r["outcome"] == "dialed" and r["attempts"] == 1 for r in run.results.values())
+    [refused_at] = api.times(429)
+    later = api.times(200)
+    assert len(later) == 3
+    # No send of the agent left before the API's delay was over, not only the refused one.
+    assert min(later) >= refused_at + delay - 0.02
+    resent = [t for t, s, body in api.arrivals if s == 200 and body["to"] == number(0)]
+    assert len(resent) == 1
+    assert run.lane("agent-a").interval > fresh_interval(config, "agent-a", ledger)
+
+
+async def test_a_503_is_retried_and_then_dialed_as_one_attempt(
+    tmp_path, ledger, scripted_api, fast_backoff
+):
+    api = await scripted_api([(503, {}), (502, {}), (504, {})])
+    config = make_config(tmp_path, api.endpoints(), {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 1))
+
+    result = run.results["agent-a-0"]
+    assert (result["outcome"], result["attempts"], result["http_status"]) == ("dialed", 1, 200)
+    assert result["error"] is None
+    assert result["conversation_uuid"] == "CON-4"
+    assert [s for _, s, _ in api.arrivals] == [503, 502, 504, 200]
+
+
+async def test_503_forever_fails_after_the_retry_bound(
+    tmp_path, ledger, simulator_factory, fast_retries
+):
+    simulator = await simulator_factory({"agent-a": 5}, Faults(error_5xx=1.0))
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 2))
+
+    for result in run.results.values():
+        assert result["outcome"] == "failed"
+        assert result["attempts"] == 0
+        assert result["http_status"] == 503
+        assert result["error"] == "gave up after 3 refused sends: Service Unavailable"
+    assert len(simulator.arrivals) == 2 * 3
+    assert simulator.placed() == []
+
+
+async def test_no_connection_is_retried_then_fails(tmp_path, ledger, fast_retries):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoints = {"eu": f"http://127.0.0.1:{port}/eu/telephony/make-call"}
+    config = make_config(tmp_path, endpoints, {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 1))
+
+    result = run.results["agent-a-0"]
+    assert (result["outcome"], result["attempts"], result["http_status"]) == ("failed", 0, None)
+    assert result["error"].startswith("gave up after 3 refused sends: not sent: ")
+
+
+# -- unknown answers: at most once -----------------------------------------------------------
+
+
+async def test_a_reset_after_sending_is_in_doubt_and_never_sent_again(
+    tmp_path, ledger, simulator_factory
+):
+    simulator = await simulator_factory({"agent-a": 5}, Faults(reset=1.0))
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 3), linger=0.5)
+
+    for result in run.results.values():
+        assert (result["outcome"], result["attempts"], result["http_status"]) == (
+            "in_doubt",
+            0,
+            None,
+        )
+        assert result["error"].startswith("no answer after sending: ")
+    assert sorted(a.to for a in simulator.arrivals) == [number(i) for i in range(3)]
+
+
+async def test_no_answer_within_the_timeout_is_in_doubt(tmp_path, ledger, simulator_factory):
+    simulator = await simulator_factory({"agent-a": 5}, Faults(hang=1.0))
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)}, timeout_s=0.5)
+    started = time.monotonic()
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 2), linger=0.3)
+
+    assert time.monotonic() - started < 5
+    for result in run.results.values():
+        assert result["outcome"] == "in_doubt"
+        assert result["error"] == "no answer after sending: timed out"
+    assert len(simulator.arrivals) == 2
+
+
+# -- refused for good, and never sent ----------------------------------------------------------
+
+
+async def test_an_unknown_agent_fails_with_the_apis_message_and_others_go_on(
+    tmp_path, ledger, simulator_factory
+):
+    simulator = await simulator_factory({"agent-a": 5})
+    config = make_config(
+        tmp_path, endpoints_of(simulator), {"ghost": ("us", 5), "agent-a": ("eu", 5)}
+    )
+
+    run = await dispatch(
+        config, ledger, requests_for("ghost", 2) + requests_for("agent-a", 2, block=1)
+    )
+
+    for i in range(2):
+        ghost = run.results[f"ghost-{i}"]
+        assert (ghost["outcome"], ghost["attempts"], ghost["http_status"]) == ("failed", 0, 400)
+        assert ghost["error"] == UNKNOWN_AGENT
+        assert run.results[f"agent-a-{i}"]["outcome"] == "dialed"
+    assert [a.http_status for a in simulator.arrivals if a.agent_id == "ghost"] == [400, 400]
+
+
+async def test_a_request_past_its_expiry_is_expired_and_never_sent(
+    tmp_path, ledger, simulator_factory
+):
+    simulator = await simulator_factory({"agent-a": 5})
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
+    fields = requests_for("agent-a", 3)
+    fields[1]["expires_at"] = at(-60)
+    fields[2]["expires_at"] = at(3600)
+
+    run = await dispatch(config, ledger, fields)
+
+    expired = run.results["agent-a-1"]
+    assert (expired["outcome"], expired["attempts"], expired["http_status"]) == ("expired", 0, None)
+    assert expired["error"]
+    assert run.results["agent-a-0"]["outcome"] == "dialed"
+    assert run.results["agent-a-2"]["outcome"] == "dialed"
+    assert sorted(a.to for a in simulator.arrivals) == [number(0), number(2)]
+
+
+async def test_a_request_that_expires_while_waiting_for_its_turn_is_not_sent(
+    tmp_path, ledger, simulator_factory
+):
+    """SPEC 3 and 6: expires_at is checked right before each send. At 1/s the third request
+    would leave about 2 s in; it expires at 1.5 s, while the lane paces it."""
+    simulator = await simulator_factory({"agent-a": 1})
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 1)})
+    fields = requests_for("agent-a", 3)
+    fields[2]["expires_at"] = at(1.5)
+
+    run = await dispatch(config, ledger, fields)
+
+    assert [run.results[f"agent-a-{i}"]["outcome"] for i in range(2)] == ["dialed", "dialed"]
+    late = run.results["agent-a-2"]
+    assert late["outcome"] == "expired", [(a.to, a.wall) for a in simulator.arrivals]
+    assert number(2) not in [a.to for a in simulator.arrivals]
