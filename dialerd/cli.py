@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_PATH, Config, ConfigError, load_config, read_api_key
+from .config import (
+    DEFAULT_PATH,
+    Config,
+    ConfigError,
+    load_config,
+    not_yet_applied,
+    read_api_key,
+)
 from .simulator import add_arguments, add_fault_arguments, faults_from
 
 EX_OK = 0
@@ -103,12 +110,7 @@ def cmd_run(args) -> int:
     from .ledger import LedgerLocked
     from .logs import log
 
-    config = _load(args)
-    if not args.simulate:
-        try:
-            read_api_key(config.api)
-        except ConfigError as error:
-            raise Failure(_config_message(error), EX_CONFIG) from None
+    config = _load_runnable(args, needs_key=not args.simulate)
     faults = faults_from(args) if args.simulate else None
     try:
         asyncio.run(Daemon(config, simulate=faults).run())
@@ -171,12 +173,22 @@ def _read_input_file(name: str) -> bytes:
         raise Failure(f"cannot read {name}: {error.strerror}", 66) from None
 
 
-def cmd_check(args) -> int:
+def _load_runnable(args, needs_key: bool) -> Config:
+    """The config, refused unless the daemon can run with it as it is."""
     config = _load(args)
-    try:
-        read_api_key(config.api)
-    except ConfigError as error:
-        raise Failure(_config_message(error), EX_CONFIG) from None
+    problems = not_yet_applied(config)
+    if needs_key:
+        try:
+            read_api_key(config.api)
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise Failure(_config_message(ConfigError(problems)), EX_CONFIG)
+    return config
+
+
+def cmd_check(args) -> int:
+    config = _load_runnable(args, needs_key=True)
     agents = ", ".join(f"{a.id} ({a.region}, {a.rate}/s)" for a in config.agents.values())
     print(f"{_config_path(args)}: OK; agents: {agents}")
     return EX_OK
