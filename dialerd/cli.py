@@ -40,7 +40,8 @@ class Failure(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own exit code is 2; sysexits says 64
         self.print_usage(sys.stderr)
-        raise Failure(f"{self.prog}: {message}", EX_USAGE)
+        command = self.prog.partition(" ")[2]  # "dialerd run" -> "run"; main() adds "dialerd: "
+        raise Failure(f"{command}: {message}" if command else message, EX_USAGE)
 
 
 def _config_path(args) -> str:

@@ -243,6 +243,7 @@ class Dispatcher:
         self._client = client
         self._on_final = on_final
         self.lanes: dict[str, Lane] = {}
+        self._lane_tasks: list[asyncio.Task] = []
 
     def add_lanes(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
         """Start a lane per agent, staggered over one second so agents never send in step."""
@@ -250,7 +251,10 @@ class Dispatcher:
         for index, agent in enumerate(agents):
             lane = Lane(agent, self._ledger, self._client, self._on_final)
             self.lanes[agent.id] = lane
-            group.create_task(lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}")
+            task = group.create_task(
+                lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}"
+            )
+            self._lane_tasks.append(task)
 
     def wake(self, agent_ids: Iterable[str]) -> None:
         for agent_id in agent_ids:
@@ -267,6 +271,13 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> int:
         """Let sends in flight finish; after `timeout`, cancel the rest (they become in_doubt)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A stopped lane may still be starting a send it marked before the stop: wait for the
+        # lanes to end, so that every send that goes out is among those waited for.
+        if self._lane_tasks:
+            await asyncio.wait(self._lane_tasks, timeout=timeout)
+        timeout = max(0.0, deadline - loop.time())
         tasks = self.in_flight()
         if not tasks:
             return 0

@@ -41,8 +41,8 @@ async def simulator_factory():
     """Start simulators on 127.0.0.1; all are stopped at the end of the test."""
     started: list[Simulator] = []
 
-    async def start(agents: dict[str, int], faults: Faults = Faults(), **kwargs) -> Simulator:
-        simulator = Simulator(agents, faults=faults, seed=1, **kwargs)
+    async def start(agents: dict[str, int], faults: Faults | None = None, **kwargs) -> Simulator:
+        simulator = Simulator(agents, faults=faults or Faults(), seed=1, **kwargs)
         await simulator.start()
         started.append(simulator)
         return simulator
@@ -50,10 +50,6 @@ async def simulator_factory():
     yield start
     for simulator in started:
         await simulator.stop()
-
-
-def endpoints_for(simulator: Simulator) -> dict[str, str]:
-    return {"eu": simulator.endpoint("eu"), "us": simulator.endpoint("us")}
 
 
 def dialerd_env(**extra: str) -> dict[str, str]:
@@ -70,15 +66,18 @@ def dialerd(*args: str, **popen: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dialerd", *args], **popen)
 
 
-def run_dialerd(*args: str, input: bytes | None = None, timeout: float = 60,
-                **popen: Any) -> subprocess.CompletedProcess:
+def run_dialerd(
+    *args: str, input: bytes | None = None, timeout: float = 60, **popen: Any
+) -> subprocess.CompletedProcess:
     """Run dialerd to its end; stdin is `input` (or /dev/null)."""
     popen.setdefault("env", dialerd_env())
     return subprocess.run(
         [sys.executable, "-m", "dialerd", *args],
         input=input if input is not None else None,
         stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True, timeout=timeout, **popen,
+        capture_output=True,
+        timeout=timeout,
+        **popen,
     )
 
 

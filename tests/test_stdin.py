@@ -45,13 +45,26 @@ class SimulatorProcess:
     def __init__(self, directory: Path, agents: tuple[str, ...], *options: str):
         self.log = directory / f"simulator-{time.monotonic_ns()}.jsonl"
         self._stderr_path = self.log.with_suffix(".stderr")
-        command = [sys.executable, "-m", "dialerd", "simulate", "--port", "0", "--seed", "7",
-                   "--log", str(self.log), *(f"--agent={agent}" for agent in agents), *options]
+        command = [
+            sys.executable,
+            "-m",
+            "dialerd",
+            "simulate",
+            "--port",
+            "0",
+            "--seed",
+            "7",
+            "--log",
+            str(self.log),
+            *(f"--agent={agent}" for agent in agents),
+            *options,
+        ]
         if not any(option.startswith("--latency") for option in options):
             command += ["--latency", "0.05-0.2"]
         with open(self._stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         try:
             ready = wait_for(self._ready_line, 15, "the simulator to listen")
         except BaseException:
@@ -129,14 +142,21 @@ def read_results(path: Path) -> list[dict]:
 class Daemon:
     """`dialerd run` in the background, stdout and stderr in files, stopped at the end."""
 
-    def __init__(self, directory: Path, *args: str, stdin: Any = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None, name: str = "dialerd"):
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        stdin: Any = subprocess.DEVNULL,
+        env: dict[str, str] | None = None,
+        name: str = "dialerd",
+    ):
         stamp = time.monotonic_ns()
         self.stdout_path = directory / f"{name}-{stamp}.stdout"
         self.stderr_path = directory / f"{name}-{stamp}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = dialerd("run", *args, stdin=stdin, stdout=out, stderr=err,
-                                env=env or dialerd_env())
+            self.proc = dialerd(
+                "run", *args, stdin=stdin, stdout=out, stderr=err, env=env or dialerd_env()
+            )
 
     @property
     def stderr(self) -> str:
@@ -275,6 +295,9 @@ MIXED_LINES: list[tuple[bytes, Any]] = [
     (b'{"to": "447700900174", "meta": {"name": "Jos\xe9"}}', ("invalid", "")),  # Latin-1
     (b'{"to": "447700900175"}\x00', ("invalid", "")),
     (b'{"to": "447700900176", "meta": {"n": "a\x00b"}}', ("invalid", "")),
+    (line(to="447700900178", agent_id="agent-a", **{"from": NUMBER_OF_A}), ("invalid", "from")),
+    (line(to="447700900179", not_before="2030-01-02T00:00:00Z",
+          expires_at="2030-01-01T00:00:00Z"), ("invalid", "expires_at")),
     (line(id="good-2", to="447700900102", **{"from": "+44 7700 900000"}), "good"),
     (line(id="good-3", agent_id="agent-b", to="sip:alice@example.com"), "good"),
     (line(to="(+44) 7700-900.104", hangup_on_answer_machine=False,
@@ -364,8 +387,9 @@ def test_a_second_daemon_on_the_same_state_dir_says_so_and_exits(tmp_path, simul
     first = daemons("-c", str(config), stdin=subprocess.PIPE)  # stdin open: it keeps running
     first.wait_running()
 
-    second = run_dialerd("run", "-c", str(config), input=line(id="s1", to="447700900301"),
-                         timeout=20)
+    second = run_dialerd(
+        "run", "-c", str(config), input=line(id="s1", to="447700900301"), timeout=20
+    )
 
     assert second.returncode != 0
     assert first.proc.poll() is None, "the first daemon keeps running"
