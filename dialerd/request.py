@@ -233,16 +233,25 @@ def loads(text: str) -> Any:
     return value
 
 
+def utf8_text(data: bytes) -> str:
+    """Input bytes as text; ValueError when they are not UTF-8 or hold a NUL byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 (byte {error.start + 1})") from None
+    if "\x00" in text:
+        raise ValueError("holds a NUL byte")
+    return text
+
+
 def decode_line(line: bytes) -> Any:
     """One line of input as JSON; InvalidRequest when it is too long, not UTF-8 or not JSON."""
     if len(line) > MAX_LINE_BYTES:
         raise InvalidRequest(f"line longer than {MAX_LINE_BYTES // 1024} KiB")
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidRequest(f"not UTF-8 (byte {error.start + 1})") from None
-    if "\x00" in text:
-        raise InvalidRequest("holds a NUL byte")
+        text = utf8_text(line)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
     try:
         return loads(text)
     except json.JSONDecodeError as error:

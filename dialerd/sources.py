@@ -21,7 +21,15 @@ from .aio import wait_event
 from .config import Config
 from .ledger import Ledger
 from .logs import log
-from .request import MAX_LINE_BYTES, InvalidRequest, Request, build_request, decode_line, loads
+from .request import (
+    MAX_LINE_BYTES,
+    InvalidRequest,
+    Request,
+    build_request,
+    decode_line,
+    loads,
+    utf8_text,
+)
 
 MAX_SPOOL_FILE = 64 * 1024 * 1024
 STDIN_BATCH = 1000  # requests per intake commit
@@ -195,11 +203,9 @@ class Rejected(Exception):
 def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
     """A whole JSON object, a JSON array of objects, or JSON lines; Rejected if none of these."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise Rejected(f"not UTF-8 (byte {error.start + 1})") from None
-    if "\x00" in text:
-        raise Rejected("holds NUL bytes")
+        text = utf8_text(data)
+    except ValueError as error:
+        raise Rejected(str(error)) from None
     batch = Batch()
     try:
         document = loads(text)
