@@ -210,7 +210,10 @@ def cmd_status(args) -> int:
 
 
 def _status_text(report: dict, config: Config) -> str:
-    lines = [f"{'agent':<24} {'rate':>4} {'queued':>8} {'due now':>8} {'in flight':>9}  next due"]
+    lines = [
+        f"{'agent':<24} {'rate':>4} {'queued':>8} {'due now':>8} {'in flight':>9} "
+        f"{'awaiting callback':>17}  next due"
+    ]
     for agent_id in sorted(set(config.agents) | set(report["agents"])):
         entry = report["agents"].get(agent_id, {})
         rate = config.agents[agent_id].rate if agent_id in config.agents else "-"
@@ -218,7 +221,8 @@ def _status_text(report: dict, config: Config) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(next_due)) if next_due else "-"
         lines.append(
             f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
-            f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9}  {when}"
+            f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
+            f"{entry.get('awaiting_callback', 0):>17}  {when}"
         )
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
     lines.append(f"outcomes: {outcomes}")

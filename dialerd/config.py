@@ -447,9 +447,6 @@ def build_config(document: Any, path: Path | None = None) -> Config:
 # `check` refuse a config that sets them: a daemon that quietly ignored calling hours or a
 # do-not-call list would call people it must not.
 NOT_YET_APPLIED = (
-    "callbacks",
-    "redial",
-    "admin",
     "calling_hours",
     "dnc_file",
     "max_calls_per_number",

@@ -10,20 +10,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import time
 from types import MappingProxyType
 
 from . import studio
+from .admin import AdminListener
 from .aio import wait_event
+from .callbacks import CallbackListener, StatusUrls, load_secret
 from .config import Config, read_api_key
-from .dispatcher import Dispatcher
-from .ledger import Ledger
+from .dispatcher import Dispatcher, Wiring
+from .ledger import Ledger, empty_agent_status
 from .logs import log
+from .metrics import Metrics
 from .results import ResultsWriter
 from .simulator import Faults, Simulator
 from .sources import Intake, SpoolSource, StdinSource, stdin_is_data
 
 SIMULATED_KEY = "simulated-key"
 DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
+SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
 
 
 class Daemon:
@@ -35,6 +40,7 @@ class Daemon:
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
+        self._listeners: list[CallbackListener | AdminListener] = []
         self.ledger = Ledger(config.state_dir)
 
     # -- signals -----------------------------------------------------------------------------
@@ -70,7 +76,10 @@ class Daemon:
         stdin_source = self.config.stdin is True or (
             self.config.stdin == "auto" and stdin_is_data()
         )
-        self._results = ResultsWriter(self.ledger, self.config.results_target(stdin_source))
+        self.metrics = Metrics()
+        self._results = ResultsWriter(
+            self.ledger, self.config.results_target(stdin_source), self.metrics
+        )
         try:
             key, endpoints = await self._api()
             http = studio.session(self.config.api.timeout_s, [studio.departure_tracing()])
@@ -99,11 +108,84 @@ class Daemon:
         )
         return SIMULATED_KEY, MappingProxyType(endpoints)
 
+    def _wiring(self, client: studio.StudioClient) -> Wiring:
+        """What the lanes share; with callbacks on, a status_url per send."""
+        callbacks = self.config.callbacks
+        self._status_urls = None
+        if callbacks is not None:
+            secret = load_secret(self.config.state_dir)
+            self._status_urls = StatusUrls(callbacks.public_url or "http://localhost", secret)
+        return Wiring(
+            ledger=self.ledger,
+            client=client,
+            on_final=self._notify_final,
+            metrics=self.metrics,
+            status_urls=self._status_urls if callbacks and callbacks.public_url else None,
+            callback_wait_s=callbacks.wait_s if callbacks else 0.0,
+            redial=lambda: self.config.redial,
+        )
+
+    async def _start_listeners(self) -> None:
+        if self.config.callbacks is not None:
+            listener = CallbackListener(
+                self.config.callbacks.listen,
+                self._status_urls,
+                self.ledger,
+                lambda: self.config.redial,
+                self._on_callback,
+                self.metrics,
+            )
+            self._listeners.append(listener)
+            log.info("callback listener", url=await listener.start())
+        if self.config.admin is not None:
+            admin = AdminListener(
+                self.config.admin, self.metrics, self.live_status, lambda: not self._stop.is_set()
+            )
+            self._listeners.append(admin)
+            log.info("admin listener", url=await admin.start())
+
+    async def _stop_listeners(self) -> None:
+        while self._listeners:
+            await self._listeners.pop().stop()
+
+    def _on_callback(self, effect: str, agent_id: str | None) -> None:
+        if effect == "redial" and agent_id is not None:
+            self._dispatcher.wake([agent_id])
+        elif effect == "unanswered":
+            self._notify_final()
+
+    async def live_status(self) -> dict:
+        """What `dialerd status` shows, with each lane's rate and spacing, live."""
+        report = await self.ledger.status()
+        for agent_id, lane in self._dispatcher.lanes.items():
+            entry = report["agents"].setdefault(agent_id, empty_agent_status())
+            entry.update(rate=lane.agent.rate, interval_s=round(lane.interval, 4))
+        report["state"] = "draining" if self._stop.is_set() else "running"
+        return report
+
+    async def _settle_placed(self) -> None:
+        """Placed calls that no callback reported unreached within wait_s end `dialed`."""
+        while True:
+            settled, next_end = await self.ledger.settle_placed(time.time())
+            if settled:
+                self._notify_final()
+            wait = SETTLE_EVERY_S if next_end is None else next_end - time.time()
+            await asyncio.sleep(min(SETTLE_EVERY_S, max(0.0, wait)))
+
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, self._on_queued, self._notify_final)
-        self._dispatcher = Dispatcher(self.ledger, client, self._notify_final)
+        self._dispatcher = Dispatcher(self._wiring(client))
+        try:
+            await self._start_listeners()
+            await self._run_tasks(intake, stdin_source)
+        finally:
+            await self._stop_listeners()
+
+    async def _run_tasks(self, intake: Intake, stdin_source: bool) -> None:
         async with asyncio.TaskGroup() as group:
-            writer = group.create_task(self._results.run(), name="results")
+            background = [group.create_task(self._results.run(), name="results")]
+            if self.config.callbacks is not None:
+                background.append(group.create_task(self._settle_placed(), name="settle"))
             self._dispatcher.add_lanes(self.config.agents.values(), group)
             sources = []
             if stdin_source:
@@ -127,7 +209,8 @@ class Daemon:
             for watcher in watchers:
                 watcher.cancel()
             await self._drain(sources)
-            writer.cancel()
+            for task in background:
+                task.cancel()
 
     def _on_queued(self, agent_ids: frozenset[str]) -> None:
         self._dispatcher.wake(agent_ids)
@@ -151,5 +234,6 @@ class Daemon:
         stuck = await self._dispatcher.drain(grace)
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
+        await self._stop_listeners()
         await self._results.flush()
         log.info("stopped")

@@ -18,14 +18,17 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
 from .aio import wait_event
-from .config import AgentConfig
+from .callbacks import StatusUrls
+from .config import AgentConfig, RedialPolicy
 from .ledger import Ledger, Pending
 from .logs import log
+from .metrics import Metrics
 from .studio import SendResult, StudioClient, Verdict
 
 PREFETCH = 32  # due requests a lane reads from the ledger at a time
@@ -40,6 +43,19 @@ WIDEN_FOR_S = 60.0
 MARK_LEAD_S = 0.05  # the longest a send is marked in the ledger before it leaves
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """What every lane shares."""
+
+    ledger: Ledger
+    client: StudioClient
+    on_final: Callable[[], None]
+    metrics: Metrics
+    status_urls: StatusUrls | None = None  # callbacks on: a fresh status_url for each send
+    callback_wait_s: float = 0.0
+    redial: Callable[[], Mapping[str, RedialPolicy]] = dict
+
+
 def backoff(retries: int) -> float:
     """Exponential backoff with full jitter, capped."""
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retries))
@@ -48,17 +64,10 @@ def backoff(retries: int) -> float:
 class Lane:
     """Everything one agent sends goes through its lane."""
 
-    def __init__(
-        self,
-        agent: AgentConfig,
-        ledger: Ledger,
-        client: StudioClient,
-        on_final: Callable[[], None],
-    ):
+    def __init__(self, agent: AgentConfig, wiring: Wiring):
         self.agent = agent
-        self._ledger = ledger
-        self._client = client
-        self._on_final = on_final
+        self._wiring = wiring
+        self._ledger = wiring.ledger
         self._loop = asyncio.get_running_loop()
         self._extra_margin = 0.0
         self._widened_until = 0.0
@@ -105,8 +114,9 @@ class Lane:
             if await self._expire_if_due(pending):
                 continue
             # Checked again once its moment has come: pacing or a 429 hold may outlast expires_at.
-            if await self._pace_and_mark(pending) and not await self._expire_if_due(pending):
-                await self._send(pending)
+            outgoing = await self._pace_and_mark(pending)
+            if outgoing is not None and not await self._expire_if_due(pending):
+                await self._send(pending, *outgoing)
 
     async def _expire_if_due(self, pending: Pending) -> bool:
         """Finish the request `expired` if its expires_at has passed; True if it did."""
@@ -132,36 +142,52 @@ class Lane:
             self._wake.clear()
             await wait_event(self._wake, remaining)
 
-    async def _pace_and_mark(self, pending: Pending) -> bool:
-        """Wait for the send's moment, marking it in the ledger just before; False if stopped.
+    async def _pace_and_mark(self, pending: Pending) -> tuple[dict, str | None] | None:
+        """Wait for the send's moment, marking it in the ledger just before; None if stopped.
+
+        Returns the body to send and its status_url's token (None without callbacks).
 
         The mark is committed while the previous send's interval runs out, so its commit never
         widens the spacing; it comes at most MARK_LEAD_S before the POST, so a crash in between
         leaves few requests in_doubt that were never sent.
         """
         self._restore_margin()
+        waiting_since = self._loop.time()
         await self._sleep_until(self._not_before - MARK_LEAD_S)
         await self._limiter.acquire()
         if self._stopping:
-            return False
-        await self._ledger.mark_sending(pending.seq)
+            return None
+        body, token = self._outgoing(pending)
+        await self._ledger.mark_sending(pending.seq, token, pending.attempts + 1)
         # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
-        return True
+        self._wiring.metrics.paced(self.agent.id, self._loop.time() - waiting_since)
+        return body, token
 
-    async def _send(self, pending: Pending) -> None:
+    def _outgoing(self, pending: Pending) -> tuple[dict, str | None]:
+        """The body as sent, with a status_url of its own when callbacks are on."""
+        if self._wiring.status_urls is None:
+            return pending.body, None
+        token, url = self._wiring.status_urls.new()
+        return {**pending.body, "status_url": url}, token
+
+    async def _send(self, pending: Pending, body: dict, token: str | None) -> None:
         """Start the send, and wait only until the request has left."""
         departed = self._loop.create_future()
-        task = asyncio.create_task(self._complete(pending, departed))
+        task = asyncio.create_task(self._complete(pending, body, token, departed))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
         await asyncio.wait((departed, task), return_when=asyncio.FIRST_COMPLETED)
         left_at = departed.result() if departed.done() else self._loop.time()
         self._not_before = max(self._not_before, left_at + (1.0 - self.tolerance) * self.interval)
 
-    async def _complete(self, pending: Pending, departed: asyncio.Future) -> None:
+    async def _complete(
+        self, pending: Pending, body: dict, token: str | None, departed: asyncio.Future
+    ) -> None:
         started = self._loop.time()
-        result = await self._client.make_call(self.agent.region, pending.body, departed)
+        result = await self._wiring.client.make_call(self.agent.region, body, departed)
+        latency = self._loop.time() - started
+        self._wiring.metrics.send(self.agent.id, result.http_status, latency)
         log.info(
             "send",
             agent=self.agent.id,
@@ -169,22 +195,14 @@ class Lane:
             attempt=pending.attempts + 1,
             verdict=result.verdict.value,
             http_status=result.http_status,
-            latency_ms=round((self._loop.time() - started) * 1000, 1),
+            latency_ms=round(latency * 1000, 1),
             error=result.error,
         )
-        await self._record(pending, result)
+        await self._record(pending, result, token)
 
-    async def _record(self, pending: Pending, result: SendResult) -> None:
+    async def _record(self, pending: Pending, result: SendResult, token: str | None) -> None:
         if result.verdict is Verdict.PLACED:
-            await self._finish(
-                pending,
-                "dialed",
-                attempts=pending.attempts + 1,
-                http_status=result.http_status,
-                conversation_uuid=result.conversation_uuid,
-                response=result.response,
-                error=result.error,
-            )
+            await self._placed(pending, result, token)
         elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:
             await self._retry_later(pending, result)
         elif result.verdict is Verdict.RETRY:
@@ -204,8 +222,31 @@ class Lane:
                 error=result.error,
             )
 
+    async def _placed(self, pending: Pending, result: SendResult, token: str | None) -> None:
+        """`dialed` at once without callbacks; else wait for one, or for callback_wait_s."""
+        fields = {
+            "attempts": pending.attempts + 1,
+            "http_status": result.http_status,
+            "conversation_uuid": result.conversation_uuid,
+            "response": result.response,
+            "error": result.error,
+        }
+        if token is None:
+            await self._finish(pending, "dialed", **fields)
+            return
+        wait_until = time.time() + self._wiring.callback_wait_s
+        effect = await self._ledger.placed(
+            pending.seq, token, wait_until, self._wiring.redial(), **fields
+        )
+        if effect == "redial":
+            self.wake()
+        elif effect == "unanswered":
+            self._wiring.on_final()
+
     async def _retry_later(self, pending: Pending, result: SendResult) -> None:
+        self._wiring.metrics.retry(self.agent.id)
         if result.http_status == 429:
+            self._wiring.metrics.rate_limited(self.agent.id)
             delay = result.retry_after if result.retry_after is not None else 1.0
             self._widen_margin()
             # The whole agent is over its limit at the API: hold every send back, not just this one.
@@ -217,7 +258,7 @@ class Lane:
 
     async def _finish(self, pending: Pending, outcome: str, **fields) -> None:
         await self._ledger.finish(pending.seq, outcome, **fields)
-        self._on_final()
+        self._wiring.on_final()
 
     def _widen_margin(self) -> None:
         self._extra_margin = min(self._extra_margin + WIDEN_STEP, WIDEN_MAX)
@@ -238,10 +279,8 @@ class Lane:
 class Dispatcher:
     """The lanes of every configured agent."""
 
-    def __init__(self, ledger: Ledger, client: StudioClient, on_final: Callable[[], None]):
-        self._ledger = ledger
-        self._client = client
-        self._on_final = on_final
+    def __init__(self, wiring: Wiring):
+        self._wiring = wiring
         self.lanes: dict[str, Lane] = {}
         self._lane_tasks: list[asyncio.Task] = []
 
@@ -249,7 +288,7 @@ class Dispatcher:
         """Start a lane per agent, staggered over one second so agents never send in step."""
         agents = list(agents)
         for index, agent in enumerate(agents):
-            lane = Lane(agent, self._ledger, self._client, self._on_final)
+            lane = Lane(agent, self._wiring)
             self.lanes[agent.id] = lane
             task = group.create_task(
                 lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}"

@@ -15,11 +15,12 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RedialPolicy
 from .request import Request
 from .results import result_line
 
@@ -54,9 +55,24 @@ CREATE INDEX IF NOT EXISTS requests_outcome ON requests(agent_id, outcome);
 CREATE TABLE IF NOT EXISTS rejects (
     seq INTEGER PRIMARY KEY, id TEXT, outcome TEXT NOT NULL, error TEXT, source TEXT, at REAL
 );
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, line TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY, line TEXT NOT NULL, outcome TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS spool_files (name TEXT PRIMARY KEY, digest TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, pid INTEGER, started_at REAL);
+CREATE TABLE IF NOT EXISTS calls (
+    token TEXT PRIMARY KEY, seq INTEGER NOT NULL, attempt INTEGER NOT NULL, sent_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS callbacks (
+    seq INTEGER PRIMARY KEY,
+    token TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    effect TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS callbacks_token ON callbacks(token);
+CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'placed';
 """
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 
@@ -224,12 +240,39 @@ class Ledger:
         """Up to `limit` due requests of an agent in due order, and when the next one is due."""
         return await self.call(_due, agent_id, now, limit)
 
-    async def mark_sending(self, seq: int) -> None:
-        await self.call(
-            _execute,
-            "UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?",
-            (time.time(), seq),
-        )
+    async def mark_sending(self, seq: int, token: str | None = None, attempt: int = 0) -> None:
+        """A send is about to go out; `token` is its status_url's, when callbacks are on."""
+        await self.call(_mark_sending, seq, token, attempt, time.time())
+
+    async def placed(
+        self,
+        seq: int,
+        token: str,
+        wait_until: float,
+        redial: Mapping[str, RedialPolicy],
+        **fields: Any,
+    ) -> str | None:
+        """The API placed the call: wait for a callback until `wait_until`.
+
+        A callback may have come before this answer was recorded; it is applied now, and its
+        effect returned (None when there was none).
+        """
+        return await self.call(_placed, seq, token, wait_until, redial, fields)
+
+    async def apply_callback(
+        self, token: str, body: dict, redial: Mapping[str, RedialPolicy]
+    ) -> tuple[str, str | None] | None:
+        """Record a callback and apply it; (effect, agent_id), or None for an unknown token.
+
+        Effects: `redial` (queued again), `unanswered` (final), `early` (before the placed
+        answer was recorded: applied then), `stale` (an earlier attempt's, or the request has
+        moved on), `repeat` (this token's callback was already received).
+        """
+        return await self.call(_apply_callback, token, body, redial, time.time())
+
+    async def settle_placed(self, now: float) -> tuple[int, float | None]:
+        """Placed calls whose wait for a callback is over end `dialed`; (count, next wait end)."""
+        return await self.call(_settle_placed, now)
 
     async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
         """Back to the queue: the API refused the send before placing a call."""
@@ -263,10 +306,11 @@ class Ledger:
 
     # -- results -----------------------------------------------------------------------------
 
-    async def outbox(self, limit: int) -> list[tuple[int, str]]:
+    async def outbox(self, limit: int) -> list[tuple[int, str, str]]:
+        """Result lines not yet written: (seq, line, outcome), oldest first."""
         return await self.call(
             lambda conn: conn.execute(
-                "SELECT seq, line FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, line, outcome FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         )
 
@@ -291,6 +335,97 @@ def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
 
 def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
     conn.execute(sql, params)
+
+
+def _mark_sending(
+    conn: sqlite3.Connection, seq: int, token: str | None, attempt: int, now: float
+) -> None:
+    conn.execute("UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?", (now, seq))
+    if token is not None:
+        conn.execute(
+            "INSERT INTO calls (token, seq, attempt, sent_at) VALUES (?, ?, ?, ?)",
+            (token, seq, attempt, now),
+        )
+
+
+def _placed(
+    conn: sqlite3.Connection,
+    seq: int,
+    token: str,
+    wait_until: float,
+    redial: Mapping,
+    fields: dict,
+) -> str | None:
+    columns = [c for c in FINISH_COLUMNS if c in fields]
+    assignments = "".join(f", {c} = ?" for c in columns)
+    conn.execute(
+        f"UPDATE requests SET state = 'placed', due_at = ?{assignments} WHERE seq = ?",
+        (wait_until, *(fields[c] for c in columns), seq),
+    )
+    early = conn.execute(
+        "SELECT seq, status FROM callbacks WHERE token = ? AND effect = 'early'", (token,)
+    ).fetchone()
+    if early is None:
+        return None
+    callback_seq, status = early
+    effect = _unreached(conn, seq, status, redial.get(status), time.time())
+    conn.execute("UPDATE callbacks SET effect = ? WHERE seq = ?", (effect, callback_seq))
+    return effect
+
+
+def _apply_callback(
+    conn: sqlite3.Connection, token: str, body: dict, redial: Mapping, now: float
+) -> tuple[str, str | None] | None:
+    call = conn.execute("SELECT seq, attempt FROM calls WHERE token = ?", (token,)).fetchone()
+    if call is None:
+        return None
+    seq, attempt = call
+    state, attempts, agent_id = conn.execute(
+        "SELECT state, attempts, agent_id FROM requests WHERE seq = ?", (seq,)
+    ).fetchone()
+    if conn.execute("SELECT 1 FROM callbacks WHERE token = ?", (token,)).fetchone():
+        effect = "repeat"
+    elif state == "placed" and attempts == attempt:
+        effect = _unreached(conn, seq, body["status"], redial.get(body["status"]), now)
+    elif state == "sending" and attempts + 1 == attempt:
+        effect = "early"
+    else:
+        effect = "stale"
+    if effect != "repeat":
+        conn.execute(
+            "INSERT INTO callbacks (token, status, body, effect, received_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (token, body["status"], json.dumps(body), effect, now),
+        )
+    return effect, agent_id
+
+
+def _unreached(
+    conn: sqlite3.Connection, seq: int, status: str, policy: RedialPolicy | None, now: float
+) -> str:
+    """The callee of the current attempt was not reached: redial by the policy, or end."""
+    attempts = conn.execute("SELECT attempts FROM requests WHERE seq = ?", (seq,)).fetchone()[0]
+    if policy is not None and attempts < policy.attempts:
+        conn.execute(
+            "UPDATE requests SET state = 'queued', due_at = ?, status = ? WHERE seq = ?",
+            (now + policy.delay_s, status, seq),
+        )
+        return "redial"
+    _finish(conn, seq, "unanswered", {"status": status})
+    return "unanswered"
+
+
+def _settle_placed(conn: sqlite3.Connection, now: float) -> tuple[int, float | None]:
+    seqs = [
+        r[0]
+        for r in conn.execute(
+            "SELECT seq FROM requests WHERE state = 'placed' AND due_at <= ?", (now,)
+        )
+    ]
+    for seq in seqs:
+        _finish(conn, seq, "dialed", {"status": None})
+    next_end = conn.execute("SELECT min(due_at) FROM requests WHERE state = 'placed'").fetchone()
+    return len(seqs), next_end[0]
 
 
 def _add(
@@ -349,7 +484,10 @@ def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
         "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
         (fields.get("id"), fields["outcome"], fields["error"], fields["source"], now),
     )
-    conn.execute("INSERT INTO outbox (line) VALUES (?)", (result_line(at=now, **fields),))
+    conn.execute(
+        "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
+        (result_line(at=now, **fields), fields["outcome"]),
+    )
 
 
 def _spool_digest(conn: sqlite3.Connection, name: str) -> str | None:
@@ -405,7 +543,7 @@ def _finish(conn: sqlite3.Connection, seq: int, outcome: str, fields: dict) -> N
         source=source,
         at=now,
     )
-    conn.execute("INSERT INTO outbox (line) VALUES (?)", (line,))
+    conn.execute("INSERT INTO outbox (line, outcome) VALUES (?, ?)", (line, outcome))
 
 
 IN_DOUBT_ERROR = "the daemon stopped while this send was in flight; requeue it to send again"
@@ -426,6 +564,10 @@ def _open_requests(conn: sqlite3.Connection, run: int | None) -> int:
     ).fetchone()[0]
 
 
+def empty_agent_status() -> dict:
+    return {"queued": 0, "due_now": 0, "in_flight": 0, "awaiting_callback": 0, "next_due": None}
+
+
 def status_report(conn: sqlite3.Connection, now: float) -> dict:
     """Queue per agent, in flight, due times and counts per outcome, as `dialerd status` shows."""
     agents: dict[str, dict] = {}
@@ -433,14 +575,14 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         "SELECT agent_id, state, count(*), min(due_at) FROM requests"
         " WHERE state != 'final' GROUP BY agent_id, state"
     ):
-        entry = agents.setdefault(
-            agent_id, {"queued": 0, "due_now": 0, "in_flight": 0, "next_due": None}
-        )
+        entry = agents.setdefault(agent_id, empty_agent_status())
         if state == "queued":
             entry["queued"] = count
             entry["next_due"] = next_due
+        elif state == "sending":
+            entry["in_flight"] = count
         else:
-            entry["in_flight"] += count
+            entry["awaiting_callback"] = count
     for agent_id, due_now in conn.execute(
         "SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND due_at <= ?"
         " GROUP BY agent_id",

@@ -19,6 +19,7 @@ from .aio import wait_event
 
 if TYPE_CHECKING:
     from .ledger import Ledger
+    from .metrics import Metrics
 
 RESULT_FIELDS = (
     "id",
@@ -49,8 +50,9 @@ class ResultsWriter:
 
     BATCH = 1000
 
-    def __init__(self, ledger: Ledger, target: str):
+    def __init__(self, ledger: Ledger, target: str, metrics: Metrics):
         self._ledger = ledger
+        self._metrics = metrics
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         # Opened at start-up, so an unwritable results file stops the daemon before any send.
@@ -70,9 +72,11 @@ class ResultsWriter:
         """Write every line that is final so far."""
         async with self._lock:
             while lines := await self._ledger.outbox(self.BATCH):
-                data = "".join(line + "\n" for _seq, line in lines).encode()
+                data = "".join(line + "\n" for _seq, line, _outcome in lines).encode()
                 await asyncio.to_thread(_write_durably, self._stream, data)
                 await self._ledger.outbox_written(lines[-1][0])
+                for _seq, _line, outcome in lines:
+                    self._metrics.outcome(outcome)
 
     def close(self) -> None:
         if self._stream is not sys.stdout.buffer:

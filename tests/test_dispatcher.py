@@ -25,8 +25,9 @@ from aiohttp.abc import AbstractResolver
 from dialerd import dispatcher as dispatcher_module
 from dialerd import studio
 from dialerd.config import Config, build_config
-from dialerd.dispatcher import Dispatcher, Lane
+from dialerd.dispatcher import Dispatcher, Lane, Wiring
 from dialerd.ledger import Ledger
+from dialerd.metrics import Metrics
 from dialerd.request import build_request
 from dialerd.simulator import Faults, Simulator, window_violations
 
@@ -127,7 +128,7 @@ async def dispatch(
         )
     async with asyncio.timeout(limit), http:
         client = studio.StudioClient(http, KEY, config.api.endpoints)
-        dispatcher = Dispatcher(ledger, client, on_final)
+        dispatcher = Dispatcher(Wiring(ledger, client, on_final, Metrics()))
         async with asyncio.TaskGroup() as group:
             dispatcher.add_lanes(config.agents.values(), group)
             while await ledger.open_requests():
@@ -137,7 +138,7 @@ async def dispatch(
             await asyncio.sleep(linger)
             dispatcher.stop()
         assert await dispatcher.drain(1.0) == 0
-    lines = [json.loads(line) for _seq, line in await ledger.outbox(10_000)]
+    lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(10_000)]
     results = {line["id"]: line for line in lines}
     assert len(results) == len(lines) == len(fields), "exactly one result per request"
     return Run(results, dispatcher, finals)
@@ -145,7 +146,7 @@ async def dispatch(
 
 def fresh_interval(config: Config, agent_id: str, ledger: Ledger) -> float:
     """The interval of a new lane of the agent, before any 429 widened it."""
-    return Lane(config.agents[agent_id], ledger, None, lambda: None).interval
+    return Lane(config.agents[agent_id], Wiring(ledger, None, lambda: None, Metrics())).interval
 
 
 def achieved_rate(times: list[float]) -> float:

@@ -1,0 +1,245 @@
+"""The admin listener and the metrics it serves, through a real listener on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dialerd.admin import AdminListener
+from dialerd.config import Listen
+from dialerd.metrics import Metrics
+
+
+class FakeDaemon:
+    """What the listener asks of the daemon: a status report and whether it is healthy."""
+
+    def __init__(self) -> None:
+        self.report: dict = {"agents": {}, "outcomes": {}}
+        self.healthy = True
+        self.status_fails = False
+
+    async def status(self) -> dict:
+        if self.status_fails:
+            raise RuntimeError("ledger closed")
+        return self.report
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+@pytest.fixture
+def daemon() -> FakeDaemon:
+    return FakeDaemon()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def admin(daemon, metrics):
+    """A running listener on a free port: its base URL."""
+    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: daemon.healthy)
+    url = await listener.start()
+    yield url
+    await listener.stop()
+
+
+async def get_json(http, url: str) -> tuple[int, dict]:
+    async with http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def scrape(http, admin: str) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics and parse it: each sample's value by (sample name, its labels)."""
+    async with http.get(f"{admin}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(scraped: dict, name: str, **labels: str) -> float | None:
+    return scraped.get((name, frozenset(labels.items())))
+
+
+async def test_start_returns_the_loopback_url_of_the_port_it_took(admin):
+    host, port = admin.removeprefix("http://").split(":")
+    assert host == "127.0.0.1"
+    assert int(port) > 0
+
+
+async def test_healthz_is_200_while_healthy_then_503_draining(http, admin, daemon):
+    assert await get_json(http, f"{admin}/healthz") == (200, {"status": "running"})
+
+    daemon.healthy = False
+
+    assert await get_json(http, f"{admin}/healthz") == (503, {"status": "draining"})
+
+
+async def test_sends_are_counted_by_agent_and_http_status(http, admin, metrics):
+    metrics.send("a", 200, 0.05)
+    metrics.send("a", 200, 0.2)
+    metrics.send("a", 429, 0.03)
+    metrics.send("a", None, 15.0)
+    metrics.send("b", 200, 0.1)
+
+    scraped = await scrape(http, admin)
+
+    assert sample(scraped, "dialerd_sends_total", agent="a", http_status="200") == 2
+    assert sample(scraped, "dialerd_sends_total", agent="a", http_status="429") == 1
+    assert sample(scraped, "dialerd_sends_total", agent="a", http_status="none") == 1
+    assert sample(scraped, "dialerd_sends_total", agent="b", http_status="200") == 1
+    assert sample(scraped, "dialerd_send_latency_seconds_count", agent="a") == 4
+    assert sample(scraped, "dialerd_send_latency_seconds_sum", agent="a") == pytest.approx(15.28)
+    # The buckets reach from 10 ms to 30 s: the 15 s send is under 30 s but over 10 s.
+    assert sample(scraped, "dialerd_send_latency_seconds_bucket", agent="a", le="0.01") == 0
+    assert sample(scraped, "dialerd_send_latency_seconds_bucket", agent="a", le="10.0") == 3
+    assert sample(scraped, "dialerd_send_latency_seconds_bucket", agent="a", le="30.0") == 4
+
+
+async def test_429s_retries_pacing_callbacks_and_outcomes_are_counted(http, admin, metrics):
+    metrics.rate_limited("a")
+    metrics.rate_limited("a")
+    metrics.retry("a")
+    metrics.retry("b")
+    metrics.retry("b")
+    metrics.paced("a", 0.2)
+    metrics.paced("a", 0.3)
+    metrics.callback("busy", "redial")
+    metrics.callback("busy", "redial")
+    metrics.callback("timeout", "unanswered")
+    metrics.callback("busy", "repeat")
+    metrics.outcome("dialed")
+    metrics.outcome("dialed")
+    metrics.outcome("in_doubt")
+
+    scraped = await scrape(http, admin)
+
+    assert sample(scraped, "dialerd_rate_limited_total", agent="a") == 2
+    assert sample(scraped, "dialerd_retries_total", agent="a") == 1
+    assert sample(scraped, "dialerd_retries_total", agent="b") == 2
+    assert sample(scraped, "dialerd_limiter_wait_seconds_count", agent="a") == 2
+    assert sample(scraped, "dialerd_limiter_wait_seconds_sum", agent="a") == pytest.approx(0.5)
+    assert sample(scraped, "dialerd_callbacks_total", status="busy", effect="redial") == 2
+    assert sample(scraped, "dialerd_callbacks_total", status="timeout", effect="unanswered") == 1
+    assert sample(scraped, "dialerd_callbacks_total", status="busy", effect="repeat") == 1
+    assert sample(scraped, "dialerd_callbacks_total", status="timeout", effect="redial") is None
+    assert sample(scraped, "dialerd_outcomes_total", outcome="dialed") == 2
+    assert sample(scraped, "dialerd_outcomes_total", outcome="in_doubt") == 1
+
+
+async def test_queue_gauges_follow_the_status_report_and_reset_when_an_agent_leaves_it(
+    http, admin, daemon
+):
+    daemon.report["agents"] = {
+        "a": {"queued": 7, "due_now": 3, "in_flight": 2},
+        "b": {"queued": 1, "due_now": 0, "in_flight": 0},
+    }
+    scraped = await scrape(http, admin)
+    assert sample(scraped, "dialerd_queue_depth", agent="a") == 7
+    assert sample(scraped, "dialerd_in_flight", agent="a") == 2
+    assert sample(scraped, "dialerd_queue_depth", agent="b") == 1
+
+    daemon.report["agents"] = {"b": {"queued": 4, "due_now": 4, "in_flight": 1}}
+    scraped = await scrape(http, admin)
+
+    assert sample(scraped, "dialerd_queue_depth", agent="a") == 0
+    assert sample(scraped, "dialerd_in_flight", agent="a") == 0
+    assert sample(scraped, "dialerd_queue_depth", agent="b") == 4
+    assert sample(scraped, "dialerd_in_flight", agent="b") == 1
+
+
+async def test_status_returns_exactly_the_report(http, admin, daemon):
+    daemon.report = {
+        "agents": {"a": {"queued": 2, "due_now": 1, "in_flight": 0, "next_due": None}},
+        "outcomes": {"dialed": 5, "invalid": 1},
+        "results_unwritten": 0,
+    }
+
+    assert await get_json(http, f"{admin}/status") == (200, daemon.report)
+
+
+@pytest.mark.parametrize("path", ["/status", "/metrics"])
+async def test_a_failing_status_report_gives_503_json_without_a_traceback(
+    http, admin, daemon, path
+):
+    daemon.status_fails = True
+
+    async with http.get(f"{admin}{path}") as response:
+        assert response.status == 503
+        assert response.content_type == "application/json"
+        body = await response.text()
+    assert "Traceback" not in body
+    assert "ledger closed" not in body
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/healthz"),
+        ("PUT", "/status"),
+        ("DELETE", "/metrics"),
+        ("HEAD", "/healthz"),
+        ("GET", "/nope"),
+        ("GET", "/"),
+        ("POST", "/nope"),
+    ],
+)
+async def test_other_paths_and_methods_are_404(http, admin, method, path):
+    async with http.request(method, f"{admin}{path}") as response:
+        assert response.status == 404
+
+
+async def test_requests_headers_and_bodies_are_not_logged(http, admin, daemon, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    secret = "do-not-log-7f3a"
+    headers = {"User-Agent": secret, "Referer": secret, "X-Vgai-Key": secret}
+
+    async with http.get(f"{admin}/status", headers=headers) as response:
+        assert response.status == 200
+    async with http.post(f"{admin}/status", data=secret, headers=headers) as response:
+        assert response.status == 404
+    daemon.status_fails = True
+    async with http.get(f"{admin}/metrics", headers=headers) as response:
+        assert response.status == 503
+
+    captured = capsys.readouterr()
+    assert secret not in caplog.text + captured.out + captured.err
+
+
+async def test_stop_releases_the_port(http, daemon, metrics):
+    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: True)
+    url = await listener.start()
+
+    await listener.stop()
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await http.get(f"{url}/healthz")
+
+
+def test_two_metrics_instances_do_not_share_counts():
+    first, second = Metrics(), Metrics()
+
+    first.send("a", 200, 0.1)
+    first.outcome("dialed")
+    second.send("a", 200, 0.1)
+
+    def count(metrics: Metrics, name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert count(first, "dialerd_sends_total", agent="a", http_status="200") == 1
+    assert count(second, "dialerd_sends_total", agent="a", http_status="200") == 1
+    assert count(first, "dialerd_outcomes_total", outcome="dialed") == 1
+    assert count(second, "dialerd_outcomes_total", outcome="dialed") is None
