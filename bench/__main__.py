@@ -1,12 +1,16 @@
-"""Run every benchmark and print its figures as Markdown."""
+"""Run the benchmarks (all, or those named) and print their figures as Markdown."""
 
-from . import fidelity
+import sys
+
+from . import callbacks, fidelity
+
+BENCHMARKS = {"fidelity": fidelity, "callbacks": callbacks}
 
 
-def main() -> None:
-    for benchmark in (fidelity,):
-        print("\n".join(benchmark.run()), flush=True)
+def main(names: list[str]) -> None:
+    for name in names or BENCHMARKS:
+        print("\n".join(BENCHMARKS[name].run()), flush=True)
         print()
 
 
-main()
+main(sys.argv[1:])
