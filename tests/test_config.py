@@ -722,8 +722,8 @@ def test_load_config_not_utf8(tmp_path):
 def uncommented_example() -> str:
     """The example with the sections this version does not apply yet written back in."""
     text = EXAMPLE.read_text()
-    applied, commented = text.split("\n# callbacks:", 1)
-    lines = ("# callbacks:" + commented).splitlines(keepends=True)
+    applied, commented = text.split("\n# calling_hours:", 1)
+    lines = ("# calling_hours:" + commented).splitlines(keepends=True)
     return applied + "\n" + "".join(line.removeprefix("# ") for line in lines)
 
 
