@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="queues, in flight and outcomes, from the ledger")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true", help="as one JSON object")
+
+    requeue = commands.add_parser(
+        "requeue", help="send in_doubt requests again: the operator's deliberate resend"
+    )
+    requeue.add_argument("-c", "--config")
+    requeue.add_argument("ids", nargs="*", metavar="ID", help="ids of in_doubt requests")
+    requeue.add_argument("--in-doubt", action="store_true", help="every in_doubt request")
 
     simulate = commands.add_parser("simulate", help="run the API simulator as its own server")
     add_arguments(simulate)
@@ -231,6 +239,22 @@ def _status_text(report: dict, config: Config) -> str:
     return "\n".join(lines)
 
 
+def cmd_requeue(args) -> int:
+    from .ledger import requeue
+
+    if bool(args.ids) == args.in_doubt:
+        raise Failure("requeue: name the ids of in_doubt requests, or give --in-doubt", EX_USAGE)
+    config = _load(args)
+    try:
+        requeued, refused = requeue(config.state_dir, None if args.in_doubt else args.ids)
+    except (OSError, sqlite3.Error) as error:
+        raise Failure(f"cannot requeue: {error}", EX_CANTCREAT) from None
+    for request_id, reason in refused.items():
+        print(f"{request_id}: not requeued: {reason}", file=sys.stderr)
+    print(f"requeued {len(requeued)} request(s)")
+    return EX_DATAERR if refused else EX_OK
+
+
 def cmd_simulate(args) -> int:
     from .simulator import serve
 
@@ -239,6 +263,7 @@ def cmd_simulate(args) -> int:
 
 
 COMMANDS = {
+    "requeue": cmd_requeue,
     "run": cmd_run,
     "submit": cmd_submit,
     "check": cmd_check,

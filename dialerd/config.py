@@ -462,6 +462,25 @@ def not_yet_applied(config: Config) -> list[str]:
     ]
 
 
+def restart_needed(running: Config, new: Config) -> list[str]:
+    """A problem for each key whose change a reload cannot apply to a running daemon."""
+
+    def fixed(config: Config) -> dict[str, Any]:
+        callbacks = config.callbacks
+        return {
+            "state_dir": config.state_dir,
+            "spool.dir": config.spool_dir,
+            "stdin": config.stdin,
+            "results": config.results,
+            "callbacks.listen": callbacks and callbacks.listen,
+            "callbacks.public_url": callbacks and callbacks.public_url,
+            "admin.listen": config.admin,
+        }
+
+    before, after = fixed(running), fixed(new)
+    return [f"{key}: a change takes a restart" for key in before if before[key] != after[key]]
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate the config file at `path`."""
     path = Path(path)

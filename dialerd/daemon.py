@@ -8,16 +8,23 @@ session → close the ledger. Signal handlers only set state; the supervisor act
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import os
 import signal
 import time
-from types import MappingProxyType
+from collections.abc import Mapping
 
 from . import studio
 from .admin import AdminListener
 from .aio import wait_event
 from .callbacks import CallbackListener, StatusUrls, load_secret
-from .config import Config, read_api_key
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    not_yet_applied,
+    read_api_key,
+    restart_needed,
+)
 from .dispatcher import Dispatcher, Wiring
 from .ledger import Ledger, empty_agent_status
 from .logs import log
@@ -28,6 +35,8 @@ from .sources import Intake, SpoolSource, StdinSource, stdin_is_data
 
 SIMULATED_KEY = "simulated-key"
 DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
+EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+REQUEUE_CHECK_S = 1.0
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
 
 
@@ -37,6 +46,7 @@ class Daemon:
         self._simulate = simulate
         self._stop = asyncio.Event()
         self._final = asyncio.Event()
+        self._reload_requested = asyncio.Event()
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
@@ -52,8 +62,18 @@ class Daemon:
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    def _interrupt(self) -> None:
+        if not self._stop.is_set():
+            self.request_stop("SIGINT")
+            return
+        # The operator insists: no drain. The ledger is crash-safe; sends in flight become
+        # in_doubt at the next start, as after a crash.
+        log.warning("second SIGINT: exiting now")
+        os._exit(EXIT_FORCED)
 
     def _notify_final(self) -> None:
         self._final.set()
@@ -92,21 +112,51 @@ class Daemon:
                 await self._simulator.stop()
             self._results.close()
 
-    async def _api(self) -> tuple[str, MappingProxyType]:
+    async def _api(self) -> tuple[str, Mapping[str, str]]:
         """The key and endpoints: the configured API, or the built-in simulator."""
-        if self._simulate is None:
-            return read_api_key(self.config.api), self.config.api.endpoints
-        agents = {a.id: a.rate for a in self.config.agents.values()}
-        numbers = {a.number: a.id for a in self.config.agents.values() if a.number}
-        self._simulator = Simulator(agents, numbers=numbers, faults=self._simulate)
-        await self._simulator.start()
-        regions = {a.region for a in self.config.agents.values()}
-        endpoints = {region: self._simulator.endpoint(region) for region in regions}
-        log.info("simulating the API", url=endpoints)
-        self.config = dataclasses.replace(
-            self.config, api=dataclasses.replace(self.config.api, endpoints=endpoints)
-        )
-        return SIMULATED_KEY, MappingProxyType(endpoints)
+        if self._simulate is not None:
+            self._simulator = Simulator(faults=self._simulate)
+            self._simulate_agents(self.config)
+            await self._simulator.start()
+            log.info("simulating the API", url=self._simulator.endpoint("{region}"))
+        return self._api_of(self.config)
+
+    def _simulate_agents(self, config: Config) -> None:
+        agents = {a.id: a.rate for a in config.agents.values()}
+        numbers = {a.number: a.id for a in config.agents.values() if a.number}
+        self._simulator.set_agents(agents, numbers)
+
+    def _api_of(self, config: Config) -> tuple[str, Mapping[str, str]]:
+        if self._simulator is None:
+            return read_api_key(config.api), config.api.endpoints
+        regions = config.api.endpoints
+        return SIMULATED_KEY, {region: self._simulator.endpoint(region) for region in regions}
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload_on_hangup(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self._reload()
+
+    async def _reload(self) -> None:
+        """Read the config again and apply it; a bad one is refused and the running one kept."""
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path)
+            problems = not_yet_applied(new) + restart_needed(self.config, new)
+            key, endpoints = self._api_of(new)
+        except ConfigError as error:
+            problems = error.problems
+        if problems:
+            log.error("reload refused; the running config is kept", problems=problems)
+            return
+        self._client.configure(key, endpoints)
+        if self._simulator is not None:
+            self._simulate_agents(new)
+        self.config = new
+        self._dispatcher.update(new.agents)
+        log.info("reloaded", agents=len(new.agents))
 
     def _wiring(self, client: studio.StudioClient) -> Wiring:
         """What the lanes share; with callbacks on, a status_url per send."""
@@ -121,7 +171,7 @@ class Daemon:
             on_final=self._notify_final,
             metrics=self.metrics,
             status_urls=self._status_urls if callbacks and callbacks.public_url else None,
-            callback_wait_s=callbacks.wait_s if callbacks else 0.0,
+            callback_wait_s=lambda: self.config.callbacks.wait_s if self.config.callbacks else 0.0,
             redial=lambda: self.config.redial,
         )
 
@@ -163,6 +213,16 @@ class Daemon:
         report["state"] = "draining" if self._stop.is_set() else "running"
         return report
 
+    async def _notice_requeues(self) -> None:
+        """Requeues come from another process (`dialerd requeue`): wake the lanes for them."""
+        seen = await self.ledger.last_requeue()
+        while True:
+            await asyncio.sleep(REQUEUE_CHECK_S)
+            latest = await self.ledger.last_requeue()
+            if latest != seen:
+                seen = latest
+                self._dispatcher.wake(self._dispatcher.lanes)
+
     async def _settle_placed(self) -> None:
         """Placed calls that no callback reported unreached within wait_s end `dialed`."""
         while True:
@@ -174,6 +234,7 @@ class Daemon:
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, self._on_queued, self._notify_final)
+        self._client = client
         self._dispatcher = Dispatcher(self._wiring(client))
         try:
             await self._start_listeners()
@@ -186,7 +247,9 @@ class Daemon:
             background = [group.create_task(self._results.run(), name="results")]
             if self.config.callbacks is not None:
                 background.append(group.create_task(self._settle_placed(), name="settle"))
-            self._dispatcher.add_lanes(self.config.agents.values(), group)
+            self._dispatcher.start(self.config.agents.values(), group)
+            background.append(group.create_task(self._reload_on_hangup(), name="reload"))
+            background.append(group.create_task(self._notice_requeues(), name="requeues"))
             sources = []
             if stdin_source:
                 self._stdin = StdinSource(self.config, intake)

@@ -52,7 +52,7 @@ class Wiring:
     on_final: Callable[[], None]
     metrics: Metrics
     status_urls: StatusUrls | None = None  # callbacks on: a fresh status_url for each send
-    callback_wait_s: float = 0.0
+    callback_wait_s: Callable[[], float] = float  # () -> 0.0 without callbacks
     redial: Callable[[], Mapping[str, RedialPolicy]] = dict
 
 
@@ -234,7 +234,7 @@ class Lane:
         if token is None:
             await self._finish(pending, "dialed", **fields)
             return
-        wait_until = time.time() + self._wiring.callback_wait_s
+        wait_until = time.time() + self._wiring.callback_wait_s()
         effect = await self._ledger.placed(
             pending.seq, token, wait_until, self._wiring.redial(), **fields
         )
@@ -282,18 +282,36 @@ class Dispatcher:
     def __init__(self, wiring: Wiring):
         self._wiring = wiring
         self.lanes: dict[str, Lane] = {}
+        self._retired: list[Lane] = []  # lanes of agents removed by a reload, still draining
         self._lane_tasks: list[asyncio.Task] = []
+        self._group: asyncio.TaskGroup | None = None
 
-    def add_lanes(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
+    def start(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._add_lanes(list(agents))
+
+    def _add_lanes(self, agents: list[AgentConfig]) -> None:
         """Start a lane per agent, staggered over one second so agents never send in step."""
-        agents = list(agents)
         for index, agent in enumerate(agents):
             lane = Lane(agent, self._wiring)
             self.lanes[agent.id] = lane
-            task = group.create_task(
+            task = self._group.create_task(
                 lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}"
             )
             self._lane_tasks.append(task)
+
+    def update(self, agents: Mapping[str, AgentConfig]) -> None:
+        """Agents after a reload: new ones get a lane, removed ones' lanes stop (their requests
+        wait in the ledger), changed ones take their new rate; unchanged ones keep their timing.
+        """
+        for agent_id in self.lanes.keys() - agents.keys():
+            lane = self.lanes.pop(agent_id)
+            lane.stop()
+            self._retired.append(lane)
+        for agent_id, agent in agents.items():
+            if agent_id in self.lanes and self.lanes[agent_id].agent != agent:
+                self.lanes[agent_id].reconfigure(agent)
+        self._add_lanes([agent for agent_id, agent in agents.items() if agent_id not in self.lanes])
 
     def wake(self, agent_ids: Iterable[str]) -> None:
         for agent_id in agent_ids:
@@ -306,7 +324,8 @@ class Dispatcher:
             lane.stop()
 
     def in_flight(self) -> set[asyncio.Task]:
-        return set().union(*(lane.in_flight for lane in self.lanes.values()))
+        lanes = [*self.lanes.values(), *self._retired]
+        return set().union(*(lane.in_flight for lane in lanes))
 
     async def drain(self, timeout: float) -> int:
         """Let sends in flight finish; after `timeout`, cancel the rest (they become in_doubt)."""

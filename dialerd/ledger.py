@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS callbacks (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS callbacks_token ON callbacks(token);
+CREATE TABLE IF NOT EXISTS requeues (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, previous_error TEXT, at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'placed';
 """
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
@@ -318,6 +321,12 @@ class Ledger:
         await self.call(_execute, "DELETE FROM outbox WHERE seq <= ?", (last_seq,))
 
     # -- status ------------------------------------------------------------------------------
+
+    async def last_requeue(self) -> int:
+        """The latest operator's requeue (0: none), so a running daemon notices new ones."""
+        return await self.call(
+            lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM requeues").fetchone()[0]
+        )
 
     async def status(self) -> dict:
         return await self.call(status_report, time.time())
@@ -600,6 +609,49 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         "outcomes": outcomes,
         "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
     }
+
+
+def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """Queue `in_doubt` requests again (all of them when `ids` is None): the operator's
+    deliberate resend, recorded in the ledger. Works whether or not a daemon runs.
+
+    Returns the ids requeued, and why each other id was not.
+    """
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        raise FileNotFoundError(f"no ledger in {state_dir}")
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if ids is None:
+            ids = [r[0] for r in conn.execute("SELECT id FROM requests WHERE outcome = 'in_doubt'")]
+        requeued, refused = [], {}
+        for request_id in ids:
+            row = conn.execute(
+                "SELECT seq, outcome, error FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None or row[1] != "in_doubt":
+                refused[request_id] = "no such request" if row is None else _not_in_doubt(row[1])
+                continue
+            seq, _outcome, error = row
+            conn.execute(
+                "UPDATE requests SET state = 'queued', outcome = NULL, finished_at = NULL,"
+                " error = NULL, retries = 0, due_at = ? WHERE seq = ?",
+                (time.time(), seq),
+            )
+            conn.execute(
+                "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
+                (request_id, error, time.time()),
+            )
+            requeued.append(request_id)
+        conn.execute("COMMIT")
+        return requeued, refused
+    finally:
+        conn.close()
+
+
+def _not_in_doubt(outcome: str | None) -> str:
+    return f"is {outcome}, not in_doubt" if outcome else "is not final yet"
 
 
 def read_status(state_dir: Path) -> dict | None:

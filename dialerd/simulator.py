@@ -124,13 +124,8 @@ class Simulator:
         seed: int | None = None,
         log_path: str | os.PathLike | None = None,
     ) -> None:
-        self._rates = dict(agents or {})
-        given_rates = [*self._rates.values(), *([] if default_rate is None else [default_rate])]
-        for rate in given_rates:
-            if not isinstance(rate, int) or rate < 1:
-                raise ValueError(f"an agent's rate must be a positive integer, not {rate!r}")
-        self._agent_of_number = dict(numbers or {})
         self._default_rate = default_rate
+        self.set_agents(agents or {}, numbers or {})
         self.faults = faults
         self._rng = random.Random(seed)
         # Kept open until stop(): one line is appended per arrival.
@@ -148,6 +143,18 @@ class Simulator:
         self._http: aiohttp.ClientSession | None = None
         self.app = web.Application()
         self.app.router.add_route("*", "/{region}/telephony/make-call", self._make_call)
+
+    def set_agents(self, agents: Mapping[str, int], numbers: Mapping[str, str]) -> None:
+        """The agents it knows, their rates and published numbers (again, after a reload)."""
+        given_rates = [
+            *agents.values(),
+            *([] if self._default_rate is None else [self._default_rate]),
+        ]
+        for rate in given_rates:
+            if not isinstance(rate, int) or rate < 1:
+                raise ValueError(f"an agent's rate must be a positive integer, not {rate!r}")
+        self._rates = dict(agents)
+        self._agent_of_number = dict(numbers)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on host:port (0: any free port) and return the base URL."""

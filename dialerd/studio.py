@@ -65,6 +65,10 @@ def departure_tracing() -> aiohttp.TraceConfig:
 class StudioClient:
     def __init__(self, http: aiohttp.ClientSession, key: str, endpoints: Mapping[str, str]):
         self._http = http
+        self.configure(key, endpoints)
+
+    def configure(self, key: str, endpoints: Mapping[str, str]) -> None:
+        """The key and endpoints for the next sends (a reload may change both)."""
         self._key = key
         self._headers = {"X-Vgai-Key": key, "Content-Type": "application/json"}
         self._endpoints = endpoints
