@@ -233,7 +233,7 @@ class Daemon:
             await asyncio.sleep(min(SETTLE_EVERY_S, max(0.0, wait)))
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
-        intake = Intake(self.ledger, self._on_queued, self._notify_final)
+        intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
         self._client = client
         self._dispatcher = Dispatcher(self._wiring(client))
         try:
@@ -252,10 +252,10 @@ class Daemon:
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
             sources = []
             if stdin_source:
-                self._stdin = StdinSource(self.config, intake)
+                self._stdin = StdinSource(intake)
                 sources.append(group.create_task(self._stdin.run(), name="stdin"))
             if self.config.spool_dir is not None:
-                self._spool = SpoolSource(self.config, intake, self.ledger)
+                self._spool = SpoolSource(self.config.spool_dir, intake, self.ledger)
                 sources.append(group.create_task(self._spool.run(), name="spool"))
             if not sources:
                 log.warning("no source: neither stdin nor a spool is configured")

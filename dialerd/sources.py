@@ -85,9 +85,11 @@ class Intake:
     def __init__(
         self,
         ledger: Ledger,
+        config: Callable[[], Config],
         on_queued: Callable[[frozenset[str]], None],
         on_final: Callable[[], None],
     ):
+        self.config = config  # the config in force (a reload may change it between batches)
         self._ledger = ledger
         self._on_queued = on_queued
         self._on_final = on_final
@@ -124,8 +126,7 @@ def split_lines(chunks: Iterator[bytes]) -> Iterator[bytes | None]:
 class StdinSource:
     """JSON lines from stdin, committed in batches (at most STDIN_LINGER_S after reading)."""
 
-    def __init__(self, config: Config, intake: Intake):
-        self._config = config
+    def __init__(self, intake: Intake):
         self._intake = intake
         self._stopping = False
         self.lines_read = 0
@@ -168,7 +169,7 @@ class StdinSource:
         if line is None:
             batch.reject(source, f"line longer than {MAX_LINE_BYTES // 1024} KiB", {})
         elif line.strip():
-            batch.add_line(line, self._config, source)
+            batch.add_line(line, self._intake.config(), source)
 
     async def _commit(self, batch: Batch) -> None:
         if len(batch):
@@ -243,11 +244,9 @@ def _parse_json_lines(data: bytes, name: str, config: Config, batch: Batch) -> N
 class SpoolSource:
     """Takes files from incoming/ into the ledger, then moves them to done/ or rejected/."""
 
-    def __init__(self, config: Config, intake: Intake, ledger: Ledger):
-        self._config = config
+    def __init__(self, root: Path, intake: Intake, ledger: Ledger):
         self._intake = intake
         self._ledger = ledger
-        root = config.spool_dir
         self.incoming, self.done, self.rejected = (
             root / "incoming",
             root / "done",
@@ -324,7 +323,7 @@ class SpoolSource:
                 # Recorded before a crash that came before the move: record nothing twice.
                 await asyncio.to_thread(_move, path, self.done, None)
             else:
-                batch = parse_spool_file(data, name, self._config)
+                batch = parse_spool_file(data, name, self._intake.config())
                 await self._intake.record(batch, spool_file=(name, digest))
                 await asyncio.to_thread(_move, path, self.done, _errors_text(batch))
                 log.info(
