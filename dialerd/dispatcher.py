@@ -73,6 +73,7 @@ class Lane:
         self._widened_until = 0.0
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
+        self._outage_failures = 0  # sends in a row that found no connection to the API
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -201,8 +202,12 @@ class Lane:
         await self._record(pending, result, token)
 
     async def _record(self, pending: Pending, result: SendResult, token: str | None) -> None:
+        if result.http_status is not None:
+            self._outage_failures = 0  # the API answered: whatever it said, it is reachable
         if result.verdict is Verdict.PLACED:
             await self._placed(pending, result, token)
+        elif result.verdict is Verdict.RETRY and result.http_status is None:
+            await self._hold_for_outage(pending, result)
         elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:
             await self._retry_later(pending, result)
         elif result.verdict is Verdict.RETRY:
@@ -242,6 +247,15 @@ class Lane:
             self.wake()
         elif effect == "unanswered":
             self._wiring.on_final()
+
+    async def _hold_for_outage(self, pending: Pending, result: SendResult) -> None:
+        """No connection to the API: the agent waits it out, however long; the request keeps
+        its retries, which are for the API's own refusals."""
+        delay = backoff(self._outage_failures)
+        self._outage_failures += 1
+        self._not_before = max(self._not_before, self._loop.time() + delay)
+        await self._ledger.retry_later(pending.seq, time.time() + delay, False, result.error)
+        self._loop.call_later(delay, self._wake.set)
 
     async def _retry_later(self, pending: Pending, result: SendResult) -> None:
         self._wiring.metrics.retry(self.agent.id)

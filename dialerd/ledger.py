@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RedialPolicy
+from .logs import log
 from .request import Request
 from .results import result_line
 
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS requests (
     expires_at REAL,
     due_at REAL NOT NULL,
     state TEXT NOT NULL,
+    token TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
     http_status INTEGER,
@@ -78,6 +80,10 @@ CREATE TABLE IF NOT EXISTS requeues (
 CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'placed';
 """
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
+STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
+FAULT_RETRY_FIRST_S = 0.1
+FAULT_RETRY_MAX_S = 5.0
+FAULT_LOG_EVERY_S = 10.0
 
 
 class LedgerLocked(Exception):
@@ -141,6 +147,7 @@ class Ledger:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.run = 0
+        self._fault_logged_at = -FAULT_LOG_EVERY_S
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -172,12 +179,36 @@ class Ledger:
 
     # -- the ledger thread -------------------------------------------------------------------
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Run fn(conn, *args) in the ledger thread, inside the next group commit."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._calls.put((fn, args, future, loop))
-        return future
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(conn, *args) in the ledger thread, inside the next group commit.
+
+        A storage fault (disk full, I/O error, a read-only or vanished file) rolls the call back
+        whole; it is tried again until the fault clears, so no stage ever goes on as if it had
+        been recorded, and none dies of it.
+        """
+        delay = FAULT_RETRY_FIRST_S
+        while True:
+            future = asyncio.get_running_loop().create_future()
+            self._calls.put((fn, args, future, asyncio.get_running_loop()))
+            try:
+                return await future
+            except sqlite3.OperationalError as error:
+                if not any(fault in str(error) for fault in STORAGE_FAULTS):
+                    raise
+                self._report_fault(error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, FAULT_RETRY_MAX_S)
+
+    def _report_fault(self, error: sqlite3.Error) -> None:
+        """Log a storage fault at most once per FAULT_LOG_EVERY_S, however many calls it hits."""
+        now = time.monotonic()
+        if now - self._fault_logged_at >= FAULT_LOG_EVERY_S:
+            self._fault_logged_at = now
+            log.error(
+                "the ledger cannot write; retrying until it can",
+                error=str(error),
+                path=str(self.path),
+            )
 
     def _serve(self) -> None:
         while True:
@@ -349,7 +380,10 @@ def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
 def _mark_sending(
     conn: sqlite3.Connection, seq: int, token: str | None, attempt: int, now: float
 ) -> None:
-    conn.execute("UPDATE requests SET state = 'sending', sent_at = ? WHERE seq = ?", (now, seq))
+    conn.execute(
+        "UPDATE requests SET state = 'sending', sent_at = ?, token = ? WHERE seq = ?",
+        (now, token, seq),
+    )
     if token is not None:
         conn.execute(
             "INSERT INTO calls (token, seq, attempt, sent_at) VALUES (?, ?, ?, ?)",
@@ -388,16 +422,19 @@ def _apply_callback(
     call = conn.execute("SELECT seq, attempt FROM calls WHERE token = ?", (token,)).fetchone()
     if call is None:
         return None
-    seq, attempt = call
-    state, attempts, agent_id = conn.execute(
-        "SELECT state, attempts, agent_id FROM requests WHERE seq = ?", (seq,)
+    seq = call[0]
+    state, current_token, agent_id = conn.execute(
+        "SELECT state, token, agent_id FROM requests WHERE seq = ?", (seq,)
     ).fetchone()
+    # Only the latest send's token counts: an earlier attempt's, or a refused send's, is stale.
     if conn.execute("SELECT 1 FROM callbacks WHERE token = ?", (token,)).fetchone():
         effect = "repeat"
-    elif state == "placed" and attempts == attempt:
+    elif token != current_token:
+        effect = "stale"
+    elif state == "placed":
         effect = _unreached(conn, seq, body["status"], redial.get(body["status"]), now)
-    elif state == "sending" and attempts + 1 == attempt:
-        effect = "early"
+    elif state == "sending":
+        effect = "early"  # applied once the answer that placed the call is recorded
     else:
         effect = "stale"
     if effect != "repeat":

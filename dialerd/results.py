@@ -12,14 +12,18 @@ import contextlib
 import datetime as dt
 import json
 import os
-import sys
+import stat
 from typing import TYPE_CHECKING, Any
 
 from .aio import wait_event
+from .logs import log
 
 if TYPE_CHECKING:
     from .ledger import Ledger
     from .metrics import Metrics
+
+STDOUT = 1
+APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 RESULT_FIELDS = (
     "id",
@@ -56,7 +60,8 @@ class ResultsWriter:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         # Opened at start-up, so an unwritable results file stops the daemon before any send.
-        self._stream = sys.stdout.buffer if target == "-" else open(target, "ab")  # noqa: SIM115
+        # Written unbuffered, so a failed write leaves nothing behind to come out later.
+        self._fd = STDOUT if target == "-" else os.open(target, APPEND, 0o644)
 
     def wake(self) -> None:
         self._wake.set()
@@ -69,23 +74,38 @@ class ResultsWriter:
             self._wake.clear()
 
     async def flush(self) -> None:
-        """Write every line that is final so far."""
+        """Write every line that is final so far; on a write error they wait in the outbox."""
         async with self._lock:
-            while lines := await self._ledger.outbox(self.BATCH):
-                data = "".join(line + "\n" for _seq, line, _outcome in lines).encode()
-                await asyncio.to_thread(_write_durably, self._stream, data)
-                await self._ledger.outbox_written(lines[-1][0])
-                for _seq, _line, outcome in lines:
-                    self._metrics.outcome(outcome)
+            try:
+                await self._write_outbox()
+            except OSError as error:
+                log.error("cannot write results; they wait in the ledger", error=str(error))
+
+    async def _write_outbox(self) -> None:
+        while lines := await self._ledger.outbox(self.BATCH):
+            data = "".join(line + "\n" for _seq, line, _outcome in lines).encode()
+            await asyncio.to_thread(_write_durably, self._fd, data)
+            await self._ledger.outbox_written(lines[-1][0])
+            for _seq, _line, outcome in lines:
+                self._metrics.outcome(outcome)
 
     def close(self) -> None:
-        if self._stream is not sys.stdout.buffer:
-            self._stream.close()
+        if self._fd != STDOUT:
+            os.close(self._fd)
 
 
-def _write_durably(stream, data: bytes) -> None:
-    stream.write(data)
-    stream.flush()
-    # A pipe or a terminal cannot be synced; the flush is what counts there.
-    with contextlib.suppress(OSError):
-        os.fsync(stream.fileno())
+def _write_durably(fd: int, data: bytes) -> None:
+    """Write all of `data` and sync it; on a file, a failed write is cut back off whole."""
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    start = os.lseek(fd, 0, os.SEEK_END) if regular else 0
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if regular:
+            os.fsync(fd)
+    except OSError:
+        if regular:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+        raise

@@ -130,7 +130,7 @@ async def dispatch(
         client = studio.StudioClient(http, KEY, config.api.endpoints)
         dispatcher = Dispatcher(Wiring(ledger, client, on_final, Metrics()))
         async with asyncio.TaskGroup() as group:
-            dispatcher.add_lanes(config.agents.values(), group)
+            dispatcher.start(config.agents.values(), group)
             while await ledger.open_requests():
                 final.clear()
                 with contextlib.suppress(TimeoutError):
@@ -425,18 +425,29 @@ async def test_503_forever_fails_after_the_retry_bound(
     assert simulator.placed() == []
 
 
-async def test_no_connection_is_retried_then_fails(tmp_path, ledger, fast_retries):
+async def test_an_api_out_of_reach_is_waited_out_without_spending_retries(
+    tmp_path, ledger, fast_retries
+):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     endpoints = {"eu": f"http://127.0.0.1:{port}/eu/telephony/make-call"}
     config = make_config(tmp_path, endpoints, {"agent-a": ("eu", 5)})
+    simulator = Simulator({"agent-a": 5})
 
-    run = await dispatch(config, ledger, requests_for("agent-a", 1))
+    async def come_back_later() -> None:
+        await asyncio.sleep(1.5)  # longer than MAX_RETRIES backoffs at the test's fast pace
+        await simulator.start(port=port)
 
+    comeback = asyncio.create_task(come_back_later())
+    try:
+        run = await dispatch(config, ledger, requests_for("agent-a", 1))
+    finally:
+        await comeback
+        await simulator.stop()
     result = run.results["agent-a-0"]
-    assert (result["outcome"], result["attempts"], result["http_status"]) == ("failed", 0, None)
-    assert result["error"].startswith("gave up after 3 refused sends: not sent: ")
+    assert (result["outcome"], result["attempts"], result["http_status"]) == ("dialed", 1, 200)
+    assert len(simulator.placed()) == 1
 
 
 # -- unknown answers: at most once -----------------------------------------------------------
