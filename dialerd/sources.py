@@ -254,14 +254,13 @@ class SpoolSource:
         )
         self._changed = asyncio.Event()
         self._stopping = False
+        self._fault: str | None = None  # what keeps the spool from being read, while it lasts
 
     def stop(self) -> None:
         self._stopping = True
         self._changed.set()
 
     async def run(self) -> None:
-        for directory in (self.incoming, self.done, self.rejected):
-            directory.mkdir(parents=True, exist_ok=True)
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(self._watch())
             try:
@@ -270,40 +269,55 @@ class SpoolSource:
                 watcher.cancel()
 
     async def _take_files(self) -> None:
-        rescan = SPOOL_RESCAN_S
         while not self._stopping:
             self._changed.clear()
-            try:
-                names = await asyncio.to_thread(self._waiting_files)
-            except OSError as error:
-                log.error("cannot read the spool", dir=str(self.incoming), error=str(error))
-                names = []
-            for name in names:
+            for name in await self._scan():
                 if self._stopping:
                     return
                 await self._take(name)
-            await wait_event(self._changed, rescan)
+            await wait_event(self._changed, SPOOL_RESCAN_S)
+
+    async def _scan(self) -> list[str]:
+        """The files waiting in incoming/; its directories are made again if they went missing."""
+        try:
+            names = await asyncio.to_thread(self._make_and_list)
+        except OSError as error:
+            if str(error) != self._fault:
+                self._fault = str(error)
+                log.error("cannot read the spool; trying again", error=self._fault)
+            return []
+        if self._fault is not None:
+            self._fault = None
+            log.info("the spool can be read again", dir=str(self.incoming))
+        return names
+
+    def _make_and_list(self) -> list[str]:
+        for directory in (self.incoming, self.done, self.rejected):
+            directory.mkdir(parents=True, exist_ok=True)
+        return self._waiting_files()
 
     async def _watch(self) -> None:
         """Wake the spool on every file renamed or written into incoming/."""
         try:
             from asyncinotify import Inotify, Mask
-        except (ImportError, OSError):
-            inotify = None
-        else:
-            try:
-                inotify = Inotify()
-                inotify.add_watch(self.incoming, Mask.MOVED_TO | Mask.CLOSE_WRITE)
-            except OSError as error:
-                log.warning("no inotify; polling the spool", error=str(error))
-                inotify = None
-        if inotify is None:
+
+            inotify = Inotify()
+        except (ImportError, OSError) as error:
+            log.warning("no inotify; polling the spool", error=str(error))
             while True:
                 await asyncio.sleep(SPOOL_POLL_S)
                 self._changed.set()
         with inotify:
-            async for _event in inotify:
-                self._changed.set()
+            while True:
+                try:
+                    inotify.add_watch(self.incoming, Mask.MOVED_TO | Mask.CLOSE_WRITE)
+                except OSError:
+                    await asyncio.sleep(SPOOL_RESCAN_S)  # incoming/ is missing: the scan remakes it
+                    continue
+                async for event in inotify:
+                    self._changed.set()
+                    if event.mask & Mask.IGNORED:
+                        break  # incoming/ was removed: watch it again once it is back
 
     def _waiting_files(self) -> list[str]:
         """Files in incoming/, oldest first; names starting with '.' are still being written."""
@@ -338,11 +352,18 @@ class SpoolSource:
             await asyncio.to_thread(_reject, path, self.rejected, str(error))
         except FileNotFoundError:
             pass  # taken away by its writer meanwhile
+        except OSError as error:
+            # A full disk or a directory gone: the file stays in incoming/ for the next scan;
+            # what the ledger holds of it is recognised by its digest then.
+            log.error("cannot take a spool file; trying again", file=name, error=str(error))
 
 
 def _read_limited(path: Path) -> bytes:
-    with open(path, "rb") as file:
-        data = file.read(MAX_SPOOL_FILE + 1)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_SPOOL_FILE + 1)
+    except PermissionError as error:
+        raise Rejected(f"cannot be read: {error.strerror}") from None
     if len(data) > MAX_SPOOL_FILE:
         raise Rejected(f"larger than {MAX_SPOOL_FILE // (1024 * 1024)} MiB")
     return data
