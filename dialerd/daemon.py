@@ -29,6 +29,7 @@ from .dispatcher import Dispatcher, Wiring
 from .ledger import Ledger, empty_agent_status
 from .logs import log
 from .metrics import Metrics
+from .notify import Notifier
 from .results import ResultsWriter
 from .simulator import Faults, Simulator
 from .sources import Intake, SpoolSource, StdinSource, stdin_is_data
@@ -47,6 +48,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._final = asyncio.Event()
         self._reload_requested = asyncio.Event()
+        self._notifier = Notifier()
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
@@ -138,7 +140,9 @@ class Daemon:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
+            self._notifier.reloading()
             await self._reload()
+            self._notifier.ready()  # with the new config, or with the old one kept
 
     async def _reload(self) -> None:
         """Read the config again and apply it; a bad one is refused and the running one kept."""
@@ -223,6 +227,15 @@ class Daemon:
                 seen = latest
                 self._dispatcher.wake(self._dispatcher.lanes)
 
+    async def _status_line(self) -> str:
+        """The one line `systemctl status` shows: queue, in flight, agents and their rates."""
+        report = await self.ledger.status()
+        queued = sum(entry["queued"] for entry in report["agents"].values())
+        in_flight = sum(entry["in_flight"] for entry in report["agents"].values())
+        rates = sum(lane.agent.rate for lane in self._dispatcher.lanes.values())
+        agents = len(self._dispatcher.lanes)
+        return f"{queued} queued, {in_flight} in flight; {agents} agents, {rates} calls/s in all"
+
     async def _settle_placed(self) -> None:
         """Placed calls that no callback reported unreached within wait_s end `dialed`."""
         while True:
@@ -250,6 +263,12 @@ class Daemon:
             self._dispatcher.start(self.config.agents.values(), group)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
+            if self._notifier.enabled:
+                report = self._notifier.report_status(self._status_line)
+                background.append(group.create_task(report, name="status"))
+            if self._notifier.watchdog_s:
+                watchdog = self._notifier.keep_watchdog(self._dispatcher.stalled_for)
+                background.append(group.create_task(watchdog, name="watchdog"))
             sources = []
             if stdin_source:
                 self._stdin = StdinSource(intake)
@@ -268,6 +287,7 @@ class Daemon:
             watchers = []
             if self._spool is None and self._stdin is not None:
                 watchers.append(group.create_task(self._stop_when_stdin_done(sources[0])))
+            self._notifier.ready()
             await self._stop.wait()
             for watcher in watchers:
                 watcher.cancel()
@@ -287,6 +307,7 @@ class Daemon:
         self.request_stop("stdin done, every request from it final")
 
     async def _drain(self, sources: list[asyncio.Task]) -> None:
+        self._notifier.stopping()
         for source in (self._stdin, self._spool):
             if source is not None:
                 source.stop()

@@ -15,10 +15,11 @@ closer than (1 - tolerance) intervals and no `rate + 1` sends fit in a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
@@ -74,6 +75,7 @@ class Lane:
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
         self._outage_failures = 0  # sends in a row that found no connection to the API
+        self._busy_since: float | None = self._loop.time()  # None while waiting by design
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -133,7 +135,8 @@ class Lane:
             self._due.extend(due)
             if not due:
                 wait = None if next_due is None else max(0.0, next_due - time.time())
-                await wait_event(self._wake, wait)
+                with self._waiting_by_design():
+                    await wait_event(self._wake, wait)
                 return None
         return self._due.popleft()
 
@@ -141,7 +144,21 @@ class Lane:
         """Sleep until a loop time, or until the lane is stopped."""
         while not self._stopping and (remaining := deadline - self._loop.time()) > 0:
             self._wake.clear()
-            await wait_event(self._wake, remaining)
+            with self._waiting_by_design():
+                await wait_event(self._wake, remaining)
+
+    @contextlib.contextmanager
+    def _waiting_by_design(self) -> Iterator[None]:
+        """An idle or pacing wait: not a stall, however long it lasts."""
+        self._busy_since = None
+        try:
+            yield
+        finally:
+            self._busy_since = self._loop.time()
+
+    def stalled_for(self, now: float) -> float:
+        """How long the lane has been in one step (a ledger call, a departure) so far."""
+        return 0.0 if self._busy_since is None else now - self._busy_since
 
     async def _pace_and_mark(self, pending: Pending) -> tuple[dict, str | None] | None:
         """Wait for the send's moment, marking it in the ledger just before; None if stopped.
@@ -155,7 +172,8 @@ class Lane:
         self._restore_margin()
         waiting_since = self._loop.time()
         await self._sleep_until(self._not_before - MARK_LEAD_S)
-        await self._limiter.acquire()
+        with self._waiting_by_design():
+            await self._limiter.acquire()
         if self._stopping:
             return None
         body, token = self._outgoing(pending)
@@ -336,6 +354,11 @@ class Dispatcher:
     def stop(self) -> None:
         for lane in self.lanes.values():
             lane.stop()
+
+    def stalled_for(self) -> float:
+        """The longest any lane has been stuck in one step."""
+        now = asyncio.get_running_loop().time()
+        return max((lane.stalled_for(now) for lane in self.lanes.values()), default=0.0)
 
     def in_flight(self) -> set[asyncio.Task]:
         lanes = [*self.lanes.values(), *self._retired]
