@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,7 @@ from .request import (
 )
 
 MAX_SPOOL_FILE = 64 * 1024 * 1024
-STDIN_BATCH = 1000  # requests per intake commit
-STDIN_LINGER_S = 0.05  # longest a read request waits for its batch to commit
+STDIN_BATCHES_AHEAD = 4  # batches read and parsed ahead of the ledger: bounds memory
 STOP_CHECK_S = 0.25
 READ_CHUNK = 256 * 1024
 SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event was lost
@@ -102,29 +101,43 @@ class Intake:
             self._on_final()
 
 
-def split_lines(chunks: Iterator[bytes]) -> Iterator[bytes | None]:
-    """Lines of a byte stream without their newline; None for a line over the limit.
+class LineSplitter:
+    """Lines of a byte stream fed in chunks, without their newline; None for a line over the
+    limit. Never holds more than one line's limit of an overlong line in memory."""
 
-    Never holds more than one line's limit of an overlong line in memory.
-    """
-    pending = bytearray()
-    overlong = False
-    for chunk in chunks:
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._overlong = False
+
+    def feed(self, chunk: bytes) -> list[bytes | None]:
+        pending = self._pending
         pending += chunk
-        while (newline := pending.find(b"\n")) >= 0:
-            line = bytes(pending[:newline])
-            del pending[: newline + 1]
-            yield None if overlong else line
-            overlong = False
+        lines: list[bytes | None] = []
+        start = 0
+        while (newline := pending.find(b"\n", start)) >= 0:
+            lines.append(None if self._overlong else bytes(pending[start:newline]))
+            self._overlong = False
+            start = newline + 1
+        del pending[:start]
         if len(pending) > MAX_LINE_BYTES:
-            overlong = True
+            self._overlong = True
             pending.clear()
-    if pending or overlong:
-        yield None if overlong else bytes(pending)
+        return lines
+
+    def end(self) -> list[bytes | None]:
+        """The last line, when the stream did not end with a newline."""
+        if self._overlong:
+            return [None]
+        return [bytes(self._pending)] if self._pending else []
 
 
 class StdinSource:
-    """JSON lines from stdin, committed in batches (at most STDIN_LINGER_S after reading)."""
+    """JSON lines from stdin, read and validated in a thread, committed a chunk at a time.
+
+    The thread hands over what it has each time a read returns: a stream arriving fast comes in
+    large batches, a slow one line by line, so a request read is in the ledger promptly either
+    way; and the event loop, which keeps the lanes' timing, never parses a line.
+    """
 
     def __init__(self, intake: Intake):
         self._intake = intake
@@ -135,66 +148,53 @@ class StdinSource:
         self._stopping = True
 
     async def run(self) -> None:
-        lines: asyncio.Queue[bytes | None | EOFError] = asyncio.Queue(maxsize=20_000)
+        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=STDIN_BATCHES_AHEAD)
         loop = asyncio.get_running_loop()
-        threading.Thread(target=_read_stdin, args=(lines, loop), name="stdin", daemon=True).start()
-        batch = Batch()
-        deadline = None
+        reader = threading.Thread(
+            target=self._read, args=(batches, loop), name="stdin", daemon=True
+        )
+        reader.start()
         while not self._stopping:
             # Wake at least every STOP_CHECK_S to see a stop, however quiet stdin is.
-            timeout = STOP_CHECK_S if deadline is None else max(0.0, deadline - loop.time())
             try:
-                line = await asyncio.wait_for(lines.get(), timeout)
+                batch = await asyncio.wait_for(batches.get(), STOP_CHECK_S)
             except TimeoutError:
-                if deadline is not None and loop.time() >= deadline:
-                    await self._commit(batch)
-                    batch, deadline = Batch(), None
                 continue
-            if isinstance(line, EOFError):
+            if batch is None:
                 break
-            self._take(batch, line)
-            if deadline is None:
-                deadline = loop.time() + STDIN_LINGER_S
-            if len(batch) >= STDIN_BATCH:
-                await self._commit(batch)
-                batch, deadline = Batch(), None
-        await self._commit(batch)
-        log.info(
-            "stdin ended" if not self._stopping else "stdin intake stopped", lines=self.lines_read
-        )
+            if len(batch):
+                await self._intake.record(batch)
+        log.info("stdin intake stopped" if self._stopping else "stdin ended", lines=self.lines_read)
 
-    def _take(self, batch: Batch, line: bytes | None) -> None:
-        self.lines_read += 1
-        source = f"stdin:{self.lines_read}"
-        if line is None:
-            batch.reject(source, f"line longer than {MAX_LINE_BYTES // 1024} KiB", {})
-        elif line.strip():
-            batch.add_line(line, self._intake.config(), source)
+    def _read(self, batches: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        """The reading thread: blocking reads work for pipes and regular files alike."""
 
-    async def _commit(self, batch: Batch) -> None:
-        if len(batch):
-            await self._intake.record(batch)
+        def hand_over(batch: Batch | None) -> None:
+            asyncio.run_coroutine_threadsafe(batches.put(batch), loop).result()
 
+        fd = sys.stdin.fileno()
+        lines = LineSplitter()
+        try:
+            while chunk := os.read(fd, READ_CHUNK):
+                hand_over(self._parse(lines.feed(chunk)))
+            hand_over(self._parse(lines.end()))
+        except OSError as error:
+            log.error("cannot read stdin", error=str(error))
+        except RuntimeError:
+            return  # the loop closed while reading: the daemon is gone
+        hand_over(None)
 
-def _read_stdin(lines: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-    """Blocking reads in a thread: works for pipes and regular files alike."""
-    fd = sys.stdin.fileno()
-
-    def chunks() -> Iterator[bytes]:
-        while chunk := os.read(fd, READ_CHUNK):
-            yield chunk
-
-    def put(item) -> None:
-        asyncio.run_coroutine_threadsafe(lines.put(item), loop).result()
-
-    try:
-        for line in split_lines(chunks()):
-            put(line)
-    except OSError as error:
-        log.error("cannot read stdin", error=str(error))
-    except RuntimeError:
-        return  # the loop closed while reading: the daemon is gone
-    put(EOFError())
+    def _parse(self, lines: list[bytes | None]) -> Batch:
+        batch = Batch()
+        config = self._intake.config()
+        for line in lines:
+            self.lines_read += 1
+            source = f"stdin:{self.lines_read}"
+            if line is None:
+                batch.reject(source, f"line longer than {MAX_LINE_BYTES // 1024} KiB", {})
+            elif line.strip():
+                batch.add_line(line, config, source)
+        return batch
 
 
 class Rejected(Exception):
