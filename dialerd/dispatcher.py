@@ -109,6 +109,7 @@ class Lane:
 
     async def run(self, start_delay: float) -> None:
         """Send due requests until stopped; what is not yet sent stays queued in the ledger."""
+        await self._continue_cadence()
         await self._sleep_until(self._loop.time() + start_delay)
         while not self._stopping:
             pending = await self._next_due()
@@ -127,6 +128,14 @@ class Lane:
             return False
         await self._finish(pending, "expired", error="expires_at passed before sending")
         return True
+
+    async def _continue_cadence(self) -> None:
+        """Space the first send from the agent's last one, sent maybe by a run just before this
+        one (a restart, a crash): the API's window does not start again with the daemon."""
+        last_sent_at = await self._ledger.last_sent_at(self.agent.id)
+        if last_sent_at is not None:
+            since = time.time() - last_sent_at
+            self._not_before = self._loop.time() - since + (1.0 - self.tolerance) * self.interval
 
     async def _next_due(self) -> Pending | None:
         if not self._due:

@@ -60,7 +60,10 @@ CREATE TABLE IF NOT EXISTS rejects (
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY, line TEXT NOT NULL, outcome TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS spool_files (name TEXT PRIMARY KEY, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spool_files (
+    name TEXT PRIMARY KEY, digest TEXT NOT NULL, errors TEXT
+);
+CREATE TABLE IF NOT EXISTS agent_sends (agent_id TEXT PRIMARY KEY, last_sent_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, pid INTEGER, started_at REAL);
 CREATE TABLE IF NOT EXISTS calls (
     token TEXT PRIMARY KEY, seq INTEGER NOT NULL, attempt INTEGER NOT NULL, sent_at REAL NOT NULL
@@ -253,13 +256,26 @@ class Ledger:
     # -- intake ------------------------------------------------------------------------------
 
     async def add(
-        self, requests: list[Request], invalid: list[dict], spool_file: tuple[str, str] | None
+        self,
+        requests: list[Request],
+        invalid: list[dict],
+        spool_file: tuple[str, str, str | None] | None,
     ) -> Intake:
         """Queue valid requests, record invalid ones (and ids seen before) as final results."""
         return await self.call(_add, self.run, requests, invalid, spool_file)
 
-    async def spool_file_digest(self, name: str) -> str | None:
-        return await self.call(_spool_digest, name)
+    async def spool_file(self, name: str) -> tuple[str, str | None] | None:
+        """(digest, errors text) of a spool file recorded but maybe not yet moved to done/."""
+        return await self.call(
+            lambda conn: conn.execute(
+                "SELECT digest, errors FROM spool_files WHERE name = ?", (name,)
+            ).fetchone()
+        )
+
+    async def spool_file_names(self) -> list[str]:
+        return await self.call(
+            lambda conn: [r[0] for r in conn.execute("SELECT name FROM spool_files")]
+        )
 
     async def forget_spool_file(self, name: str) -> None:
         await self.call(
@@ -307,6 +323,15 @@ class Ledger:
     async def settle_placed(self, now: float) -> tuple[int, float | None]:
         """Placed calls whose wait for a callback is over end `dialed`; (count, next wait end)."""
         return await self.call(_settle_placed, now)
+
+    async def last_sent_at(self, agent_id: str) -> float | None:
+        """When the agent's latest send left, in this run or one before (wall clock)."""
+        row = await self.call(
+            lambda conn: conn.execute(
+                "SELECT last_sent_at FROM agent_sends WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        )
+        return row[0] if row else None
 
     async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
         """Back to the queue: the API refused the send before placing a call."""
@@ -383,6 +408,11 @@ def _mark_sending(
     conn.execute(
         "UPDATE requests SET state = 'sending', sent_at = ?, token = ? WHERE seq = ?",
         (now, token, seq),
+    )
+    conn.execute(
+        "INSERT INTO agent_sends (agent_id, last_sent_at) SELECT agent_id, ? FROM requests"
+        " WHERE seq = ? ON CONFLICT (agent_id) DO UPDATE SET last_sent_at = excluded.last_sent_at",
+        (now, seq),
     )
     if token is not None:
         conn.execute(
@@ -479,7 +509,7 @@ def _add(
     run: int,
     requests: list[Request],
     invalid: list[dict],
-    spool_file: tuple[str, str] | None,
+    spool_file: tuple[str, str, str | None] | None,
 ) -> Intake:
     now = time.time()
     agents = set()
@@ -521,7 +551,9 @@ def _add(
     for fields in invalid:
         _reject(conn, now, {"outcome": "invalid", **fields})
     if spool_file is not None:
-        conn.execute("INSERT OR REPLACE INTO spool_files (name, digest) VALUES (?, ?)", spool_file)
+        conn.execute(
+            "INSERT OR REPLACE INTO spool_files (name, digest, errors) VALUES (?, ?, ?)", spool_file
+        )
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
 
 
@@ -534,11 +566,6 @@ def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
         "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
         (result_line(at=now, **fields), fields["outcome"]),
     )
-
-
-def _spool_digest(conn: sqlite3.Connection, name: str) -> str | None:
-    row = conn.execute("SELECT digest FROM spool_files WHERE name = ?", (name,)).fetchone()
-    return row[0] if row else None
 
 
 def _due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):

@@ -93,7 +93,9 @@ class Intake:
         self._on_queued = on_queued
         self._on_final = on_final
 
-    async def record(self, batch: Batch, spool_file: tuple[str, str] | None = None) -> None:
+    async def record(
+        self, batch: Batch, spool_file: tuple[str, str, str | None] | None = None
+    ) -> None:
         intake = await self._ledger.add(batch.requests, batch.invalid, spool_file)
         if intake.queued_agents:
             self._on_queued(intake.queued_agents)
@@ -261,12 +263,20 @@ class SpoolSource:
         self._changed.set()
 
     async def run(self) -> None:
+        await self._forget_moved_files()
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(self._watch())
             try:
                 await self._take_files()
             finally:
                 watcher.cancel()
+
+    async def _forget_moved_files(self) -> None:
+        """A crash between a file's move to done/ and forgetting it leaves it recorded; forget
+        it now, or a later file of the same name and bytes would be taken for it."""
+        for name in await self._ledger.spool_file_names():
+            if not (self.incoming / name).exists():
+                await self._ledger.forget_spool_file(name)
 
     async def _take_files(self) -> None:
         while not self._stopping:
@@ -333,13 +343,15 @@ class SpoolSource:
         try:
             data = await asyncio.to_thread(_read_limited, path)
             digest = hashlib.sha256(data).hexdigest()
-            if await self._ledger.spool_file_digest(name) == digest:
+            recorded = await self._ledger.spool_file(name)
+            if recorded is not None and recorded[0] == digest:
                 # Recorded before a crash that came before the move: record nothing twice.
-                await asyncio.to_thread(_move, path, self.done, None)
+                await asyncio.to_thread(_move, path, self.done, recorded[1])
             else:
                 batch = parse_spool_file(data, name, self._intake.config())
-                await self._intake.record(batch, spool_file=(name, digest))
-                await asyncio.to_thread(_move, path, self.done, _errors_text(batch))
+                errors = _errors_text(batch)
+                await self._intake.record(batch, spool_file=(name, digest, errors))
+                await asyncio.to_thread(_move, path, self.done, errors)
                 log.info(
                     "spool file taken",
                     file=name,

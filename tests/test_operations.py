@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import signal
+import sqlite3
 import time
 from collections import Counter
 
@@ -142,3 +144,52 @@ def test_requeue_resends_in_doubt_requests_once_and_only_them(tmp_path, simulato
     assert daemon.stop()[0] == 0
     assert sorted(a["to"] for a in healthy.arrivals()) == [f"4477009006{n:02d}" for n in range(3)]
     assert run_dialerd("requeue", "-c", str(config), "r1").returncode == 65  # dialed now
+
+
+def test_a_restart_continues_each_agents_spacing(tmp_path, simulator, daemons):
+    sim = simulator(*FAST)
+    config = sim_config(tmp_path, sim, spool={"dir": str(tmp_path / "spool")})
+    rewrite(config, agents={"agent-a": {**AGENTS["agent-a"], "rate": 1}})
+    spool_file(
+        tmp_path, "a.jsonl", [{"id": f"a{n}", "to": f"+4477009007{n:02d}"} for n in range(4)]
+    )
+    for _run in range(2):  # stopped right after a send, and started again at once
+        daemon = daemons("-c", str(config))
+        daemon.wait_running()
+        count = len(sim.arrivals())
+        wait_for(lambda count=count: len(sim.arrivals()) > count, 10, "a send")
+        assert daemon.stop()[0] == 0
+    daemon = daemons("-c", str(config))
+    results = tmp_path / "state" / "results.jsonl"
+    wait_for(lambda: outcomes(results)["dialed"] == 4, 15, "every call")
+    assert daemon.stop()[0] == 0
+    placed = sorted(arrival["at"] for arrival in sim.arrivals())
+    gaps = [later - earlier for earlier, later in zip(placed, placed[1:], strict=False)]
+    assert min(gaps) > 0.95, (
+        f"two sends of a 1/s agent closer than a second across restarts: {gaps}"
+    )
+
+
+def test_a_file_recorded_then_moved_before_a_crash_does_not_shadow_a_later_one(
+    tmp_path, simulator, daemons
+):
+    sim = simulator(*FAST)
+    config = sim_config(tmp_path, sim, spool={"dir": str(tmp_path / "spool")})
+    requests = [{"to": "+447700900801"}]  # no id: the same bytes again are new requests
+    spool_file(tmp_path, "same.jsonl", requests)
+    daemon = daemons("-c", str(config))
+    results = tmp_path / "state" / "results.jsonl"
+    wait_for(lambda: outcomes(results)["dialed"] == 1, 10, "the first file")
+    assert daemon.stop()[0] == 0
+    # As a crash between the move to done/ and forgetting the file would leave the ledger:
+    content = (tmp_path / "spool" / "done" / "same.jsonl").read_bytes()
+    with sqlite3.connect(tmp_path / "state" / "ledger.sqlite3") as ledger:
+        ledger.execute(
+            "INSERT INTO spool_files (name, digest) VALUES (?, ?)",
+            ("same.jsonl", hashlib.sha256(content).hexdigest()),
+        )
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    spool_file(tmp_path, "same.jsonl", requests)
+    wait_for(lambda: outcomes(results)["dialed"] == 2, 10, "the later file of the same bytes")
+    assert daemon.stop()[0] == 0
