@@ -10,7 +10,8 @@ import aiohttp
 import aiohttp.web
 import pytest
 
-from dialerd.simulator import Arrival, Faults, Simulator, add_arguments, serve, window_violations
+from dialerd.cli import add_simulator_arguments, faults_from
+from dialerd.simulator import Arrival, Faults, Simulator, serve, window_violations
 
 KEY = {"X-Vgai-Key": "test-key"}
 NUMBER_OF_A = "447700900000"
@@ -346,7 +347,7 @@ def test_window_violations_with_a_wider_window():
 
 def parse(*argv):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_simulator_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -377,7 +378,8 @@ def test_bad_arguments_are_refused(argv):
 
 
 async def test_serve_listens_until_cancelled(http, capsys):
-    server = asyncio.create_task(serve(parse("--port", "0", "--agent", "a=1")))
+    args = parse("--port", "0", "--agent", "a=1")
+    server = asyncio.create_task(serve(args, faults_from(args)))
     url = None
     for _ in range(200):
         await asyncio.sleep(0.01)
