@@ -2,9 +2,9 @@
 
 import sys
 
-from . import callbacks, fidelity
+from . import callbacks, fidelity, memory, scale
 
-BENCHMARKS = {"fidelity": fidelity, "callbacks": callbacks}
+BENCHMARKS = {"fidelity": fidelity, "callbacks": callbacks, "memory": memory, "scale": scale}
 
 
 def main(names: list[str]) -> None:

@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def simulator_process(agents: dict[str, int], log: Path, latency: str) -> Iterator[str]:
+def simulator_process(
+    agents: dict[str, int], log: Path, latency: str, default_rate: int | None = None
+) -> Iterator[str]:
     """`dialerd simulate` on 127.0.0.1; yields its base URL, stops it at the end."""
     port = free_port()
     command = [
@@ -39,6 +41,8 @@ def simulator_process(agents: dict[str, int], log: Path, latency: str) -> Iterat
     ]
     for agent_id, rate in agents.items():
         command += ["--agent", f"{agent_id}={rate}"]
+    if default_rate is not None:
+        command += ["--default-rate", str(default_rate)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20

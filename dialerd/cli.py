@@ -122,7 +122,8 @@ def cmd_run(args) -> int:
     config = _load_runnable(args, needs_key=not args.simulate)
     faults = faults_from(args) if args.simulate else None
     try:
-        asyncio.run(Daemon(config, simulate=faults).run())
+        with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+            runner.run(Daemon(config, simulate=faults).run())
     except LedgerLocked as error:
         raise Failure(str(error), EX_TEMPFAIL) from None
     except OSError as error:
@@ -131,6 +132,15 @@ def cmd_run(args) -> int:
         log.exception("a task of the daemon failed", exc_info=group)
         raise Failure(f"stopped by a fault: {_first_cause(group)}", EX_SOFTWARE) from None
     return EX_OK
+
+
+def _fastest_loop():
+    """uvloop's event loop when it is installed (less CPU per send), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
@@ -394,14 +404,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import configure
+    from .logs import configure, stderr_is_journal
 
     try:
         args = build_parser().parse_args(argv)
         configure(args.log_level)
         return COMMANDS[args.command](args)
     except Failure as failure:
-        print(f"dialerd: {failure}", file=sys.stderr)
+        prefix = "<3>" if stderr_is_journal() else ""  # journald files it as an error
+        for line in f"dialerd: {failure}".splitlines():
+            print(f"{prefix}{line}", file=sys.stderr)
         return failure.code
     except KeyboardInterrupt:
         return EX_OK

@@ -66,7 +66,7 @@ def configure(level: str = "info", json_lines: bool | None = None) -> None:
             *journal,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
+        logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
 
