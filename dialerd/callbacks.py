@@ -133,6 +133,8 @@ class CallbackListener:
             body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return _answer(413, f"a callback body is at most {MAX_BODY // 1024} KiB")
+        except web.RequestPayloadError:  # a Content-Encoding the body is not in
+            return _answer(400, "the body cannot be decoded")
         except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             return _answer(400, "the body is not JSON")
         problem = callback_problem(body)

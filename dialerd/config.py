@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import zoneinfo
@@ -25,7 +26,7 @@ DEFAULT_ENDPOINTS = MappingProxyType(
 APPROVED_RATES = (1, 3, 5)
 CALLBACK_STATUSES = ("cancelled", "rejected", "busy", "timeout", "failed")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-AGENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class ConfigError(Exception):
@@ -151,6 +152,8 @@ def _positive(kind: type) -> Callable[[Any], Any]:
     def convert(raw: Any) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ValueError(f"must be a number, not {raw!r}")
+        if not math.isfinite(raw):
+            raise ValueError(f"must be a finite number, not {raw!r}")
         if kind is int and raw != int(raw):
             raise ValueError(f"must be a whole number, not {raw!r}")
         if raw <= 0:
@@ -277,7 +280,7 @@ def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str,
     before = len(r.problems)
     for agent_id, body in r.mapping(node, "agents", None).items():
         key = f"agents.{agent_id}"
-        if not AGENT_ID.match(str(agent_id)):
+        if not AGENT_ID.fullmatch(str(agent_id)):
             r.fail(key, "an agent id is 1-128 of A-Za-z0-9._:-")
         fields = r.mapping(body, key, ("region", "rate", "number", "margin"))
         region = r.value(fields, key, "region", _string)
@@ -497,6 +500,12 @@ def load_config(path: str | os.PathLike) -> Config:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", error)
         raise ConfigError([f"(file): not valid YAML{where}: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError(["(file): not valid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        # PyYAML lets some bad scalars through as plain Python errors: `!!int x`, `!!bool maybe`,
+        # `!!timestamp x`, a date like 2024-13-45, an integer of 4300+ digits.
+        raise ConfigError([f"(file): not valid YAML: a value cannot be read: {error}"]) from None
     return build_config(document, path)
 
 

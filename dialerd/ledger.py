@@ -558,9 +558,16 @@ def _add(
 
 
 def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
+    request_id = fields.get("id")  # an invalid request's `id` may be any JSON value
     conn.execute(
         "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
-        (fields.get("id"), fields["outcome"], fields["error"], fields["source"], now),
+        (
+            request_id if isinstance(request_id, str) else None,
+            fields["outcome"],
+            fields["error"],
+            fields["source"],
+            now,
+        ),
     )
     conn.execute(
         "INSERT INTO outbox (line, outcome) VALUES (?, ?)",

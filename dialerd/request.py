@@ -146,6 +146,10 @@ def _moment(raw: Any) -> float:
         raise ValueError(f"{raw!r} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         raise ValueError(f"{raw!r} has no UTC offset (add Z or +HH:MM)")
+    try:
+        moment.astimezone(dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is in the year 0 in UTC
+        raise ValueError(f"{raw!r} is out of range (years 1 to 9999 in UTC)") from None
     return moment.timestamp()
 
 

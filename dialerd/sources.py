@@ -205,6 +205,7 @@ class Rejected(Exception):
 
 def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
     """A whole JSON object, a JSON array of objects, or JSON lines; Rejected if none of these."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM, as editors write it
     try:
         text = utf8_text(data)
     except ValueError as error:
@@ -212,10 +213,8 @@ def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
     batch = Batch()
     try:
         document = loads(text)
-    except ValueError:  # not one JSON document (or a bad value in it): read it line by line
+    except (ValueError, RecursionError):  # not one JSON document: read it line by line
         document = None
-    except RecursionError:
-        raise Rejected("JSON nested too deeply") from None
     if isinstance(document, dict):
         batch.add(document, config, f"spool:{name}")
     elif isinstance(document, list):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -93,13 +94,18 @@ def _document(request) -> dict:
     else:
         document["agent_id"] = request.agent_id
     if request.session_parameters:
-        document["session_parameters"] = dict(request.session_parameters)
+        pairs = request.session_parameters
+        if len({name for name, _value in pairs}) == len(pairs):
+            document["session_parameters"] = dict(pairs)
+        else:  # a name given twice: only the API's own list keeps every one
+            document["session_parameters"] = [{"name": n, "value": v} for n, v in pairs]
     if request.hangup_on_answer_machine is not None:
         document["hangup_on_answer_machine"] = request.hangup_on_answer_machine
     for name in ("not_before", "expires_at"):
         moment = getattr(request, name)
         if moment is not None:
-            document[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+            exact = dt.datetime.fromtimestamp(moment, dt.UTC).isoformat()  # to the microsecond
+            document[name] = exact.replace("+00:00", "Z")
     if request.meta is not None:
         document["meta"] = request.meta
     return document

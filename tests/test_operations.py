@@ -160,6 +160,7 @@ def test_a_restart_continues_each_agents_spacing(tmp_path, simulator, daemons):
         wait_for(lambda count=count: len(sim.arrivals()) > count, 10, "a send")
         assert daemon.stop()[0] == 0
     daemon = daemons("-c", str(config))
+    daemon.wait_running()
     results = tmp_path / "state" / "results.jsonl"
     wait_for(lambda: outcomes(results)["dialed"] == 4, 15, "every call")
     assert daemon.stop()[0] == 0
