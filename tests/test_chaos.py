@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import run_dialerd
-from test_stdin import SimulatorProcess, daemons, simulator, wait_for
-
-__all__ = ["daemons", "simulator"]  # fixtures, shared with test_stdin.py
+from conftest import SimulatorProcess, run_dialerd, wait_for
 
 RATE = 5
 AGENTS = ("agent-a", "agent-b", "agent-c", "agent-d")  # 4 x 5/s = 20 calls per second in all

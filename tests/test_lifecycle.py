@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dialerd_env, result_lines, run_dialerd, write_config
-from test_stdin import daemons, read_results, sim_config, simulator, wait_for
-
-__all__ = ["daemons", "simulator"]  # fixtures, shared with test_stdin.py
+from conftest import (
+    dialerd_env,
+    read_results,
+    result_lines,
+    run_dialerd,
+    sim_config,
+    wait_for,
+    write_config,
+)
 
 FUTURE = "2099-01-01T00:00:00Z"
 

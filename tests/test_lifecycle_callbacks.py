@@ -22,11 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import result_lines, run_dialerd
+from conftest import SimulatorProcess, read_results, result_lines, run_dialerd, sim_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from test_stdin import SimulatorProcess, daemons, read_results, sim_config, simulator, wait_for
-
-__all__ = ["daemons", "simulator"]  # fixtures, shared with test_stdin.py
 
 ANSWER_RECORDED_S = 0.3  # after a call reaches the simulator, its answer is in the ledger by then
 TOKEN_URL = r"/callbacks/[A-Za-z0-9_-]{43}"

@@ -11,8 +11,7 @@ import time
 from collections import Counter
 
 import yaml
-from conftest import run_dialerd
-from test_stdin import AGENTS, daemons, read_results, sim_config, simulator, wait_for  # noqa: F401
+from conftest import AGENTS, read_results, run_dialerd, sim_config, wait_for
 
 FAST = ("--latency", "0.01-0.03")
 

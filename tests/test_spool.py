@@ -11,10 +11,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import dialerd_env, run_dialerd
-from test_stdin import check_result_shape, daemons, read_results, sim_config, simulator, wait_for
-
-__all__ = ["daemons", "simulator"]  # fixtures, shared with test_stdin.py
+from conftest import (
+    check_result_shape,
+    dialerd_env,
+    read_results,
+    run_dialerd,
+    sim_config,
+    wait_for,
+)
 
 PICKUP_S = 3.0  # a file renamed into incoming/ is taken within this
 

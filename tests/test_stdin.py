@@ -1,220 +1,25 @@
-"""JSON lines on stdin, through the real `dialerd run` process and a `dialerd simulate` server.
-
-The helpers here (the simulator process, configs pointing at it, waiting with a deadline) are
-shared with test_spool.py and test_lifecycle.py.
-"""
+"""JSON lines on stdin, through the real `dialerd run` process and a `dialerd simulate` server."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
-from conftest import dialerd, dialerd_env, result_lines, run_dialerd, write_config
-
-REPO = Path(__file__).resolve().parent.parent
-RESULT_KEYS = {
-    "id", "to", "agent_id", "outcome", "attempts", "http_status", "conversation_uuid", "status",
-    "error", "meta", "source", "at",
-}  # fmt: skip
-NUMBER_OF_A = "447700900000"
-AGENTS = {
-    "agent-a": {"region": "eu", "rate": 5, "number": NUMBER_OF_A},
-    "agent-b": {"region": "us", "rate": 5},
-}
-SIM_AGENTS = ("agent-a=5", "agent-b=5")
-
-
-# -- helpers shared by the three process-level test files ---------------------------------------
-
-
-class SimulatorProcess:
-    """`dialerd simulate` as its own process on a free port; one JSON line per arrival in `log`."""
-
-    def __init__(self, directory: Path, agents: tuple[str, ...], *options: str):
-        self.log = directory / f"simulator-{time.monotonic_ns()}.jsonl"
-        self._stderr_path = self.log.with_suffix(".stderr")
-        command = [
-            sys.executable,
-            "-m",
-            "dialerd",
-            "simulate",
-            "--port",
-            "0",
-            "--seed",
-            "7",
-            "--log",
-            str(self.log),
-            *(f"--agent={agent}" for agent in agents),
-            *options,
-        ]
-        if not any(option.startswith("--latency") for option in options):
-            command += ["--latency", "0.05-0.2"]
-        with open(self._stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-            )
-        try:
-            ready = wait_for(self._ready_line, 15, "the simulator to listen")
-        except BaseException:
-            self.stop()
-            raise
-        self.url = ready.group(1)
-
-    def _ready_line(self) -> re.Match | None:
-        text = self._stderr_path.read_text(errors="replace")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the simulator exited ({self.proc.returncode}): {text}")
-        return re.search(r"simulator listening on (http://\S+)", text)
-
-    def endpoints(self) -> dict[str, str]:
-        return {region: f"{self.url}/{region}/telephony/make-call" for region in ("eu", "us")}
-
-    def arrivals(self) -> list[dict]:
-        if not self.log.exists():
-            return []
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}")]
-
-    def placed(self) -> Counter:
-        """How many calls were placed per callee (`to`)."""
-        return Counter(arrival["to"] for arrival in self.arrivals() if arrival["placed"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
-@pytest.fixture
-def simulator(tmp_path: Path) -> Iterator[Callable[..., SimulatorProcess]]:
-    """Start `dialerd simulate` processes (default: agent-a and agent-b at 5/s); stopped after."""
-    started: list[SimulatorProcess] = []
-
-    def start(*options: str, agents: tuple[str, ...] = SIM_AGENTS) -> SimulatorProcess:
-        process = SimulatorProcess(tmp_path, agents, *options)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-def sim_config(tmp_path: Path, sim: SimulatorProcess, *, timeout_s: float = 5, **top: Any) -> Path:
-    """A config with agent-a (EU, number NUMBER_OF_A) and agent-b (US) on the simulator."""
-    api = {"key_env": "VGAI_KEY", "timeout_s": timeout_s, "endpoints": sim.endpoints()}
-    top.setdefault("default_agent", "agent-a")
-    return write_config(tmp_path, AGENTS, api=api, **top)
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `probe` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def read_results(path: Path) -> list[dict]:
-    return result_lines(path.read_text()) if path.exists() else []
-
-
-class Daemon:
-    """`dialerd run` in the background, stdout and stderr in files, stopped at the end."""
-
-    def __init__(
-        self,
-        directory: Path,
-        *args: str,
-        stdin: Any = subprocess.DEVNULL,
-        env: dict[str, str] | None = None,
-        name: str = "dialerd",
-    ):
-        stamp = time.monotonic_ns()
-        self.stdout_path = directory / f"{name}-{stamp}.stdout"
-        self.stderr_path = directory / f"{name}-{stamp}.stderr"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = dialerd(
-                "run", *args, stdin=stdin, stdout=out, stderr=err, env=env or dialerd_env()
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def wait_running(self, timeout: float = 15) -> None:
-        """Until the daemon logs that it runs (its signal handlers are in place by then)."""
-
-        def running() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dialerd exited ({self.proc.returncode}): {self.stderr}")
-            return '"event": "running"' in self.stderr
-
-        wait_for(running, timeout, "dialerd to run")
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, float]:
-        """Send the signal; return the exit code and the seconds it took to exit."""
-        started = time.monotonic()
-        self.proc.send_signal(signum)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"dialerd did not exit within {timeout} s of {signum}") from None
-        return code, time.monotonic() - started
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start background daemons; any still running at the end is killed."""
-    started: list[Daemon] = []
-
-    def start(*args: str, **options: Any) -> Daemon:
-        daemon = Daemon(tmp_path, *args, **options)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
-
-
-def check_result_shape(result: dict) -> None:
-    assert set(result) == RESULT_KEYS, result
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", result["at"]), result
-
+from conftest import (
+    NUMBER_OF_A,
+    REPO,
+    check_result_shape,
+    dialerd_env,
+    result_lines,
+    run_dialerd,
+    sim_config,
+)
 
 # -- the tests ----------------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import dialerd, dialerd_env, write_config
-from test_stdin import AGENTS, SimulatorProcess, daemons, simulator, wait_for
+from conftest import AGENTS, SimulatorProcess, dialerd, dialerd_env, wait_for, write_config
 
 from dialerd.cli import EX_CONFIG
 from dialerd.config import build_config
@@ -35,8 +34,6 @@ from dialerd.ledger import Ledger
 from dialerd.logs import JOURNAL_PRIORITY
 from dialerd.metrics import Metrics
 from dialerd.notify import Notifier
-
-__all__ = ["daemons", "simulator"]  # fixtures, shared with test_stdin.py
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "dialerd.service"
