@@ -158,11 +158,15 @@ class Ledger:
         """Lock the state_dir, open the database and start this run; blocking, called once."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.state_dir)
-        self._conn = _connect(self.path)
-        self._conn.executescript(SCHEMA)
-        cursor = self._conn.execute(
-            "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
-        )
+        try:
+            self._conn = _connect(self.path)
+            self._conn.executescript(SCHEMA)
+            cursor = self._conn.execute(
+                "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
+            )
+        except sqlite3.Error as error:  # not writable (read-only file or directory), not SQLite
+            self.close()
+            raise OSError(f"cannot open the ledger {self.path}: {error}") from None
         self.run = cursor.lastrowid
         self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
         self._thread.start()

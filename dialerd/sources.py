@@ -7,6 +7,7 @@ transaction; only then can a request be sent, and only then does a spool file le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import stat
@@ -256,6 +257,7 @@ class SpoolSource:
         self._changed = asyncio.Event()
         self._stopping = False
         self._fault: str | None = None  # what keeps the spool from being read, while it lasts
+        self._listed = False  # listed once: a directory missing from now on was removed
 
     def stop(self) -> None:
         self._stopping = True
@@ -302,7 +304,11 @@ class SpoolSource:
 
     def _make_and_list(self) -> list[str]:
         for directory in (self.incoming, self.done, self.rejected):
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                if self._listed:
+                    log.warning("a spool directory was missing; made it again", dir=str(directory))
+        self._listed = True
         return self._waiting_files()
 
     async def _watch(self) -> None:
@@ -360,7 +366,10 @@ class SpoolSource:
             await self._ledger.forget_spool_file(name)
         except Rejected as error:
             log.warning("spool file rejected", file=name, error=str(error))
-            await asyncio.to_thread(_reject, path, self.rejected, str(error))
+            try:
+                await asyncio.to_thread(_reject, path, self.rejected, str(error))
+            except OSError as fault:  # as below: it stays in incoming/ for the next scan
+                log.error("cannot reject a spool file; trying again", file=name, error=str(fault))
         except FileNotFoundError:
             pass  # taken away by its writer meanwhile
         except OSError as error:
@@ -410,10 +419,16 @@ def _reject(path: Path, directory: Path, reason: str) -> None:
 
 
 def _write_file(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
+    """Write a note whole, or leave none: a partial one would take the name of the next try."""
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _sync_dir(directory: Path) -> None:
