@@ -2,9 +2,15 @@
 
 import sys
 
-from . import callbacks, fidelity, memory, scale
+from . import callbacks, fidelity, memory, scale, spool
 
-BENCHMARKS = {"fidelity": fidelity, "callbacks": callbacks, "memory": memory, "scale": scale}
+BENCHMARKS = {
+    "fidelity": fidelity,
+    "callbacks": callbacks,
+    "memory": memory,
+    "spool": spool,
+    "scale": scale,
+}
 
 
 def main(names: list[str]) -> None:

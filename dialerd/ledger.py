@@ -281,9 +281,11 @@ class Ledger:
             lambda conn: [r[0] for r in conn.execute("SELECT name FROM spool_files")]
         )
 
-    async def forget_spool_file(self, name: str) -> None:
+    async def forget_spool_files(self, names: list[str]) -> None:
         await self.call(
-            lambda conn: conn.execute("DELETE FROM spool_files WHERE name = ?", (name,))
+            lambda conn: conn.executemany(
+                "DELETE FROM spool_files WHERE name = ?", [(name,) for name in names]
+            )
         )
 
     # -- dispatch ----------------------------------------------------------------------------

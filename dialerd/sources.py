@@ -38,6 +38,7 @@ STOP_CHECK_S = 0.25
 READ_CHUNK = 256 * 1024
 SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event was lost
 SPOOL_POLL_S = 0.1  # without inotify
+SPOOL_BATCH = 256  # files taken side by side
 
 
 def stdin_is_data() -> bool:
@@ -275,17 +276,19 @@ class SpoolSource:
     async def _forget_moved_files(self) -> None:
         """A crash between a file's move to done/ and forgetting it leaves it recorded; forget
         it now, or a later file of the same name and bytes would be taken for it."""
-        for name in await self._ledger.spool_file_names():
-            if not (self.incoming / name).exists():
-                await self._ledger.forget_spool_file(name)
+        names = await self._ledger.spool_file_names()
+        gone = [name for name in names if not (self.incoming / name).exists()]
+        if gone:
+            await self._ledger.forget_spool_files(gone)
 
     async def _take_files(self) -> None:
         while not self._stopping:
             self._changed.clear()
-            for name in await self._scan():
+            names = await self._scan()
+            for start in range(0, len(names), SPOOL_BATCH):
                 if self._stopping:
                     return
-                await self._take(name)
+                await self._take_batch(names[start : start + SPOOL_BATCH])
             await wait_event(self._changed, SPOOL_RESCAN_S)
 
     async def _scan(self) -> list[str]:
@@ -343,27 +346,36 @@ class SpoolSource:
                     entries.append((entry.stat().st_mtime, entry.name))
         return [name for _mtime, name in sorted(entries)]
 
-    async def _take(self, name: str) -> None:
+    async def _take_batch(self, names: list[str]) -> None:
+        """Take files side by side (their ledger commits share fsyncs), then make their moves
+        durable with one sync per directory before the ledger forgets them: a file must never
+        be forgotten while a crash could still bring it back to incoming/."""
+        moved = await asyncio.gather(*(self._take(name) for name in names))
+        taken = [name for name, was_moved in zip(names, moved, strict=True) if was_moved]
+        if taken:
+            await asyncio.to_thread(_sync_dirs, self.done, self.incoming)
+            await self._ledger.forget_spool_files(taken)
+
+    async def _take(self, name: str) -> bool:
+        """Record one file and move it to done/ (True), or to rejected/, or leave it (False)."""
         path = self.incoming / name
         try:
-            data = await asyncio.to_thread(_read_limited, path)
-            digest = hashlib.sha256(data).hexdigest()
+            digest, batch = await asyncio.to_thread(_read_spool_file, path, self._intake.config())
             recorded = await self._ledger.spool_file(name)
             if recorded is not None and recorded[0] == digest:
                 # Recorded before a crash that came before the move: record nothing twice.
                 await asyncio.to_thread(_move, path, self.done, recorded[1])
-            else:
-                batch = parse_spool_file(data, name, self._intake.config())
-                errors = _errors_text(batch)
-                await self._intake.record(batch, spool_file=(name, digest, errors))
-                await asyncio.to_thread(_move, path, self.done, errors)
-                log.info(
-                    "spool file taken",
-                    file=name,
-                    requests=len(batch.requests),
-                    invalid=len(batch.invalid),
-                )
-            await self._ledger.forget_spool_file(name)
+                return True
+            errors = _errors_text(batch)
+            await self._intake.record(batch, spool_file=(name, digest, errors))
+            await asyncio.to_thread(_move, path, self.done, errors)
+            log.info(
+                "spool file taken",
+                file=name,
+                requests=len(batch.requests),
+                invalid=len(batch.invalid),
+            )
+            return True
         except Rejected as error:
             log.warning("spool file rejected", file=name, error=str(error))
             try:
@@ -376,6 +388,13 @@ class SpoolSource:
             # A full disk or a directory gone: the file stays in incoming/ for the next scan;
             # what the ledger holds of it is recognised by its digest then.
             log.error("cannot take a spool file; trying again", file=name, error=str(error))
+        return False
+
+
+def _read_spool_file(path: Path, config: Config) -> tuple[str, Batch]:
+    """A spool file's digest and requests, read and parsed off the event loop."""
+    data = _read_limited(path)
+    return hashlib.sha256(data).hexdigest(), parse_spool_file(data, path.name, config)
 
 
 def _read_limited(path: Path) -> bytes:
@@ -407,8 +426,6 @@ def _move(path: Path, directory: Path, errors: str | None) -> None:
     if errors is not None:
         _write_file(directory / f"{target}.errors", errors)
     os.rename(path, directory / target)
-    _sync_dir(directory)
-    _sync_dir(path.parent)
 
 
 def _reject(path: Path, directory: Path, reason: str) -> None:
@@ -429,6 +446,11 @@ def _write_file(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
+
+
+def _sync_dirs(*directories: Path) -> None:
+    for directory in directories:
+        _sync_dir(directory)
 
 
 def _sync_dir(directory: Path) -> None:
