@@ -31,6 +31,7 @@ from urllib.parse import quote, unquote_to_bytes
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from test_request import CONFIG, NO_DEFAULT, TO
 
 from dialerd import ledger as ledger_module
 from dialerd.callbacks import (
@@ -69,19 +70,6 @@ def fuzz(examples: int) -> settings:
     )
 
 
-TO = "447700900123"
-CONFIG = build_config(
-    {
-        "agents": {
-            "agent-eu": {"region": "eu", "rate": 5, "number": "447700900000"},
-            "agent-us": {"region": "us", "rate": 3, "number": "+1 202 555 0100"},
-        },
-        "default_agent": "agent-eu",
-    }
-)
-NO_DEFAULT = build_config(
-    {"agents": {"agent-eu": {"region": "eu", "rate": 5}, "agent-us": {"region": "us", "rate": 1}}}
-)
 CONFIGS = {"default agent": CONFIG, "no default agent": NO_DEFAULT}
 CONFIG_NAMES = st.sampled_from(sorted(CONFIGS))  # by name: a failing example reads well
 
