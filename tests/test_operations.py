@@ -193,3 +193,23 @@ def test_a_file_recorded_then_moved_before_a_crash_does_not_shadow_a_later_one(
     spool_file(tmp_path, "same.jsonl", requests)
     wait_for(lambda: outcomes(results)["dialed"] == 2, 10, "the later file of the same bytes")
     assert daemon.stop()[0] == 0
+
+
+def test_sighup_moves_sends_to_new_endpoints(tmp_path, simulator, daemons):
+    first, second = simulator(*FAST), simulator(*FAST)
+    config = sim_config(tmp_path, first, spool={"dir": str(tmp_path / "spool")})
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    results = tmp_path / "state" / "results.jsonl"
+    spool_file(tmp_path, "a.jsonl", [{"id": "a1", "to": "+447700900901"}])
+    wait_for(lambda: outcomes(results)["dialed"] == 1, 10, "a call to the first endpoints")
+
+    api = {**yaml.safe_load(config.read_text())["api"], "endpoints": second.endpoints()}
+    rewrite(config, api=api)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.stderr.count('"event": "reloaded"') == 1, 10, "the reload")
+    spool_file(tmp_path, "b.jsonl", [{"id": "b1", "to": "+447700900902"}])
+    wait_for(lambda: outcomes(results)["dialed"] == 2, 10, "a call to the new endpoints")
+    assert daemon.stop()[0] == 0
+    assert [a["to"] for a in first.arrivals()] == ["447700900901"]
+    assert [a["to"] for a in second.arrivals()] == ["447700900902"]
