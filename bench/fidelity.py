@@ -23,6 +23,7 @@ from .harness import child_env, fidelity, read_arrivals, simulator_process
 TIERS = (1, 3, 5)
 SECONDS = 20  # of sending per tier and client
 LATENCY = "0.1-0.5"
+JITTER = 0.02  # each request reaches the API up to 20 ms late, at random
 HEADERS = {"X-Vgai-Key": "bench-key", "Content-Type": "application/json"}
 
 
@@ -94,7 +95,7 @@ def run() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         log = workdir / "arrivals.jsonl"
-        with simulator_process(agents, log, LATENCY) as base_url:
+        with simulator_process(agents, log, LATENCY, jitter=JITTER) as base_url:
             dialer = _run_dialerd(workdir, base_url)
             asyncio.run(_run_clients(base_url))
             dialer.wait(timeout=SECONDS * 4)
@@ -105,7 +106,8 @@ def run() -> list[str]:
         "limiter": "AsyncLimiter(rate, 1), the common way",
     }
     table = [
-        f"Rate fidelity, {SECONDS} s of work per tier, API latency {LATENCY} s "
+        f"Rate fidelity, {SECONDS} s of work per tier, API latency {LATENCY} s, arrival jitter "
+        f"{JITTER * 1000:.0f} ms "
         "(achieved = placed calls/s at the simulator ÷ rate):",
         "",
         "| client | rate | placed | achieved | 429s |",

@@ -23,7 +23,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def simulator_process(
-    agents: dict[str, int], log: Path, latency: str, default_rate: int | None = None
+    agents: dict[str, int],
+    log: Path,
+    latency: str,
+    default_rate: int | None = None,
+    jitter: float = 0.0,
 ) -> Iterator[str]:
     """`dialerd simulate` on 127.0.0.1; yields its base URL, stops it at the end."""
     port = free_port()
@@ -38,6 +42,8 @@ def simulator_process(
         str(log),
         "--latency",
         latency,
+        "--jitter",
+        str(jitter),
     ]
     for agent_id, rate in agents.items():
         command += ["--agent", f"{agent_id}={rate}"]

@@ -307,6 +307,13 @@ def add_fault_arguments(parser: argparse.ArgumentParser, latency: str) -> None:
         help=f"answer delay range in seconds (default {latency})",
     )
     parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="network jitter: each request arrives up to S seconds late, at random (default 0)",
+    )
+    parser.add_argument(
         "--error-rate", type=_probability, default=0.0, metavar="P", help="chance to answer 503"
     )
     parser.add_argument(
@@ -343,6 +350,7 @@ def faults_from(args: argparse.Namespace):
         reset=args.reset_rate,
         hang=args.hang_rate,
         latency=args.latency,
+        jitter=args.jitter,
         unreached=tuple(args.unreached),
         callback_delay=args.callback_delay,
     )

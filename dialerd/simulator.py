@@ -49,6 +49,7 @@ class Faults:
     reset: float = 0.0  # drop the connection without an answer; the call IS placed
     hang: float = 0.0  # never answer; the call IS placed
     latency: tuple[float, float] = (0.0, 0.0)  # uniform delay of every answer, in seconds
+    jitter: float = 0.0  # network jitter: a uniform delay, up to this, before a request "arrives"
     # For placed calls that carry a status_url: (status, probability) of a callback saying the
     # callee was not reached, as the real API sends; and its delay after the answer.
     unreached: tuple[tuple[str, float], ...] = ()
@@ -58,6 +59,8 @@ class Faults:
         probabilities = (self.error_5xx, self.reset, self.hang)
         if any(not 0.0 <= p <= 1.0 for p in probabilities) or sum(probabilities) > 1.0:
             raise ValueError("fault probabilities must each be in [0, 1] and sum to at most 1")
+        if not self.jitter >= 0.0:  # NaN too
+            raise ValueError("jitter must be 0 or more seconds")
         for low, high in (self.latency, self.callback_delay):
             if not 0.0 <= low <= high:
                 raise ValueError("a delay must be a range MIN-MAX with 0 <= MIN <= MAX")
@@ -196,6 +199,8 @@ class Simulator:
         if request.method != "POST":
             raise web.HTTPNotFound()
         body = await _read_json_object(request)
+        if self.faults.jitter:
+            await asyncio.sleep(self._rng.uniform(0.0, self.faults.jitter))
         # From here to _deliver nothing awaits, so judging and counting a request is atomic
         # and the recorded times are in arrival order.
         at, wall = time.monotonic(), time.time()

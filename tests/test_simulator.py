@@ -470,3 +470,17 @@ def test_callback_arguments_are_parsed():
         parse("--unreached", "answered=0.5")
     with pytest.raises(ValueError):
         Faults(unreached=(("busy", 0.7), ("timeout", 0.7)))
+
+
+async def test_jitter_delays_each_arrival_by_up_to_its_bound(http, start):
+    simulator = await start(faults=Faults(jitter=0.1), seed=3)
+    delays = []
+    for _ in range(10):
+        sent = time.monotonic()
+        await call(http, simulator, {"agent_id": "five", "to": "447700900123"})
+        delays.append(simulator.arrivals[-1].at - sent)
+        await asyncio.sleep(0.25)  # stay under the agent's rate
+    assert all(0 <= delay < 0.1 + 0.05 for delay in delays), delays
+    assert max(delays) - min(delays) > 0.02, "the delays vary"
+    with pytest.raises(ValueError):
+        Faults(jitter=-1)
