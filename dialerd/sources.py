@@ -352,9 +352,16 @@ class SpoolSource:
         be forgotten while a crash could still bring it back to incoming/."""
         moved = await asyncio.gather(*(self._take(name) for name in names))
         taken = [name for name, was_moved in zip(names, moved, strict=True) if was_moved]
-        if taken:
+        if not taken:
+            return
+        try:
             await asyncio.to_thread(_sync_dirs, self.done, self.incoming)
-            await self._ledger.forget_spool_files(taken)
+        except OSError as error:
+            # The spool went away under the moves: they stay recorded, and the next start
+            # forgets those no longer in incoming/.
+            log.error("cannot sync the spool after a move", error=str(error))
+            return
+        await self._ledger.forget_spool_files(taken)
 
     async def _take(self, name: str) -> bool:
         """Record one file and move it to done/ (True), or to rejected/, or leave it (False)."""
