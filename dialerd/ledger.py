@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,8 +255,12 @@ class Ledger:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(False, error)] * len(batch)
+        # One wake-up of each waiting loop per batch, not one per call.
+        settled: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for (_fn, _args, future, loop), outcome in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, future, outcome)
+            settled[loop].append((future, outcome))
+        for loop, futures in settled.items():
+            loop.call_soon_threadsafe(_settle, futures)
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -268,13 +273,9 @@ class Ledger:
         """Queue valid requests, record invalid ones (and ids seen before) as final results."""
         return await self.call(_add, self.run, requests, invalid, spool_file)
 
-    async def spool_file(self, name: str) -> tuple[str, str | None] | None:
-        """(digest, errors text) of a spool file recorded but maybe not yet moved to done/."""
-        return await self.call(
-            lambda conn: conn.execute(
-                "SELECT digest, errors FROM spool_files WHERE name = ?", (name,)
-            ).fetchone()
-        )
+    async def spool_files(self, names: list[str]) -> dict[str, tuple[str, str | None]]:
+        """(digest, errors text) of the named spool files recorded but maybe not yet moved."""
+        return await self.call(_spool_files, names)
 
     async def spool_file_names(self) -> list[str]:
         return await self.call(
@@ -394,14 +395,23 @@ class Ledger:
         return await self.call(status_report, time.time())
 
 
-def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
-    if future.cancelled():
-        return
-    ok, value = outcome
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    for future, (ok, value) in futures:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _spool_files(conn: sqlite3.Connection, names: list[str]) -> dict:
+    recorded = {}
+    for name in names:
+        row = conn.execute("SELECT digest, errors FROM spool_files WHERE name = ?", (name,))
+        for digest, errors in row:
+            recorded[name] = (digest, errors)
+    return recorded
 
 
 def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:

@@ -350,7 +350,8 @@ class SpoolSource:
         """Take files side by side (their ledger commits share fsyncs), then make their moves
         durable with one sync per directory before the ledger forgets them: a file must never
         be forgotten while a crash could still bring it back to incoming/."""
-        moved = await asyncio.gather(*(self._take(name) for name in names))
+        recorded = await self._ledger.spool_files(names)
+        moved = await asyncio.gather(*(self._take(name, recorded.get(name)) for name in names))
         taken = [name for name, was_moved in zip(names, moved, strict=True) if was_moved]
         if not taken:
             return
@@ -363,12 +364,14 @@ class SpoolSource:
             return
         await self._ledger.forget_spool_files(taken)
 
-    async def _take(self, name: str) -> bool:
-        """Record one file and move it to done/ (True), or to rejected/, or leave it (False)."""
+    async def _take(self, name: str, recorded: tuple[str, str | None] | None) -> bool:
+        """Record one file and move it to done/ (True), or to rejected/, or leave it (False).
+
+        `recorded`: the (digest, errors) the ledger holds of a file of this name, if any.
+        """
         path = self.incoming / name
         try:
             digest, batch = await asyncio.to_thread(_read_spool_file, path, self._intake.config())
-            recorded = await self._ledger.spool_file(name)
             if recorded is not None and recorded[0] == digest:
                 # Recorded before a crash that came before the move: record nothing twice.
                 await asyncio.to_thread(_move, path, self.done, recorded[1])
@@ -407,12 +410,12 @@ def _read_spool_file(path: Path, config: Config) -> tuple[str, Batch]:
 def _read_limited(path: Path) -> bytes:
     try:
         with open(path, "rb") as file:
-            data = file.read(MAX_SPOOL_FILE + 1)
+            # Sized first: read(MAX + 1) would allocate the whole limit for every small file.
+            if os.fstat(file.fileno()).st_size > MAX_SPOOL_FILE:
+                raise Rejected(f"larger than {MAX_SPOOL_FILE // (1024 * 1024)} MiB")
+            return file.read()
     except PermissionError as error:
         raise Rejected(f"cannot be read: {error.strerror}") from None
-    if len(data) > MAX_SPOOL_FILE:
-        raise Rejected(f"larger than {MAX_SPOOL_FILE // (1024 * 1024)} MiB")
-    return data
 
 
 def _errors_text(batch: Batch) -> str | None:
