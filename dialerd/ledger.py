@@ -360,16 +360,6 @@ class Ledger:
     async def open_requests(self, run: int | None = None) -> int:
         return await self.call(_open_requests, run)
 
-    async def agents_with_work(self) -> list[str]:
-        return await self.call(
-            lambda conn: [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT agent_id FROM requests WHERE state = 'queued'"
-                )
-            ]
-        )
-
     # -- results -----------------------------------------------------------------------------
 
     async def outbox(self, limit: int) -> list[tuple[int, str, str]]:
