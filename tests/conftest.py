@@ -219,14 +219,18 @@ class Daemon:
         stdin: Any = subprocess.DEVNULL,
         env: dict[str, str] | None = None,
         name: str = "dialerd",
+        journal: bool = False,
     ):
+        """`journal`: stderr stands for systemd's journal stream ($JOURNAL_STREAM names it)."""
         stamp = time.monotonic_ns()
         self.stdout_path = directory / f"{name}-{stamp}.stdout"
         self.stderr_path = directory / f"{name}-{stamp}.stderr"
+        env = env or dialerd_env()
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = dialerd(
-                "run", *args, stdin=stdin, stdout=out, stderr=err, env=env or dialerd_env()
-            )
+            if journal:
+                status = os.fstat(err.fileno())
+                env = {**env, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+            self.proc = dialerd("run", *args, stdin=stdin, stdout=out, stderr=err, env=env)
 
     @property
     def stderr(self) -> str:

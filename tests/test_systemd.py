@@ -25,7 +25,15 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import AGENTS, SimulatorProcess, dialerd, dialerd_env, wait_for, write_config
+from conftest import (
+    AGENTS,
+    Daemon,
+    SimulatorProcess,
+    dialerd,
+    dialerd_env,
+    wait_for,
+    write_config,
+)
 
 from dialerd.cli import EX_CONFIG
 from dialerd.config import build_config
@@ -398,36 +406,16 @@ async def test_a_lane_stuck_in_a_ledger_call_stalls_and_silences_the_watchdog(tm
 # -- 3. journald's priority prefixes ------------------------------------------------------------
 
 
-class LoggingRun:
+class LoggingRun(Daemon):
     """`dialerd run` with stdin a pipe and stderr a file; optionally that file is the "journal"."""
 
     def __init__(self, directory: Path, sim: SimulatorProcess, journal: bool):
         directory.mkdir()
         self.config = daemon_config(directory, sim)
-        self.stderr_path = directory / "stderr"
-        self.stdout_path = directory / "stdout"
-        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
-            status = os.fstat(err.fileno())
-            stream = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"} if journal else {}
-            self.proc = dialerd(
-                "run", "-c", str(self.config), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                env=clean_env(**stream),
-            )  # fmt: skip
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
+        super().__init__(
+            directory, "-c", str(self.config), stdin=subprocess.PIPE, env=clean_env(),
+            journal=journal,
+        )  # fmt: skip
 
 
 def test_log_lines_carry_journald_priorities_only_on_the_journal_stream(tmp_path, simulator):
