@@ -449,11 +449,7 @@ def build_config(document: Any, path: Path | None = None) -> Config:
 # Keys of the contract that this version reads and checks but does not apply yet. `run` and
 # `check` refuse a config that sets them: a daemon that quietly ignored calling hours or a
 # do-not-call list would call people it must not.
-NOT_YET_APPLIED = (
-    "calling_hours",
-    "dnc_file",
-    "max_calls_per_number",
-)
+NOT_YET_APPLIED = ("calling_hours", "max_calls_per_number")
 
 
 def not_yet_applied(config: Config) -> list[str]:

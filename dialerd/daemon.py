@@ -26,6 +26,7 @@ from .config import (
     restart_needed,
 )
 from .dispatcher import Dispatcher, Wiring
+from .dnc import DoNotCall
 from .ledger import Ledger, empty_agent_status
 from .logs import log
 from .metrics import Metrics
@@ -49,6 +50,7 @@ class Daemon:
         self._final = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._notifier = Notifier()
+        self._dnc = DoNotCall()
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
@@ -150,8 +152,12 @@ class Daemon:
             new = await asyncio.to_thread(load_config, self.config.path)
             problems = not_yet_applied(new) + restart_needed(self.config, new)
             key, endpoints = self._api_of(new)
+            if not problems:
+                await asyncio.to_thread(self._dnc.use, new.dnc_file)
         except ConfigError as error:
             problems = error.problems
+        except OSError as error:
+            problems = [f"dnc_file: cannot read it: {error}"]
         if problems:
             log.error("reload refused; the running config is kept", problems=problems)
             return
@@ -177,6 +183,7 @@ class Daemon:
             status_urls=self._status_urls if callbacks and callbacks.public_url else None,
             callback_wait_s=lambda: self.config.callbacks.wait_s if self.config.callbacks else 0.0,
             redial=lambda: self.config.redial,
+            blocked=self._dnc.reason,
         )
 
     async def _start_listeners(self) -> None:
@@ -247,6 +254,7 @@ class Daemon:
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
+        await asyncio.to_thread(self._dnc.use, self.config.dnc_file)
         self._client = client
         self._dispatcher = Dispatcher(self._wiring(client))
         try:
@@ -263,6 +271,7 @@ class Daemon:
             self._dispatcher.start(self.config.agents.values(), group)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
+            background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
             if self._notifier.enabled:
                 report = self._notifier.report_status(self._status_line)
                 background.append(group.create_task(report, name="status"))

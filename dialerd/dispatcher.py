@@ -55,6 +55,7 @@ class Wiring:
     status_urls: StatusUrls | None = None  # callbacks on: a fresh status_url for each send
     callback_wait_s: Callable[[], float] = float  # () -> 0.0 without callbacks
     redial: Callable[[], Mapping[str, RedialPolicy]] = dict
+    blocked: Callable[[str], str | None] = lambda _to: None  # noqa: E731 - why `to` is barred
 
 
 def backoff(retries: int) -> float:
@@ -115,12 +116,21 @@ class Lane:
             pending = await self._next_due()
             if pending is None:
                 continue
-            if await self._expire_if_due(pending):
+            if await self._barred(pending):
                 continue
-            # Checked again once its moment has come: pacing or a 429 hold may outlast expires_at.
+            # Checked again once its moment has come: the list may change and expires_at pass
+            # while it waits for its turn.
             outgoing = await self._pace_and_mark(pending)
-            if outgoing is not None and not await self._expire_if_due(pending):
+            if outgoing is not None and not await self._barred(pending):
                 await self._send(pending, *outgoing)
+
+    async def _barred(self, pending: Pending) -> bool:
+        """The campaign rules, in their order: the do-not-call list, then expires_at."""
+        reason = self._wiring.blocked(pending.body["to"])
+        if reason is not None:
+            await self._finish(pending, "blocked", error=reason)
+            return True
+        return await self._expire_if_due(pending)
 
     async def _expire_if_due(self, pending: Pending) -> bool:
         """Finish the request `expired` if its expires_at has passed; True if it did."""
