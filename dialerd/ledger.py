@@ -197,7 +197,7 @@ class Ledger:
         delay = FAULT_RETRY_FIRST_S
         while True:
             future = asyncio.get_running_loop().create_future()
-            self._calls.put((fn, args, future, asyncio.get_running_loop()))
+            self._calls.put((fn, args, future))
             try:
                 return await future
             except sqlite3.OperationalError as error:
@@ -240,7 +240,7 @@ class Ledger:
         outcomes = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, args, _future, _loop in batch:
+            for fn, args, _future in batch:
                 conn.execute("SAVEPOINT call")
                 try:
                     outcomes.append((True, fn(conn, *args)))
@@ -257,8 +257,8 @@ class Ledger:
             outcomes = [(False, error)] * len(batch)
         # One wake-up of each waiting loop per batch, not one per call.
         settled: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for (_fn, _args, future, loop), outcome in zip(batch, outcomes, strict=True):
-            settled[loop].append((future, outcome))
+        for (_fn, _args, future), outcome in zip(batch, outcomes, strict=True):
+            settled[future.get_loop()].append((future, outcome))
         for loop, futures in settled.items():
             loop.call_soon_threadsafe(_settle, futures)
 
