@@ -116,7 +116,7 @@ class Intake:
     rejected: int
 
 
-def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     else:
@@ -160,7 +160,7 @@ class Ledger:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.state_dir)
         try:
-            self._conn = _connect(self.path)
+            self._conn = connect(self.path)
             self._conn.executescript(SCHEMA)
             cursor = self._conn.execute(
                 "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
@@ -697,7 +697,7 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
     path = state_dir / "ledger.sqlite3"
     if not path.exists():
         raise FileNotFoundError(f"no ledger in {state_dir}")
-    conn = _connect(path)
+    conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
         if ids is None:
@@ -736,7 +736,7 @@ def read_status(state_dir: Path) -> dict | None:
     path = state_dir / "ledger.sqlite3"
     if not path.exists():
         return None
-    conn = _connect(path, read_only=True)
+    conn = connect(path, read_only=True)
     try:
         return status_report(conn, time.time())
     finally:
