@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit the valid requests even when some are invalid",
     )
+    submit.add_argument(
+        "--csv", action="store_true", help="read every input as CSV with a header row"
+    )
+    submit.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=FIELD",
+        help="send a CSV column's cells to FIELD: a request field, session_parameters.NAME, "
+        "or - for nowhere (repeatable; implies --csv); other columns go by their names",
+    )
 
     check = commands.add_parser("check", help="validate the config")
     check.add_argument("-c", "--config")
@@ -150,15 +161,24 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_submit(args) -> int:
-    from .submit import drop_into_spool, read_input
+    from .submit import MapMismatch, drop_into_spool, parse_mapping, read_input
 
+    try:
+        mapping = parse_mapping(args.map)
+    except ValueError as error:
+        raise Failure(f"submit: {error}", EX_USAGE) from None
     config = _load(args)
     if config.spool_dir is None:
         raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
     documents, errors = [], []
     for name in args.files:
         data = _read_input_file(name)
-        submission = read_input(data, "stdin" if name == "-" else name, config)
+        try:
+            submission = read_input(
+                data, "stdin" if name == "-" else name, config, args.csv, mapping
+            )
+        except MapMismatch as error:
+            raise Failure(f"submit: {error}", EX_USAGE) from None
         documents += submission.documents
         errors += submission.errors
     for error in errors:

@@ -7,17 +7,40 @@ import datetime as dt
 import io
 import json
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .request import FIELDS, InvalidRequest, build_request
+from .request import InvalidRequest, build_request
 from .sources import Rejected, parse_spool_file
 
 CSV_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+# The request fields a CSV cell can hold; a column of any other name is a session parameter.
+CSV_FIELDS = (
+    "to",
+    "agent_id",
+    "from",
+    "id",
+    "not_before",
+    "expires_at",
+    "hangup_on_answer_machine",
+)
+PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
+IGNORED = "-"  # a column's destination: nowhere
+PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
+
+
+class MapMismatch(Exception):
+    """A --map names a column that an input's header lacks: a usage error, not bad data."""
+
+
+class _BadHeader(Exception):
+    """The header row cannot say where each column's cells go."""
 
 
 @dataclass
@@ -26,19 +49,45 @@ class Submission:
     errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong"
 
 
-def read_input(data: bytes, name: str, config: Config) -> Submission:
-    """Requests from JSON lines, a JSON object or array, or CSV with a header row."""
+def parse_mapping(options: list[str]) -> dict[str, str]:
+    """`--map COLUMN=FIELD` options as {column: destination}; ValueError says which is wrong."""
+    mapping: dict[str, str] = {}
+    for option in options:
+        column, separator, destination = (part.strip() for part in option.partition("="))
+        if not separator or not column:
+            raise ValueError(f"--map {option!r}: expected COLUMN=FIELD")
+        if not _is_destination(destination):
+            raise ValueError(
+                f"--map {option!r}: FIELD must be one of {', '.join(CSV_FIELDS)}, "
+                f"{PARAMETER}NAME or {IGNORED}"
+            )
+        if column in mapping:
+            raise ValueError(f"--map names column {column!r} twice")
+        mapping[column] = destination
+    return mapping
+
+
+def _is_destination(text: str) -> bool:
+    if text.startswith(PARAMETER):
+        return text != PARAMETER  # a parameter needs a name
+    return text in CSV_FIELDS or text == IGNORED
+
+
+def read_input(
+    data: bytes,
+    name: str,
+    config: Config,
+    as_csv: bool = False,
+    mapping: Mapping[str, str] | None = None,
+) -> Submission:
+    """Requests from JSON lines, a JSON object or array, or CSV with a header row.
+
+    `as_csv`, or a `mapping` of CSV columns (see parse_mapping), reads it as CSV whatever it
+    looks like; MapMismatch when the mapping names a column its header lacks.
+    """
     data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM, as spreadsheets and editors write it
-    if _looks_like_csv(data):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return Submission(errors=[f"{name}: not UTF-8 (byte {error.start + 1})"])
-        try:
-            documents = _csv_documents(text, name)
-        except csv.Error as error:
-            return Submission(errors=[f"{name}: not readable as CSV: {error}"])
-        return _from_documents(documents, config)
+    if as_csv or mapping or _looks_like_csv(data):
+        return _read_csv(data, name, config, mapping or {})
     try:
         batch = parse_spool_file(data, name, config)
     except Rejected as error:
@@ -49,41 +98,113 @@ def read_input(data: bytes, name: str, config: Config) -> Submission:
 
 
 def _looks_like_csv(data: bytes) -> bool:
-    first = data.lstrip(b"\xef\xbb\xbf").lstrip()[:1]
+    first = data.lstrip()[:1]
     return first not in (b"{", b"[", b"")
 
 
-def _csv_documents(text: str, name: str) -> list[tuple[str, Any]]:
-    """Each CSV row as a request object: known columns as fields, the rest session_parameters."""
-    rows = csv.DictReader(io.StringIO(text, newline=""))
-    documents = []
-    for row in rows:
-        document: dict[str, Any] = {}
-        parameters = {}
-        for column, value in row.items():
-            if column is None or value is None or value == "":
-                continue
-            column = column.strip()
-            if column == "hangup_on_answer_machine":
-                document[column] = CSV_BOOLEANS.get(value.strip().lower(), value)
-            elif column in FIELDS:
-                document[column] = value.strip()
-            else:
-                parameters[column] = value
-        if parameters:
-            document["session_parameters"] = parameters
-        documents.append((f"{name}:{rows.line_num}", document))
-    return documents
+class _Records:
+    """Non-blank CSV records, each with the line it starts on: a quoted cell may hold newlines,
+    so a record may span several lines, and its first is the one to report."""
+
+    def __init__(self, text: str):
+        self._reader = csv.reader(io.StringIO(text, newline=""))
+        self.line = 1  # where the record being read starts
+
+    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        for cells in self._reader:
+            if any(cell.strip() for cell in cells):  # a row of empty cells is a blank line
+                yield self.line, cells
+            self.line = self._reader.line_num + 1
 
 
-def _from_documents(documents: list[tuple[str, Any]], config: Config) -> Submission:
+def _read_csv(data: bytes, name: str, config: Config, mapping: Mapping[str, str]) -> Submission:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Submission(errors=[f"{name}: not UTF-8 (byte {error.start + 1})"])
+    records = _Records(text)
+    try:
+        rows = list(records)
+    except csv.Error as error:
+        return Submission(errors=[f"{name}:{records.line}: not readable as CSV: {error}"])
+    if not rows:
+        return Submission(errors=[f"{name}: no header row"])
+    (header_line, header), *rows = rows
+    try:
+        destinations = _destinations(header, mapping, name)
+    except _BadHeader as error:
+        return Submission(errors=[f"{name}:{header_line}: {error}"])
+    return _validated(rows, destinations, name, config)
+
+
+def _validated(
+    rows: list[tuple[int, list[str]]], destinations: list[str], name: str, config: Config
+) -> Submission:
     submission = Submission()
-    for where, document in documents:
+    for line, cells in _with_progress(rows, name):
+        where = f"{name}:{line}"
         try:
-            submission.documents.append(_document(build_request(document, config, where)))
+            request = build_request(_csv_document(destinations, cells), config, where)
         except InvalidRequest as error:
             submission.errors.append(f"{where}: {error}")
+        else:
+            submission.documents.append(_document(request))
     return submission
+
+
+def _destinations(header: list[str], mapping: Mapping[str, str], name: str) -> list[str]:
+    """Where each column's cells go: where --map sends it, else where its name says."""
+    columns = [cell.strip() for cell in header]
+    for column in mapping:
+        if column not in columns:
+            raise MapMismatch(f"--map names column {column!r}, which the header of {name} lacks")
+    destinations = [mapping.get(column) or _destination_by_name(column) for column in columns]
+    column_of: dict[str, str] = {}
+    for column, destination in zip(columns, destinations, strict=True):
+        if destination in column_of:
+            raise _BadHeader(
+                f"columns {column_of[destination]!r} and {column!r} both give {destination}"
+            )
+        if destination != IGNORED:
+            column_of[destination] = column
+    return destinations
+
+
+def _destination_by_name(column: str) -> str:
+    if not column:
+        return IGNORED  # a column without a name cannot say what its cells are (an export's index)
+    return column if column in CSV_FIELDS else PARAMETER + column
+
+
+def _csv_document(destinations: list[str], cells: list[str]) -> dict[str, Any]:
+    """A row as a request object. A blank cell gives nothing: its field or parameter is absent."""
+    extra = [cell for cell in cells[len(destinations) :] if cell.strip()]
+    if extra:
+        raise InvalidRequest(f"{len(cells)} cells, but the header has {len(destinations)} columns")
+    document: dict[str, Any] = {}
+    parameters = {}
+    for destination, cell in zip(destinations, cells, strict=False):  # short rows: cells absent
+        if destination == IGNORED or not cell.strip():
+            continue
+        if destination.startswith(PARAMETER):
+            parameters[destination.removeprefix(PARAMETER)] = cell  # kept as written
+        elif destination == "hangup_on_answer_machine":
+            document[destination] = CSV_BOOLEANS.get(cell.strip().lower(), cell.strip())
+        else:
+            document[destination] = cell.strip()
+    if parameters:
+        document["session_parameters"] = parameters
+    return document
+
+
+def _with_progress(rows: list, name: str) -> Iterable:
+    """The rows, drawing a progress bar on stderr while they are validated, when stderr is a
+    terminal and they are many; a log or a pipe gets no bar."""
+    if len(rows) < PROGRESS_MIN_ROWS or not sys.stderr.isatty():
+        return rows
+    from tqdm import tqdm  # here: only a terminal needs it, and `dialerd --help` stays fast
+
+    return tqdm(rows, desc=Path(name).name, unit=" rows", file=sys.stderr)
 
 
 def _document(request) -> dict:

@@ -1,0 +1,317 @@
+"""`dialerd submit --csv` and `--map` (SPEC §2, §4): CSV columns to request fields and session
+parameters, CSV's quoting, and the progress bar on a terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from conftest import dialerd, dialerd_env, write_config
+from test_submit import nothing_spooled, spooled, submit, write
+
+from dialerd.submit import PROGRESS_MIN_ROWS
+
+AGENTS = {
+    "agent-eu": {"region": "eu", "rate": 5, "number": "447700900000"},
+    "agent-us": {"region": "us", "rate": 3},
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A config with a spool, a default agent and the key in the environment; its path."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    monkeypatch.delenv("DIALERD_CONFIG", raising=False)
+    return write_config(
+        tmp_path, AGENTS, default_agent="agent-eu", spool={"dir": str(tmp_path / "spool")}
+    )
+
+
+def without_ids(documents: list[dict]) -> list[dict]:
+    """The spooled requests less the ids that submit generated."""
+    return [{k: v for k, v in document.items() if k != "id"} for document in documents]
+
+
+# --- CSV as spreadsheets write it -----------------------------------------------------------------
+
+
+def test_quoting_embedded_newlines_a_bom_and_crlf(env, tmp_path, capsys):
+    data = (
+        "\ufeffto,NAME,NOTE\r\n"
+        '447700900123,"Miller, Diane","said ""call me""\r\nafter six"\r\n'
+        '447700900124,"Ng\nZoë",plain\r\n'
+        "447700900125,Ann,\r\n"
+    ).encode()
+    code, err = submit(env, "--csv", write(tmp_path, "c.csv", data), capsys=capsys)
+    assert code == 0, err
+    assert without_ids(spooled(env)) == [
+        {"to": "447700900123", "agent_id": "agent-eu",
+         "session_parameters": {"NAME": "Miller, Diane", "NOTE": 'said "call me"\r\nafter six'}},
+        {"to": "447700900124", "agent_id": "agent-eu",
+         "session_parameters": {"NAME": "Ng\nZoë", "NOTE": "plain"}},
+        {"to": "447700900125", "agent_id": "agent-eu", "session_parameters": {"NAME": "Ann"}},
+    ]  # fmt: skip
+
+
+def test_a_bad_row_is_named_by_the_line_it_starts_on(env, tmp_path, capsys):
+    data = (
+        b"to,NOTE\r\n"  # line 1
+        b'447700900123,"one\r\ntwo\r\nthree"\r\n'  # lines 2-4
+        b'not a number,"four\nfive"\r\n'  # lines 5-6
+        b"\r\n"  # line 7, blank
+        b"447700900124,x,surplus\r\n"  # line 8
+        b"447700900125,ok\r\n"  # line 9
+    )
+    path = write(tmp_path, "c.csv", data)
+    code, err = submit(env, "--csv", path, capsys=capsys)
+    assert code == 65
+    assert f"{path}:5: to: " in err
+    assert f"{path}:8: 3 cells, but the header has 2 columns" in err
+    for good in (2, 3, 4, 6, 7, 9):
+        assert f"{path}:{good}:" not in err
+    assert "2 invalid request(s); nothing submitted" in err
+    assert nothing_spooled(env)
+
+    code, err = submit(env, "--csv", "--skip-invalid", path, capsys=capsys)
+    assert code == 0, err
+    assert [d["to"] for d in spooled(env)] == ["447700900123", "447700900125"]
+
+
+def test_blank_cells_are_absent_fields_and_parameters(env, tmp_path, capsys):
+    data = (
+        b"to,agent_id,id,not_before,hangup_on_answer_machine,NAME,GREETING,\n"
+        b"447700900123,, ,,  ,Ann,  ,\n"  # blank or only spaces: absent
+        b",,,,,,,\n"  # a row of empty cells is a blank line
+        b"12125550123,agent-us\n"  # a short row: the missing cells are absent
+        b"447700900124,,,,,,,kept out\n"  # the column with no name is ignored
+    )
+    code, err = submit(env, "--csv", write(tmp_path, "c.csv", data), capsys=capsys)
+    assert code == 0, err
+    first, second, third = spooled(env)
+    assert {k: v for k, v in first.items() if k != "id"} == {
+        "to": "447700900123",
+        "agent_id": "agent-eu",
+        "session_parameters": {"NAME": "Ann"},
+    }
+    assert first["id"] and first["id"] != " "
+    assert without_ids([second, third]) == [
+        {"to": "12125550123", "agent_id": "agent-us"},
+        {"to": "447700900124", "agent_id": "agent-eu"},
+    ]
+
+
+def test_csv_is_read_as_csv_whatever_it_starts_with(env, tmp_path, capsys):
+    path = write(tmp_path, "c.txt", b"[to],NAME\n447700900123,Ann\n")
+    code, err = submit(env, path, capsys=capsys)
+    assert code == 65  # sniffed as a JSON array, and refused
+    assert "JSON" in err
+    code, err = submit(env, "--csv", "--map", "[to]=to", path, capsys=capsys)
+    assert code == 0, err
+    assert without_ids(spooled(env)) == [
+        {"to": "447700900123", "agent_id": "agent-eu", "session_parameters": {"NAME": "Ann"}}
+    ]
+
+
+def test_an_empty_input_read_as_csv(env, tmp_path, capsys):
+    path = write(tmp_path, "empty.csv", b"\n\r\n")
+    code, err = submit(env, "--csv", path, capsys=capsys)
+    assert code == 65
+    assert f"{path}: no header row" in err
+    assert nothing_spooled(env)
+
+
+# --- --map ----------------------------------------------------------------------------------------
+
+
+def test_map_sends_columns_to_fields_parameters_and_nowhere(env, tmp_path, capsys):
+    data = (
+        b"Phone,Line,First name,Internal code,Greeting,to\n"
+        b"+44 7700 900123,agent-us,Diane,X-1,Hello,ignored\n"
+    )
+    code, err = submit(
+        env,
+        "--map", "Phone=to",
+        "--map", "Line=agent_id",
+        "--map", "First name=session_parameters.CALLER_NAME",
+        "--map", "Internal code=-",
+        "--map", "to=-",  # a column named like a field, sent nowhere
+        write(tmp_path, "crm-export.csv", data),
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    # Greeting, not mapped, still goes by its name: a session parameter.
+    assert without_ids(spooled(env)) == [
+        {
+            "to": "447700900123",
+            "agent_id": "agent-us",
+            "session_parameters": {"CALLER_NAME": "Diane", "Greeting": "Hello"},
+        }
+    ]
+
+
+def test_map_applies_the_fields_rules(env, tmp_path, capsys):
+    data = b"phone,AMD,start\n447700900123,yes,2026-11-24T13:00:00+01:00\n447700900124,maybe,\n"
+    path = write(tmp_path, "c.csv", data)
+    options = ("--map", "phone=to", "--map", "AMD=hangup_on_answer_machine")
+    code, err = submit(env, *options, "--map", "start=not_before", path, capsys=capsys)
+    assert code == 65
+    assert f"{path}:3: hangup_on_answer_machine: " in err and f"{path}:2:" not in err
+    code, err = submit(
+        env, *options, "--map", "start=not_before", "--skip-invalid", path, capsys=capsys
+    )
+    assert code == 0, err
+    (document,) = spooled(env)
+    assert document["hangup_on_answer_machine"] is True
+    assert document["not_before"] == "2026-11-24T12:00:00Z"
+
+
+def test_a_map_naming_a_column_the_header_lacks_is_a_usage_error(env, tmp_path, capsys):
+    path = write(tmp_path, "c.csv", b"to,Name\n447700900123,Ann\n")
+    code, err = submit(env, "--map", "Nmae=session_parameters.NAME", path, capsys=capsys)
+    assert code == 64
+    assert err == f"dialerd: submit: --map names column 'Nmae', which the header of {path} lacks\n"
+    assert nothing_spooled(env)
+
+
+@pytest.mark.parametrize(
+    ("option", "complaint"),
+    [
+        ("to", "expected COLUMN=FIELD"),
+        ("=to", "expected COLUMN=FIELD"),
+        ("phone=colour", "FIELD must be one of to, agent_id, from, id,"),
+        ("phone=meta", "FIELD must be one of"),
+        ("phone=session_parameters.", "FIELD must be one of"),
+        ("phone=session_parameters", "FIELD must be one of"),
+    ],
+)
+def test_a_bad_map_is_a_usage_error(env, tmp_path, capsys, option, complaint):
+    path = write(tmp_path, "c.csv", b"phone\n447700900123\n")
+    code, err = submit(env, "--map", option, path, capsys=capsys)
+    assert code == 64
+    assert err.startswith(f"dialerd: submit: --map {option!r}: {complaint}")
+    assert err.count("\n") == 1
+    assert nothing_spooled(env)
+
+
+def test_a_column_mapped_twice_is_a_usage_error(env, tmp_path, capsys):
+    path = write(tmp_path, "c.csv", b"phone\n447700900123\n")
+    code, err = submit(env, "--map", "phone=to", "--map", "phone=-", path, capsys=capsys)
+    assert code == 64
+    assert "--map names column 'phone' twice" in err
+
+
+@pytest.mark.parametrize(
+    ("header", "options", "complaint"),
+    [
+        (b"to,to", (), "columns 'to' and 'to' both give to"),
+        (b"to, to ", (), "columns 'to' and 'to' both give to"),
+        (b"to,NAME,NAME", (), "columns 'NAME' and 'NAME' both give session_parameters.NAME"),
+        (b"to,phone", ("--map", "phone=to"), "columns 'to' and 'phone' both give to"),
+    ],
+)
+def test_two_columns_for_one_field_are_bad_data(env, tmp_path, capsys, header, options, complaint):
+    path = write(tmp_path, "c.csv", b"\n" + header + b"\n447700900123,447700900124,x\n")
+    code, err = submit(env, *options, path, capsys=capsys)
+    assert code == 65
+    assert f"{path}:2: {complaint}" in err  # the header's line
+    assert nothing_spooled(env)
+
+
+# --- the progress bar -----------------------------------------------------------------------------
+
+
+def many_rows(tmp_path: Path, count: int) -> str:
+    rows = "".join(f"4477009{n:05d},Name {n}\n" for n in range(count))
+    return write(tmp_path, "many.csv", f"to,NAME\n{rows}".encode())
+
+
+def submit_on_a_terminal(env: Path, *args: str, timeout: float = 30) -> tuple[int, str]:
+    """Run the real `dialerd submit` with its stderr on a pseudo-terminal; the exit code and
+    what the terminal showed."""
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = dialerd(
+            "submit", "-c", str(env), *args,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+    shown = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return proc.wait(timeout=5), shown.decode(errors="replace")
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_a_long_input_shows_a_progress_bar_on_a_terminal(env, tmp_path):
+    code, shown = submit_on_a_terminal(env, "--csv", many_rows(tmp_path, PROGRESS_MIN_ROWS))
+    assert code == 0, shown
+    assert "100%|" in shown and f"{PROGRESS_MIN_ROWS}/{PROGRESS_MIN_ROWS}" in shown, shown
+    assert "many.csv" in shown and " rows" in shown
+    assert f"submitted {PROGRESS_MIN_ROWS} request(s)" in shown
+    assert len(spooled(env)) == PROGRESS_MIN_ROWS
+
+
+def test_a_short_input_shows_no_bar_on_a_terminal(env, tmp_path):
+    code, shown = submit_on_a_terminal(env, many_rows(tmp_path, 20))
+    assert code == 0, shown
+    (said,) = shown.splitlines()
+    assert said.startswith("submitted 20 request(s) as ")
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(env, tmp_path):
+    path = many_rows(tmp_path, PROGRESS_MIN_ROWS)
+    done = subprocess.run(
+        [sys.executable, "-m", "dialerd", "submit", "-c", str(env), path],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        env=dialerd_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    (said,) = done.stderr.decode().splitlines()
+    assert said.startswith(f"submitted {PROGRESS_MIN_ROWS} request(s) as ")
+    assert "%|" not in said
+
+
+def test_the_bar_is_imported_only_for_a_long_input_on_a_terminal(env, tmp_path):
+    """`dialerd --help` and a submit to a log stay as quick as they were."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from dialerd.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(sys.argv[1:])\n"
+        "print('tqdm' in sys.modules, file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["submit", "-c", str(env), many_rows(tmp_path, 30)]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            env=dialerd_env(),
+        )
+        assert done.stderr.decode().splitlines()[-1] == "False", done.stderr
