@@ -17,7 +17,6 @@ from .config import (
     Config,
     ConfigError,
     load_config,
-    not_yet_applied,
     read_api_key,
 )
 
@@ -215,14 +214,11 @@ def _read_input_file(name: str) -> bytes:
 def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
     config = _load(args)
-    problems = not_yet_applied(config)
     if needs_key:
         try:
             read_api_key(config.api)
         except ConfigError as error:
-            problems += error.problems
-    if problems:
-        raise Failure(_config_message(ConfigError(problems)), EX_CONFIG)
+            raise Failure(_config_message(error), EX_CONFIG) from None
     return config
 
 
@@ -255,18 +251,39 @@ def _status_text(report: dict, config: Config) -> str:
     for agent_id in sorted(set(config.agents) | set(report["agents"])):
         entry = report["agents"].get(agent_id, {})
         rate = config.agents[agent_id].rate if agent_id in config.agents else "-"
-        next_due = entry.get("next_due")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(next_due)) if next_due else "-"
+        when = _local_time(entry.get("next_due"))
         lines.append(
             f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
             f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
             f"{entry.get('awaiting_callback', 0):>17}  {when}"
         )
+    lines += _held_lines(report)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
     lines.append(f"outcomes: {outcomes}")
     if report["results_unwritten"]:
         lines.append(f"results not yet written: {report['results_unwritten']}")
     return "\n".join(lines)
+
+
+HELD_TEXT = {"calling_hours": "wait for the calling hours", "cap": "are over the per-number cap"}
+
+
+def _held_lines(report: dict) -> list[str]:
+    """Per agent, the requests waiting past their due time, and until when the first waits."""
+    lines = []
+    for agent_id, entry in sorted(report["agents"].items()):
+        held = [
+            f"{entry[f'held_{reason}']} {text} (until {_local_time(entry[f'held_{reason}_until'])})"
+            for reason, text in HELD_TEXT.items()
+            if entry.get(f"held_{reason}")
+        ]
+        if held:
+            lines.append(f"{agent_id}: " + "; ".join(held))
+    return lines
+
+
+def _local_time(moment: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment)) if moment else "-"
 
 
 def cmd_requeue(args) -> int:

@@ -446,21 +446,6 @@ def build_config(document: Any, path: Path | None = None) -> Config:
     return config
 
 
-# Keys of the contract that this version reads and checks but does not apply yet. `run` and
-# `check` refuse a config that sets them: a daemon that quietly ignored calling hours or a
-# do-not-call list would call people it must not.
-NOT_YET_APPLIED = ("calling_hours", "max_calls_per_number")
-
-
-def not_yet_applied(config: Config) -> list[str]:
-    """A problem for each key set in the config that this version does not apply."""
-    return [
-        f"{key}: not applied by this version of dialerd; remove it to run without it"
-        for key in NOT_YET_APPLIED
-        if getattr(config, key)
-    ]
-
-
 def restart_needed(running: Config, new: Config) -> list[str]:
     """A problem for each key whose change a reload cannot apply to a running daemon."""
 

@@ -21,12 +21,12 @@ from .config import (
     Config,
     ConfigError,
     load_config,
-    not_yet_applied,
     read_api_key,
     restart_needed,
 )
 from .dispatcher import Dispatcher, Wiring
 from .dnc import DoNotCall
+from .hours import CallingWindow
 from .ledger import Ledger, empty_agent_status
 from .logs import log
 from .metrics import Metrics
@@ -40,6 +40,9 @@ DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 REQUEUE_CHECK_S = 1.0
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
+SWEEP_EVERY_S = 1.0  # the longest a queued request outlives its expires_at
+NUMBER_CALLS_KEPT_S = 7 * 86400  # placed calls remembered beyond the cap's window, so that a
+# cap set later still counts the week before it
 
 
 class Daemon:
@@ -51,6 +54,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._notifier = Notifier()
         self._dnc = DoNotCall()
+        self._window = _calling_window(config)
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
@@ -97,6 +101,7 @@ class Daemon:
         parked = await self.ledger.recover_in_flight()
         if parked:
             log.warning("sends in flight at the last stop are in_doubt", count=parked)
+        await self.ledger.release_held(time.time())
         stdin_source = self.config.stdin is True or (
             self.config.stdin == "auto" and stdin_is_data()
         )
@@ -150,7 +155,7 @@ class Daemon:
         """Read the config again and apply it; a bad one is refused and the running one kept."""
         try:
             new = await asyncio.to_thread(load_config, self.config.path)
-            problems = not_yet_applied(new) + restart_needed(self.config, new)
+            problems = restart_needed(self.config, new)
             key, endpoints = self._api_of(new)
             if not problems:
                 await asyncio.to_thread(self._dnc.use, new.dnc_file)
@@ -165,7 +170,10 @@ class Daemon:
         if self._simulator is not None:
             self._simulate_agents(new)
         self.config = new
+        self._window = _calling_window(new)
         self._dispatcher.update(new.agents)
+        if await self.ledger.release_held(time.time()):
+            self._dispatcher.wake(self._dispatcher.lanes)
         log.info("reloaded", agents=len(new.agents))
 
     def _wiring(self, client: studio.StudioClient) -> Wiring:
@@ -184,6 +192,8 @@ class Daemon:
             callback_wait_s=lambda: self.config.callbacks.wait_s if self.config.callbacks else 0.0,
             redial=lambda: self.config.redial,
             blocked=self._dnc.reason,
+            calling_window=lambda: self._window,
+            number_cap=lambda: self.config.max_calls_per_number,
         )
 
     async def _start_listeners(self) -> None:
@@ -252,6 +262,18 @@ class Daemon:
             wait = SETTLE_EVERY_S if next_end is None else next_end - time.time()
             await asyncio.sleep(min(SETTLE_EVERY_S, max(0.0, wait)))
 
+    async def _sweep(self) -> None:
+        """Queued requests whose expires_at passes while they wait end `expired` then, not only
+        when their turn comes; placed calls older than any cap looks back are forgotten."""
+        while True:
+            now = time.time()
+            if await self.ledger.expire_due(now):
+                self._notify_final()
+            cap = self.config.max_calls_per_number
+            kept_s = max(NUMBER_CALLS_KEPT_S, cap.per_s if cap else 0.0)
+            await self.ledger.forget_number_calls(now - kept_s)
+            await asyncio.sleep(SWEEP_EVERY_S)
+
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
         await asyncio.to_thread(self._dnc.use, self.config.dnc_file)
@@ -271,6 +293,7 @@ class Daemon:
             self._dispatcher.start(self.config.agents.values(), group)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
+            background.append(group.create_task(self._sweep(), name="sweep"))
             background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
             if self._notifier.enabled:
                 report = self._notifier.report_status(self._status_line)
@@ -330,3 +353,7 @@ class Daemon:
         await self._stop_listeners()
         await self._results.flush()
         log.info("stopped")
+
+
+def _calling_window(config: Config) -> CallingWindow | None:
+    return None if config.calling_hours is None else CallingWindow(config.calling_hours)

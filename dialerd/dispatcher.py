@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import time
 from collections import deque
@@ -26,8 +27,9 @@ from aiolimiter import AsyncLimiter
 
 from .aio import wait_event
 from .callbacks import StatusUrls
-from .config import AgentConfig, RedialPolicy
-from .ledger import Ledger, Pending
+from .config import AgentConfig, NumberCap, RedialPolicy
+from .hours import CallingWindow
+from .ledger import EXPIRED_ERROR, Ledger, Pending
 from .logs import log
 from .metrics import Metrics
 from .studio import SendResult, StudioClient, Verdict
@@ -56,6 +58,12 @@ class Wiring:
     callback_wait_s: Callable[[], float] = float  # () -> 0.0 without callbacks
     redial: Callable[[], Mapping[str, RedialPolicy]] = dict
     blocked: Callable[[str], str | None] = lambda _to: None  # noqa: E731 - why `to` is barred
+    calling_window: Callable[[], CallingWindow | None] = lambda: None  # noqa: E731
+    number_cap: Callable[[], NumberCap | None] = lambda: None  # noqa: E731
+
+
+def _utc(moment: float) -> str:
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="seconds")
 
 
 def backoff(retries: int) -> float:
@@ -114,30 +122,51 @@ class Lane:
         await self._sleep_until(self._loop.time() + start_delay)
         while not self._stopping:
             pending = await self._next_due()
-            if pending is None:
+            if pending is None or await self._held_back(pending):
                 continue
-            if await self._barred(pending):
-                continue
-            # Checked again once its moment has come: the list may change and expires_at pass
-            # while it waits for its turn.
+            # Checked again once its moment has come: the list may change, expires_at pass and
+            # the calling hours end while it waits for its turn. The cap is checked by the mark.
             outgoing = await self._pace_and_mark(pending)
-            if outgoing is not None and not await self._barred(pending):
+            if outgoing is not None and not await self._held_back(pending):
                 await self._send(pending, *outgoing)
 
-    async def _barred(self, pending: Pending) -> bool:
-        """The campaign rules, in their order: the do-not-call list, then expires_at."""
+    async def _held_back(self, pending: Pending) -> bool:
+        """The campaign rules, in their order: the do-not-call list, expires_at, the calling
+        hours. True if the request may not go now: it has ended, or waits in the ledger."""
         reason = self._wiring.blocked(pending.body["to"])
         if reason is not None:
             await self._finish(pending, "blocked", error=reason)
             return True
-        return await self._expire_if_due(pending)
+        if pending.expires_at is not None and pending.expires_at <= time.time():
+            await self._finish(pending, "expired", error=EXPIRED_ERROR)
+            return True
+        return await self._outside_hours(pending)
 
-    async def _expire_if_due(self, pending: Pending) -> bool:
-        """Finish the request `expired` if its expires_at has passed; True if it did."""
-        if pending.expires_at is None or pending.expires_at > time.time():
+    async def _outside_hours(self, pending: Pending) -> bool:
+        window = self._wiring.calling_window()
+        if window is None:
             return False
-        await self._finish(pending, "expired", error="expires_at passed before sending")
+        now = time.time()
+        opens_at = window.next_open(pending.body["to"], now)
+        if opens_at == now:
+            return False
+        if opens_at is None:
+            error = "the calling hours never open in all of the number's time zones at once"
+        else:
+            error = f"outside the calling hours until {_utc(opens_at)}, after its expires_at"
+        await self._wait_or_end(pending, opens_at, "calling_hours", "expired", error)
         return True
+
+    async def _wait_or_end(
+        self, pending: Pending, until: float | None, reason: str, outcome: str, error: str
+    ) -> None:
+        """Hold the request in the ledger until `until`, or end it with `outcome` if its
+        expires_at would pass first."""
+        if until is None or (pending.expires_at is not None and pending.expires_at <= until):
+            await self._finish(pending, outcome, error=error)
+            return
+        await self._ledger.hold(pending.seq, until, reason)
+        log.debug("held", agent=self.agent.id, id=pending.id, reason=reason, until=_utc(until))
 
     async def _continue_cadence(self) -> None:
         """Space the first send from the agent's last one, sent maybe by a run just before this
@@ -180,7 +209,8 @@ class Lane:
         return 0.0 if self._busy_since is None else now - self._busy_since
 
     async def _pace_and_mark(self, pending: Pending) -> tuple[dict, str | None] | None:
-        """Wait for the send's moment, marking it in the ledger just before; None if stopped.
+        """Wait for the send's moment, marking it in the ledger just before; None if stopped,
+        or if the per-number cap holds it back (it then waits in the ledger, or has ended).
 
         Returns the body to send and its status_url's token (None without callbacks).
 
@@ -196,7 +226,18 @@ class Lane:
         if self._stopping:
             return None
         body, token = self._outgoing(pending)
-        await self._ledger.mark_sending(pending.seq, token, pending.attempts + 1)
+        cap = self._wiring.number_cap()
+        marked, allowed_at = await self._ledger.mark_sending(
+            pending.seq, token, pending.attempts + 1, cap
+        )
+        if not marked:
+            if allowed_at is not None:
+                error = (
+                    f"over max_calls_per_number ({cap.count} per {cap.per_s:g} s) until "
+                    f"{_utc(allowed_at)}, after its expires_at"
+                )
+                await self._wait_or_end(pending, allowed_at, "cap", "blocked", error)
+            return None
         # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
         self._wiring.metrics.paced(self.agent.id, self._loop.time() - waiting_since)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RedialPolicy
+from .config import NumberCap, RedialPolicy
 from .logs import log
 from .request import Request
 from .results import result_line
@@ -83,6 +83,25 @@ CREATE TABLE IF NOT EXISTS requeues (
 );
 CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'placed';
 """
+# Changes to the schema since the first version, applied in turn to a ledger of an older version
+# (its PRAGMA user_version counts those already applied); a new ledger gets them all.
+MIGRATIONS = (
+    # 1: calling hours and the per-number cap. `held` says why a queued request waits past its
+    # own due time; `number_calls` holds every send of a number (placed = 0 while unanswered).
+    """
+    ALTER TABLE requests ADD COLUMN held TEXT;
+    CREATE TABLE number_calls (
+        seq INTEGER NOT NULL, to_number TEXT NOT NULL, at REAL NOT NULL, placed INTEGER NOT NULL
+    );
+    CREATE INDEX number_calls_by_number ON number_calls(to_number, at);
+    CREATE INDEX number_calls_by_seq ON number_calls(seq) WHERE placed = 0;
+    CREATE INDEX number_calls_by_age ON number_calls(at);
+    CREATE INDEX requests_expiring ON requests(expires_at)
+        WHERE state = 'queued' AND expires_at IS NOT NULL;
+    CREATE INDEX requests_held ON requests(agent_id, held)
+        WHERE state = 'queued' AND held IS NOT NULL;
+    """,
+)
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
 FAULT_RETRY_FIRST_S = 0.1
@@ -128,6 +147,14 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def create_schema(conn: sqlite3.Connection) -> None:
+    """The tables of this version, made or brought up to date, each migration in one commit."""
+    conn.executescript(SCHEMA)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+        conn.executescript(f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {number}; COMMIT;")
+
+
 def _lock(state_dir: Path) -> int:
     """Hold an exclusive lock on the state_dir for the life of the process."""
     fd = os.open(state_dir / "dialerd.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -161,7 +188,7 @@ class Ledger:
         self._lock_fd = _lock(self.state_dir)
         try:
             self._conn = connect(self.path)
-            self._conn.executescript(SCHEMA)
+            create_schema(self._conn)
             cursor = self._conn.execute(
                 "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
             )
@@ -297,9 +324,42 @@ class Ledger:
         """Up to `limit` due requests of an agent in due order, and when the next one is due."""
         return await self.call(_due, agent_id, now, limit)
 
-    async def mark_sending(self, seq: int, token: str | None = None, attempt: int = 0) -> None:
-        """A send is about to go out; `token` is its status_url's, when callbacks are on."""
-        await self.call(_mark_sending, seq, token, attempt, time.time())
+    async def mark_sending(
+        self, seq: int, token: str | None = None, attempt: int = 0, cap: NumberCap | None = None
+    ) -> tuple[bool, float | None]:
+        """A send is about to go out; `token` is its status_url's, when callbacks are on.
+
+        Returns (marked, allowed_at). Not marked: the number is over `cap` until `allowed_at`,
+        or (allowed_at None) the request is no longer queued, e.g. expired while it waited.
+        The cap is checked in the same transaction as the mark, so two sends to one number from
+        two lanes cannot both pass it.
+        """
+        return await self.call(_mark_sending, seq, token, attempt, time.time(), cap)
+
+    async def hold(self, seq: int, until: float, reason: str) -> None:
+        """Back to the queue until `until`, for `reason` (calling_hours, cap): not a retry."""
+        await self.call(_hold, seq, until, reason)
+
+    async def release_held(self, now: float) -> int:
+        """Held requests are due again now, to be judged by the rules in force (a restart or a
+        reload may have changed them); those still held back are held again."""
+        return await self.call(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE requests SET due_at = min(due_at, ?), held = NULL"
+                    " WHERE state = 'queued' AND held IS NOT NULL",
+                    (now,),
+                ).rowcount
+            )
+        )
+
+    async def expire_due(self, now: float) -> int:
+        """Queued requests whose expires_at has passed end `expired`; how many did."""
+        return await self.call(_expire_due, now)
+
+    async def forget_number_calls(self, before: float) -> None:
+        """Drop the record of placed calls older than `before`: no cap looks back that far."""
+        await self.call(_execute, "DELETE FROM number_calls WHERE placed = 1 AND at < ?", (before,))
 
     async def placed(
         self,
@@ -342,12 +402,7 @@ class Ledger:
 
     async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
         """Back to the queue: the API refused the send before placing a call."""
-        await self.call(
-            _execute,
-            "UPDATE requests SET state = 'queued', due_at = ?, retries = retries + ?, error = ?"
-            " WHERE seq = ?",
-            (due_at, int(counts_retry), error, seq),
-        )
+        await self.call(_retry_later, seq, due_at, counts_retry, error)
 
     async def finish(self, seq: int, outcome: str, **fields: Any) -> None:
         """Record the final outcome and queue its result line, in one transaction."""
@@ -409,11 +464,28 @@ def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
 
 
 def _mark_sending(
-    conn: sqlite3.Connection, seq: int, token: str | None, attempt: int, now: float
-) -> None:
+    conn: sqlite3.Connection,
+    seq: int,
+    token: str | None,
+    attempt: int,
+    now: float,
+    cap: NumberCap | None,
+) -> tuple[bool, float | None]:
+    row = conn.execute(
+        "SELECT to_number FROM requests WHERE seq = ? AND state = 'queued'", (seq,)
+    ).fetchone()
+    if row is None:
+        return False, None
+    to = row[0]
+    allowed_at = None if cap is None else _cap_allows_at(conn, to, now, cap)
+    if allowed_at is not None:
+        return False, allowed_at
     conn.execute(
-        "UPDATE requests SET state = 'sending', sent_at = ?, token = ? WHERE seq = ?",
+        "UPDATE requests SET state = 'sending', sent_at = ?, token = ?, held = NULL WHERE seq = ?",
         (now, token, seq),
+    )
+    conn.execute(
+        "INSERT INTO number_calls (seq, to_number, at, placed) VALUES (?, ?, ?, 0)", (seq, to, now)
     )
     conn.execute(
         "INSERT INTO agent_sends (agent_id, last_sent_at) SELECT agent_id, ? FROM requests"
@@ -425,6 +497,67 @@ def _mark_sending(
             "INSERT INTO calls (token, seq, attempt, sent_at) VALUES (?, ?, ?, ?)",
             (token, seq, attempt, now),
         )
+    return True, None
+
+
+def _cap_allows_at(conn: sqlite3.Connection, to: str, now: float, cap: NumberCap) -> float | None:
+    """None if `to` may be called now under the cap, else the moment it may: when enough of the
+    calls in the window (placed, or sent and not yet answered) have left it."""
+    times = [
+        r[0]
+        for r in conn.execute(
+            "SELECT at FROM number_calls WHERE to_number = ? AND at > ? ORDER BY at",
+            (to, now - cap.per_s),
+        )
+    ]
+    if len(times) < cap.count:
+        return None
+    return times[len(times) - cap.count] + cap.per_s
+
+
+def _settle_number_call(conn: sqlite3.Connection, seq: int, placed: bool) -> None:
+    """The request's unanswered send to its number was placed (it counts), or was not."""
+    if placed:
+        conn.execute("UPDATE number_calls SET placed = 1 WHERE seq = ? AND placed = 0", (seq,))
+    else:
+        conn.execute("DELETE FROM number_calls WHERE seq = ? AND placed = 0", (seq,))
+
+
+def _retry_later(
+    conn: sqlite3.Connection, seq: int, due_at: float, counts_retry: bool, error: str
+) -> None:
+    conn.execute(
+        "UPDATE requests SET state = 'queued', due_at = ?, retries = retries + ?, error = ?,"
+        " held = NULL WHERE seq = ?",
+        (due_at, int(counts_retry), error, seq),
+    )
+    _settle_number_call(conn, seq, placed=False)
+
+
+def _hold(conn: sqlite3.Connection, seq: int, until: float, reason: str) -> None:
+    conn.execute(
+        "UPDATE requests SET state = 'queued', due_at = ?, held = ?"
+        " WHERE seq = ? AND state != 'final'",
+        (until, reason, seq),
+    )
+    _settle_number_call(conn, seq, placed=False)
+
+
+EXPIRED_ERROR = "expires_at passed before sending"
+
+
+def _expire_due(conn: sqlite3.Connection, now: float) -> int:
+    seqs = [
+        r[0]
+        for r in conn.execute(
+            "SELECT seq FROM requests WHERE state = 'queued' AND expires_at IS NOT NULL"
+            " AND expires_at <= ?",
+            (now,),
+        )
+    ]
+    for seq in seqs:
+        _finish(conn, seq, "expired", {"error": EXPIRED_ERROR})
+    return len(seqs)
 
 
 def _placed(
@@ -441,6 +574,7 @@ def _placed(
         f"UPDATE requests SET state = 'placed', due_at = ?{assignments} WHERE seq = ?",
         (wait_until, *(fields[c] for c in columns), seq),
     )
+    _settle_number_call(conn, seq, placed=True)
     early = conn.execute(
         "SELECT seq, status FROM callbacks WHERE token = ? AND effect = 'early'", (token,)
     ).fetchone()
@@ -614,6 +748,8 @@ def _finish(conn: sqlite3.Connection, seq: int, outcome: str, fields: dict) -> N
     ).fetchone()
     if row is None:
         return  # already final: a finish is applied once
+    # A call the API placed, or may have placed, counts against the number's cap.
+    _settle_number_call(conn, seq, placed=outcome in ("dialed", "in_doubt"))
     id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
     line = result_line(
         id=id_,
@@ -650,8 +786,19 @@ def _open_requests(conn: sqlite3.Connection, run: int | None) -> int:
     ).fetchone()[0]
 
 
+HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
+
+
 def empty_agent_status() -> dict:
-    return {"queued": 0, "due_now": 0, "in_flight": 0, "awaiting_callback": 0, "next_due": None}
+    return {
+        "queued": 0,
+        "due_now": 0,
+        "in_flight": 0,
+        "awaiting_callback": 0,
+        "next_due": None,
+        **{f"held_{reason}": 0 for reason in HELD_REASONS},
+        **{f"held_{reason}_until": None for reason in HELD_REASONS},
+    }
 
 
 def status_report(conn: sqlite3.Connection, now: float) -> dict:
@@ -675,6 +822,13 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         (now,),
     ):
         agents[agent_id]["due_now"] = due_now
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
+        for agent_id, reason, count, until in conn.execute(
+            "SELECT agent_id, held, count(*), min(due_at) FROM requests"
+            " WHERE state = 'queued' AND held IS NOT NULL GROUP BY agent_id, held"
+        ):
+            agents[agent_id][f"held_{reason}"] = count
+            agents[agent_id][f"held_{reason}_until"] = until
     outcomes: dict[str, int] = {}
     for outcome, count in conn.execute(
         "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"

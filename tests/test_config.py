@@ -13,12 +13,10 @@ from conftest import run_dialerd, write_config
 from dialerd.cli import main
 from dialerd.config import (
     DEFAULT_ENDPOINTS,
-    NOT_YET_APPLIED,
     ConfigError,
     Listen,
     build_config,
     load_config,
-    not_yet_applied,
     read_api_key,
 )
 
@@ -719,20 +717,10 @@ def test_load_config_not_utf8(tmp_path):
         load_config(tmp_path / "config.yaml")
 
 
-def uncommented_example() -> str:
-    """The example with the sections this version does not apply yet written back in."""
-    text = EXAMPLE.read_text()
-    applied, commented = text.split("\n# calling_hours:", 1)
-    lines = ("# calling_hours:" + commented).splitlines(keepends=True)
-    return applied + "\n" + "".join(line.removeprefix("# ") for line in lines)
-
-
 def test_example_config_covers_every_key_and_is_valid():
     config = load_config(EXAMPLE)
-    assert not_yet_applied(config) == []
-    full = build_config(yaml.safe_load(uncommented_example()))
-    assert {p.split(":")[0] for p in not_yet_applied(full)} == set(NOT_YET_APPLIED)
-    document = yaml.safe_load(uncommented_example())
+    assert config.calling_hours is not None and config.max_calls_per_number is not None
+    document = yaml.safe_load(EXAMPLE.read_text())
     assert set(document) >= SPEC_TOP_KEYS, SPEC_TOP_KEYS - set(document)
     assert set(document["api"]) >= {"key_env", "endpoints", "timeout_s"}
     assert "key_file" in EXAMPLE.read_text()  # shown, commented out
@@ -753,14 +741,6 @@ def test_check_ok(tmp_path):
     done = run_dialerd("check", "-c", str(path), timeout=20)
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().strip() == f"{path}: OK; agents: agent-a (eu, 5/s)"
-
-
-def test_run_and_check_refuse_keys_not_applied_yet(tmp_path):
-    path = write_config(tmp_path, calling_hours={"start": "08:00", "end": "21:00"})
-    for command in (("check",), ("run", "--simulate")):
-        done = run_dialerd(*command, "-c", str(path), timeout=20)
-        assert done.returncode == 78
-        assert "calling_hours: not applied by this version" in done.stderr.decode()
 
 
 def test_check_the_example_config():
