@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import signal
+import socket
 import sqlite3
 import time
 from collections import Counter
@@ -290,3 +292,42 @@ def test_a_request_expires_while_it_waits_behind_others(tmp_path, simulator):
     assert len(order) == 31 and results[order.index("late")]["outcome"] == "expired"
     assert order.index("late") < 20, "ended at its expires_at, not when its turn came"
     assert NUMBER not in {a["to"] for a in sim.arrivals()}
+
+
+def test_redials_obey_the_calling_hours_and_a_reload_judges_held_requests_again(
+    tmp_path, simulator, daemons
+):
+    sim = simulator("--unreached", "busy=1", "--callback-delay", "0.2-0.2", "--latency", "0.05")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    top = {
+        "spool": {"dir": str(tmp_path / "spool")},
+        "callbacks": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
+        "redial": {"busy": {"attempts": 3, "delay_s": 2}},
+    }
+    config = sim_config(tmp_path, sim, calling_hours=open_window_now(), **top)
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    data = json.dumps({"id": "busy-one", "to": NUMBER}).encode()
+    assert run_dialerd("submit", "-c", str(config), "-", input=data).returncode == 0
+    wait_for(lambda: len(sim.arrivals()) == 1, 15, "the first call")
+
+    def reload_with(hours: dict) -> None:
+        reloads = daemon.stderr.count('"event": "reloaded"')
+        sim_config(tmp_path, sim, calling_hours=hours, **top)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.stderr.count('"event": "reloaded"') > reloads, 10, "a reload")
+
+    reload_with(closed_window_now())
+    wait_for(
+        lambda: status_of(config)["agents"]["agent-a"]["held_calling_hours"] == 1,
+        15,
+        "the redial held for the calling hours",
+    )
+    time.sleep(1.0)
+    assert len(sim.arrivals()) == 1, "no redial outside the calling hours"
+
+    reload_with(open_window_now())
+    wait_for(lambda: len(sim.arrivals()) == 2, 15, "the redial once the hours allow it")
+    assert daemon.stop()[0] == 0
