@@ -41,6 +41,7 @@ EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 REQUEUE_CHECK_S = 1.0
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
 SWEEP_EVERY_S = 1.0  # the longest a queued request outlives its expires_at
+FORGET_EVERY_S = 3600.0
 NUMBER_CALLS_KEPT_S = 7 * 86400  # placed calls remembered beyond the cap's window, so that a
 # cap set later still counts the week before it
 
@@ -265,13 +266,16 @@ class Daemon:
     async def _sweep(self) -> None:
         """Queued requests whose expires_at passes while they wait end `expired` then, not only
         when their turn comes; placed calls older than any cap looks back are forgotten."""
+        forgotten_at = 0.0
         while True:
             now = time.time()
             if await self.ledger.expire_due(now):
                 self._notify_final()
-            cap = self.config.max_calls_per_number
-            kept_s = max(NUMBER_CALLS_KEPT_S, cap.per_s if cap else 0.0)
-            await self.ledger.forget_number_calls(now - kept_s)
+            if now - forgotten_at >= FORGET_EVERY_S:
+                cap = self.config.max_calls_per_number
+                kept_s = max(NUMBER_CALLS_KEPT_S, cap.per_s if cap else 0.0)
+                await self.ledger.forget_number_calls(now - kept_s)
+                forgotten_at = now
             await asyncio.sleep(SWEEP_EVERY_S)
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
