@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true", help="as one JSON object")
 
+    report = commands.add_parser(
+        "report", help="final outcomes by agent, callback status and hour, from the ledger"
+    )
+    report.add_argument("-c", "--config")
+    report.add_argument("--json", action="store_true", help="as one JSON object")
+    report.add_argument(
+        "--since", metavar="ISO", help="only outcomes at or after this time (with a UTC offset)"
+    )
+    report.add_argument(
+        "--results",
+        nargs="+",
+        metavar="FILE",
+        help="count these files of result lines ('-': stdin) instead of the ledger",
+    )
+
     requeue = commands.add_parser(
         "requeue", help="send in_doubt requests again: the operator's deliberate resend"
     )
@@ -286,6 +301,50 @@ def _local_time(moment: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment)) if moment else "-"
 
 
+def cmd_report(args) -> int:
+    from .report import parse_moment, report_text, summarise
+
+    try:
+        since = None if args.since is None else parse_moment(args.since)
+    except ValueError as error:
+        raise Failure(f"report: --since: {error}", EX_USAGE) from None
+    if args.results:
+        tally, source = _results_tally(args.results, since), "results"
+    else:
+        tally, source = _ledger_tally(_load(args), since), "ledger"
+    report = summarise(tally, source, since)
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return EX_OK
+
+
+def _results_tally(names: list[str], since: float | None):
+    from .report import read_results
+
+    try:
+        tally = read_results(names, since)
+    except OSError as error:
+        raise Failure(f"cannot read {error.filename or 'stdin'}: {error.strerror}", 66) from None
+    for problem in tally.problems:
+        print(problem, file=sys.stderr)
+    return tally
+
+
+def _ledger_tally(config: Config, since: float | None):
+    from .report import Tally, read_ledger
+
+    path = config.state_dir / "ledger.sqlite3"
+    try:
+        tally = read_ledger(config.state_dir, since)
+    except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
+        raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
+    except sqlite3.DatabaseError as error:  # readable, but not a ledger
+        raise Failure(f"cannot read the ledger {path}: {error}", EX_DATAERR) from None
+    if tally is None:
+        print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
+        return Tally()
+    return tally
+
+
 def cmd_requeue(args) -> int:
     from .ledger import requeue
 
@@ -439,6 +498,7 @@ def _latency_range(text: str) -> tuple[float, float]:
 
 
 COMMANDS = {
+    "report": cmd_report,
     "requeue": cmd_requeue,
     "run": cmd_run,
     "submit": cmd_submit,
