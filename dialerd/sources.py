@@ -39,6 +39,7 @@ READ_CHUNK = 256 * 1024
 SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event was lost
 SPOOL_POLL_S = 0.1  # without inotify
 SPOOL_BATCH = 256  # files taken side by side
+SPOOL_BATCH_BYTES = 16 * 1024 * 1024  # and no more than this read ahead of the ledger
 
 
 def stdin_is_data() -> bool:
@@ -285,10 +286,8 @@ class SpoolSource:
         while not self._stopping:
             self._changed.clear()
             names = await self._scan()
-            for start in range(0, len(names), SPOOL_BATCH):
-                if self._stopping:
-                    return
-                await self._take_batch(names[start : start + SPOOL_BATCH])
+            while names and not self._stopping:
+                names = await self._take_some(names)
             await wait_event(self._changed, SPOOL_RESCAN_S)
 
     async def _scan(self) -> list[str]:
@@ -346,68 +345,121 @@ class SpoolSource:
                     entries.append((entry.stat().st_mtime, entry.name))
         return [name for _mtime, name in sorted(entries)]
 
-    async def _take_batch(self, names: list[str]) -> None:
-        """Take files side by side (their ledger commits share fsyncs), then make their moves
-        durable with one sync per directory before the ledger forgets them: a file must never
-        be forgotten while a crash could still bring it back to incoming/."""
-        recorded = await self._ledger.spool_files(names)
-        moved = await asyncio.gather(*(self._take(name, recorded.get(name)) for name in names))
-        taken = [name for name, was_moved in zip(names, moved, strict=True) if was_moved]
+    async def _take_some(self, names: list[str]) -> list[str]:
+        """Take the first files of `names` (up to SPOOL_BATCH of them, or SPOOL_BATCH_BYTES);
+        returns the names left for the next call.
+
+        Reading, moving and syncing run as one thread call each for the whole batch (a thread
+        call per file cost more than the file system work it did); the ledger records the
+        files side by side, so their commits share fsyncs. The moves are made durable with one
+        sync per directory before the ledger forgets them: a file must never be forgotten while
+        a crash could still bring it back to incoming/.
+        """
+        reads, rest = await asyncio.to_thread(
+            _read_spool_files, str(self.incoming), names, self._intake.config()
+        )
+        recorded = await self._ledger.spool_files([name for name, _outcome in reads])
+        readable, rejects = [], []
+        for name, outcome in reads:
+            if isinstance(outcome, Rejected):
+                rejects.append((name, str(outcome)))
+            elif isinstance(outcome, FileNotFoundError):
+                pass  # taken away by its writer meanwhile
+            elif isinstance(outcome, OSError):
+                log.error("cannot take a spool file; trying again", file=name, error=str(outcome))
+            else:
+                readable.append((name, *outcome))
+        to_done = await asyncio.gather(
+            *(
+                self._record(name, digest, batch, recorded.get(name))
+                for name, digest, batch in readable
+            )
+        )
+        taken = await asyncio.to_thread(self._file_away, to_done, rejects)
+        if taken:
+            await self._ledger.forget_spool_files(taken)
+        return rest
+
+    async def _record(
+        self, name: str, digest: str, batch: Batch, recorded: tuple[str, str | None] | None
+    ) -> tuple[str, str | None]:
+        """Record one file's requests; (name, its errors note) for its move to done/.
+
+        `recorded`: the (digest, errors) the ledger holds of a file of this name, if any.
+        """
+        if recorded is not None and recorded[0] == digest:
+            return name, recorded[1]  # recorded before a crash that came before the move
+        errors = _errors_text(batch)
+        await self._intake.record(batch, spool_file=(name, digest, errors))
+        return name, errors
+
+    def _file_away(
+        self, to_done: list[tuple[str, str | None]], rejects: list[tuple[str, str]]
+    ) -> list[str]:
+        """In a thread: move recorded files to done/ and unreadable ones to rejected/; the names
+        moved to done/, once their moves are durable (none if they cannot be made so)."""
+        for name, reason in rejects:
+            self._reject(name, reason)
+        taken = [name for name, errors in to_done if self._move_to_done(name, errors)]
         if not taken:
-            return
+            return []
         try:
-            await asyncio.to_thread(_sync_dirs, self.done, self.incoming)
+            _sync_dirs(self.done, self.incoming)
         except OSError as error:
             # The spool went away under the moves: they stay recorded, and the next start
             # forgets those no longer in incoming/.
             log.error("cannot sync the spool after a move", error=str(error))
-            return
-        await self._ledger.forget_spool_files(taken)
+            return []
+        log.info("spool files taken", files=len(taken), first=taken[0], last=taken[-1])
+        return taken
 
-    async def _take(self, name: str, recorded: tuple[str, str | None] | None) -> bool:
-        """Record one file and move it to done/ (True), or to rejected/, or leave it (False).
-
-        `recorded`: the (digest, errors) the ledger holds of a file of this name, if any.
-        """
-        path = self.incoming / name
+    def _move_to_done(self, name: str, errors: str | None) -> bool:
         try:
-            digest, batch = await asyncio.to_thread(_read_spool_file, path, self._intake.config())
-            if recorded is not None and recorded[0] == digest:
-                # Recorded before a crash that came before the move: record nothing twice.
-                await asyncio.to_thread(_move, path, self.done, recorded[1])
-                return True
-            errors = _errors_text(batch)
-            await self._intake.record(batch, spool_file=(name, digest, errors))
-            await asyncio.to_thread(_move, path, self.done, errors)
-            log.info(
-                "spool file taken",
-                file=name,
-                requests=len(batch.requests),
-                invalid=len(batch.invalid),
-            )
-            return True
-        except Rejected as error:
-            log.warning("spool file rejected", file=name, error=str(error))
-            try:
-                await asyncio.to_thread(_reject, path, self.rejected, str(error))
-            except OSError as fault:  # as below: it stays in incoming/ for the next scan
-                log.error("cannot reject a spool file; trying again", file=name, error=str(fault))
+            _move(os.path.join(self.incoming, name), str(self.done), name, errors)
         except FileNotFoundError:
-            pass  # taken away by its writer meanwhile
+            return False  # taken away by its writer meanwhile: its requests stay recorded
         except OSError as error:
             # A full disk or a directory gone: the file stays in incoming/ for the next scan;
             # what the ledger holds of it is recognised by its digest then.
             log.error("cannot take a spool file; trying again", file=name, error=str(error))
-        return False
+            return False
+        return True
+
+    def _reject(self, name: str, reason: str) -> None:
+        log.warning("spool file rejected", file=name, error=reason)
+        try:
+            _reject(os.path.join(self.incoming, name), self.rejected, name, reason)
+        except FileNotFoundError:
+            pass
+        except OSError as fault:  # it stays in incoming/ for the next scan
+            log.error("cannot reject a spool file; trying again", file=name, error=str(fault))
 
 
-def _read_spool_file(path: Path, config: Config) -> tuple[str, Batch]:
-    """A spool file's digest and requests, read and parsed off the event loop."""
-    data = _read_limited(path)
-    return hashlib.sha256(data).hexdigest(), parse_spool_file(data, path.name, config)
+def _read_spool_files(
+    incoming: str, names: list[str], config: Config
+) -> tuple[list[tuple[str, tuple[str, Batch] | Rejected | OSError]], list[str]]:
+    """In a thread: read and parse the first of `names`, up to SPOOL_BATCH files or until
+    SPOOL_BATCH_BYTES are read (so a batch of large files stays small in memory).
+
+    Returns each file read with its (digest, requests) or why it could not be read (Rejected,
+    or the OSError that keeps it for the next scan), and the names left.
+    """
+    reads: list[tuple[str, tuple[str, Batch] | Rejected | OSError]] = []
+    size = 0
+    for count, name in enumerate(names[:SPOOL_BATCH], 1):
+        try:
+            data = _read_limited(os.path.join(incoming, name))
+            size += len(data)
+            digest = hashlib.sha256(data).hexdigest()
+            reads.append((name, (digest, parse_spool_file(data, name, config))))
+        except (Rejected, OSError) as error:
+            reads.append((name, error))
+        if size >= SPOOL_BATCH_BYTES:
+            return reads, names[count:]
+    return reads, names[SPOOL_BATCH:]
 
 
-def _read_limited(path: Path) -> bytes:
+def _read_limited(path: str) -> bytes:
     try:
         with open(path, "rb") as file:
             # Sized first: read(MAX + 1) would allocate the whole limit for every small file.
@@ -422,30 +474,34 @@ def _errors_text(batch: Batch) -> str | None:
     return "".join(line + "\n" for line in batch.errors) or None
 
 
-def _free_name(directory: Path, name: str, note_suffix: str) -> str:
+def _free_name(directory: str, name: str, note_suffix: str) -> str:
     """`name`, or name.N where the directory already holds one of that name or its note."""
     candidate, counter = name, 0
-    while (directory / candidate).exists() or (directory / (candidate + note_suffix)).exists():
+    # Plain strings and lexists: this runs for every file taken, and pathlib's objects cost
+    # more than the look-ups themselves; a dangling link still counts as taken.
+    while os.path.lexists(f"{directory}/{candidate}") or os.path.lexists(
+        f"{directory}/{candidate}{note_suffix}"
+    ):
         counter += 1
         candidate = f"{name}.{counter}"
     return candidate
 
 
-def _move(path: Path, directory: Path, errors: str | None) -> None:
-    target = _free_name(directory, path.name, ".errors")
+def _move(path: str, directory: str, name: str, errors: str | None) -> None:
+    target = _free_name(directory, name, ".errors")
     if errors is not None:
-        _write_file(directory / f"{target}.errors", errors)
-    os.rename(path, directory / target)
+        _write_file(f"{directory}/{target}.errors", errors)
+    os.rename(path, f"{directory}/{target}")
 
 
-def _reject(path: Path, directory: Path, reason: str) -> None:
-    target = _free_name(directory, path.name, ".error")
+def _reject(path: str, directory: Path, name: str, reason: str) -> None:
+    target = _free_name(str(directory), name, ".error")
     _write_file(directory / f"{target}.error", reason + "\n")
     os.rename(path, directory / target)
     _sync_dir(directory)
 
 
-def _write_file(path: Path, text: str) -> None:
+def _write_file(path: str | Path, text: str) -> None:
     """Write a note whole, or leave none: a partial one would take the name of the next try."""
     try:
         with open(path, "w", encoding="utf-8") as file:
