@@ -102,7 +102,7 @@ def read_results(names: list[str], since: float | None) -> Tally:
     """The final outcomes in files of result lines ('-': stdin). A request's last line counts:
     a requeued request has two, and a crash may write a line again. A bad line is counted in
     `problems`, not fatal. OSError when a file cannot be read."""
-    latest: dict[Any, tuple[Final, int]] = {}
+    latest: dict[str | bytes, tuple[Final, int]] = {}  # by request id, or a rejected one's line
     tally = Tally()
     for name in names:
         for number, line in _lines(name):
@@ -124,28 +124,28 @@ def _lines(name: str) -> Iterator[tuple[int, bytes]]:
                 yield number, line
 
 
-def _result(line: bytes) -> tuple[Any, Final, int]:
+def _result(line: bytes) -> tuple[str | bytes, Final, int]:
     """A result line as (whose it is, what it counts, its whole second); ValueError if bad."""
     try:
         record = json.loads(line)
-    except ValueError:  # a UnicodeDecodeError as well
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ValueError("not a JSON line") from None
     if not isinstance(record, dict):
         raise ValueError("not a result: not a JSON object")
-    outcome, request_id = record.get("outcome"), record.get("id")
+    outcome = record.get("outcome")
     if not isinstance(outcome, str) or not outcome:
         raise ValueError("not a result: no outcome")
     at = _whole_second(record.get("at"))
-    agent_id, status = record.get("agent_id"), record.get("status")
-    if not all(isinstance(value, str | None) for value in (request_id, agent_id, status)):
-        raise ValueError("not a result: id, agent_id and status are strings or null")
     if outcome in NOT_QUEUED:
-        key: Any = line.strip()  # each is its own; one written again is the same line
-    elif request_id is None:
-        raise ValueError(f"not a result: a {outcome} result without an id")
-    else:
-        key = request_id
-    return key, final(outcome, agent_id, status, at // HOUR_S), at
+        # Each is its own, whatever id it shows (any JSON an invalid request gave, or the id a
+        # duplicate repeats); one written again after a crash is the same line.
+        return line.strip(), final(outcome, None, None, at // HOUR_S), at
+    request_id, agent_id, status = (record.get(name) for name in ("id", "agent_id", "status"))
+    if not isinstance(request_id, str) or not isinstance(agent_id, str):
+        raise ValueError(f"not a result: {outcome} without an id and an agent_id")
+    if not isinstance(status, str | None):
+        raise ValueError("status: neither a string nor null")
+    return request_id, final(outcome, agent_id, status, at // HOUR_S), at
 
 
 def _whole_second(at: Any) -> int:

@@ -179,6 +179,7 @@ LINES = [
     result("invalid", "2026-11-24T13:30:00Z", error="to: required", source="stdin:7"),
     result("invalid", "2026-11-24T13:30:00Z", error="to: required", source="stdin:8"),
     result("duplicate", "2026-11-24T13:30:00Z", id="a", agent_id="agent-a", source="stdin:9"),
+    result("invalid", "2026-11-24T13:40:00Z", id=42, agent_id=[5], error="id: 42 is not…"),
     result("dialed", "2026-11-24T14:05:00Z", id="d", agent_id="agent-b", attempts=1),  # requeued
 ]
 
@@ -192,14 +193,14 @@ def test_a_request_counts_once_by_its_last_line(tmp_path, capsys):
     assert json.loads(out) == {
         "source": "results",
         "since": None,
-        "total": 7,
-        "outcomes": {"dialed": 2, "unanswered": 2, "invalid": 2, "duplicate": 1},
+        "total": 8,
+        "outcomes": {"dialed": 2, "unanswered": 2, "invalid": 3, "duplicate": 1},
         "by_agent": {"agent-a": {"dialed": 1, "unanswered": 1},
                      "agent-b": {"dialed": 1, "unanswered": 1}},
         "unanswered_by_status": {"busy": 1, "timeout": 1},
         "by_hour": {
             "2026-11-24T12:00:00Z": {"dialed": 1},
-            "2026-11-24T13:00:00Z": {"unanswered": 2, "invalid": 2, "duplicate": 1},
+            "2026-11-24T13:00:00Z": {"unanswered": 2, "invalid": 3, "duplicate": 1},
             "2026-11-24T14:00:00Z": {"dialed": 1},
         },
         "bad_lines": 0,
@@ -212,19 +213,19 @@ def test_the_text_report(tmp_path, capsys):
     code, out, err = in_process(capsys, "--results", str(path))
     assert (code, err) == (0, "")
     assert out == (
-        "7 final outcome(s) in the results\n"
+        "8 final outcome(s) in the results\n"
         "\n"
         "agent         dialed  unanswered  invalid  duplicate  total\n"
         "agent-a            1           1        -          -      2\n"
         "agent-b            1           1        -          -      2\n"
-        "(not queued)       -           -        2          1      3\n"
-        "all                2           2        2          1      7\n"
+        "(not queued)       -           -        3          1      4\n"
+        "all                2           2        3          1      8\n"
         "\n"
         "unanswered by callback status: busy 1, timeout 1\n"
         "\n"
         "hour (UTC)        dialed  unanswered  invalid  duplicate  total\n"
         "2026-11-24 12:00       1           -        -          -      1\n"
-        "2026-11-24 13:00       -           2        2          1      5\n"
+        "2026-11-24 13:00       -           2        3          1      6\n"
         "2026-11-24 14:00       1           -        -          -      1\n"
     )
 
@@ -233,9 +234,9 @@ def test_since_counts_whole_seconds(tmp_path, capsys):
     path = tmp_path / "results.jsonl"
     path.write_text("\n".join(LINES) + "\n")
     for since, total in [
-        ("2026-11-24T12:59:59Z", 7),
-        ("2026-11-24T12:59:59.5Z", 6),  # 12:59:59 is before it
-        ("2026-11-24T15:00:00+02:00", 6),
+        ("2026-11-24T12:59:59Z", 8),
+        ("2026-11-24T12:59:59.5Z", 7),  # 12:59:59 is before it
+        ("2026-11-24T15:00:00+02:00", 7),
         ("2026-11-24T14:05:01Z", 0),
     ]:
         code, out, _err = in_process(capsys, "--json", "--since", since, "--results", str(path))
@@ -248,22 +249,32 @@ def test_since_counts_whole_seconds(tmp_path, capsys):
 
 def test_bad_lines_are_counted_and_named_not_fatal(tmp_path, capsys):
     path = tmp_path / "results.jsonl"
-    bad = ["{not json", "[1, 2]", json.dumps({"id": "x", "at": "2026-11-24T12:00:00Z"}),
-           result("dialed", "yesterday", id="y"), result("dialed", "2026-11-24T12:00:00"),
-           result("dialed", "2026-11-24T12:00:00Z"), "\xff"]  # fmt: skip
+    noon = "2026-11-24T12:00:00Z"
+    bad = [
+        "{not json",
+        "[1, 2]",
+        json.dumps({"id": "x", "at": noon}),
+        result("dialed", "yesterday", id="y"),
+        result("dialed", noon.removesuffix("Z")),
+        result("dialed", noon),
+        "\xff",
+        "[" * 100_000,
+        result("unanswered", noon, id="z", agent_id="a", status=1),
+    ]
     path.write_bytes(("\n".join([LINES[0], "", *bad, LINES[1]]) + "\n").encode("latin-1"))
     code, out, err = in_process(capsys, "--json", "--results", str(path))
     assert code == 0
     numbers = json.loads(out)
-    assert (numbers["total"], numbers["bad_lines"]) == (2, 7)
+    assert (numbers["total"], numbers["bad_lines"]) == (2, 9)
     problems = err.splitlines()
-    assert [line.split(": ", 1)[0] for line in problems] == [f"{path}:{n}" for n in range(3, 10)]
+    assert [line.split(": ", 1)[0] for line in problems] == [f"{path}:{n}" for n in range(3, 12)]
     assert "not a JSON line" in problems[0] and "no outcome" in problems[2]
     assert "at: 'yesterday' is not an ISO 8601 time" in problems[3]
     assert "no UTC offset" in problems[4] and "without an id" in problems[5]
+    assert "not a JSON line" in problems[7] and "status: " in problems[8]
 
     code, out, _err = in_process(capsys, "--results", str(path))
-    assert out.startswith("2 final outcome(s) in the results; 7 bad line(s) not counted\n")
+    assert out.startswith("2 final outcome(s) in the results; 9 bad line(s) not counted\n")
 
 
 def test_several_files_and_stdin(tmp_path, capsys, monkeypatch):
@@ -272,7 +283,7 @@ def test_several_files_and_stdin(tmp_path, capsys, monkeypatch):
     second.write_text("\n".join(LINES[4:]) + "\n")
     code, out, _err = in_process(capsys, "--json", "--results", str(first), str(second))
     assert code == 0
-    assert json.loads(out)["outcomes"] == {"dialed": 2, "unanswered": 2, "invalid": 2,
+    assert json.loads(out)["outcomes"] == {"dialed": 2, "unanswered": 2, "invalid": 3,
                                            "duplicate": 1}  # fmt: skip
     done = run_dialerd("report", "--json", "--results", "-", input=first.read_bytes())
     assert done.returncode == 0, done.stderr
