@@ -23,8 +23,8 @@ NOT_QUEUED = ("invalid", "duplicate")
 NOT_QUEUED_ROW = "(not queued)"
 HOUR_S = 3600
 
-# One group of final outcomes per (outcome, agent, status, hour), from either source; `since`
-# compares whole seconds, since a result line's `at` has no fraction.
+# The ledger's final outcomes, counted per (outcome, agent, status, UTC hour); :start is the first
+# whole second counted, as a result line's `at` has no fraction.
 LEDGER_FINALS = """
 SELECT outcome, agent_id, status, CAST(finished_at / 3600 AS INTEGER), count(*) FROM requests
  WHERE outcome IS NOT NULL AND finished_at >= :start GROUP BY 1, 2, 3, 4
