@@ -62,6 +62,11 @@ class Wiring:
     number_cap: Callable[[], NumberCap | None] = lambda: None  # noqa: E731
 
 
+def _can_wait(pending: Pending, until: float | None) -> bool:
+    """Whether the request can wait until `until` (None: never) without expiring first."""
+    return until is not None and (pending.expires_at is None or pending.expires_at > until)
+
+
 def _utc(moment: float) -> str:
     return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="seconds")
 
@@ -143,30 +148,32 @@ class Lane:
         return await self._outside_hours(pending)
 
     async def _outside_hours(self, pending: Pending) -> bool:
+        return not await self._inside_hours([pending])
+
+    async def _inside_hours(self, batch: list[Pending]) -> list[Pending]:
+        """The requests of `batch` that the calling hours allow now; the others wait in the
+        ledger for their opening (held in one call), or end `expired` if they cannot."""
         window = self._wiring.calling_window()
         if window is None:
-            return False
+            return batch
         now = time.time()
-        opens_at = window.next_open(pending.body["to"], now)
-        if opens_at == now:
-            return False
-        if opens_at is None:
-            error = "the calling hours never open in all of the number's time zones at once"
-        else:
-            error = f"outside the calling hours until {_utc(opens_at)}, after its expires_at"
-        await self._wait_or_end(pending, opens_at, "calling_hours", "expired", error)
-        return True
-
-    async def _wait_or_end(
-        self, pending: Pending, until: float | None, reason: str, outcome: str, error: str
-    ) -> None:
-        """Hold the request in the ledger until `until`, or end it with `outcome` if its
-        expires_at would pass first."""
-        if until is None or (pending.expires_at is not None and pending.expires_at <= until):
-            await self._finish(pending, outcome, error=error)
-            return
-        await self._ledger.hold(pending.seq, until, reason)
-        log.debug("held", agent=self.agent.id, id=pending.id, reason=reason, until=_utc(until))
+        inside, holds = [], []
+        for pending in batch:
+            opens_at = window.next_open(pending.body["to"], now)
+            if opens_at == now:
+                inside.append(pending)
+            elif _can_wait(pending, opens_at):
+                holds.append((pending.seq, opens_at))
+            elif opens_at is None:
+                error = "the calling hours never open in all of the number's time zones at once"
+                await self._finish(pending, "expired", error=error)
+            else:
+                error = f"outside the calling hours until {_utc(opens_at)}, after its expires_at"
+                await self._finish(pending, "expired", error=error)
+        if holds:
+            await self._ledger.hold(holds, "calling_hours")
+            log.debug("held for the calling hours", agent=self.agent.id, count=len(holds))
+        return inside
 
     async def _continue_cadence(self) -> None:
         """Space the first send from the agent's last one, sent maybe by a run just before this
@@ -180,13 +187,14 @@ class Lane:
         if not self._due:
             self._wake.clear()
             due, next_due = await self._ledger.due(self.agent.id, time.time(), PREFETCH)
-            self._due.extend(due)
+            # A batch outside the calling hours is held at once, not one commit per request.
+            self._due.extend(await self._inside_hours(due))
             if not due:
                 wait = None if next_due is None else max(0.0, next_due - time.time())
                 with self._waiting_by_design():
                     await wait_event(self._wake, wait)
                 return None
-        return self._due.popleft()
+        return self._due.popleft() if self._due else None  # None: all of it was held back
 
     async def _sleep_until(self, deadline: float) -> None:
         """Sleep until a loop time, or until the lane is stopped."""
@@ -231,12 +239,14 @@ class Lane:
             pending.seq, token, pending.attempts + 1, cap
         )
         if not marked:
-            if allowed_at is not None:
+            if allowed_at is not None and _can_wait(pending, allowed_at):
+                await self._ledger.hold([(pending.seq, allowed_at)], "cap")
+            elif allowed_at is not None:
                 error = (
                     f"over max_calls_per_number ({cap.count} per {cap.per_s:g} s) until "
                     f"{_utc(allowed_at)}, after its expires_at"
                 )
-                await self._wait_or_end(pending, allowed_at, "cap", "blocked", error)
+                await self._finish(pending, "blocked", error=error)
             return None
         # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))

@@ -336,9 +336,10 @@ class Ledger:
         """
         return await self.call(_mark_sending, seq, token, attempt, time.time(), cap)
 
-    async def hold(self, seq: int, until: float, reason: str) -> None:
-        """Back to the queue until `until`, for `reason` (calling_hours, cap): not a retry."""
-        await self.call(_hold, seq, until, reason)
+    async def hold(self, holds: list[tuple[int, float]], reason: str) -> None:
+        """Requests (seq, until) back to the queue until then, for `reason` (calling_hours,
+        cap): not a retry."""
+        await self.call(_hold, holds, reason)
 
     async def release_held(self, now: float) -> int:
         """Held requests are due again now, to be judged by the rules in force (a restart or a
@@ -534,13 +535,14 @@ def _retry_later(
     _settle_number_call(conn, seq, placed=False)
 
 
-def _hold(conn: sqlite3.Connection, seq: int, until: float, reason: str) -> None:
-    conn.execute(
-        "UPDATE requests SET state = 'queued', due_at = ?, held = ?"
-        " WHERE seq = ? AND state != 'final'",
-        (until, reason, seq),
-    )
-    _settle_number_call(conn, seq, placed=False)
+def _hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) -> None:
+    for seq, until in holds:
+        conn.execute(
+            "UPDATE requests SET state = 'queued', due_at = ?, held = ?"
+            " WHERE seq = ? AND state != 'final'",
+            (until, reason, seq),
+        )
+        _settle_number_call(conn, seq, placed=False)
 
 
 EXPIRED_ERROR = "expires_at passed before sending"

@@ -84,8 +84,8 @@ async def test_a_request_no_longer_queued_is_not_marked(ledger):
 
 async def test_held_requests_are_counted_with_the_time_they_wait_for(ledger, tmp_path):
     until = time.time() + 600
-    await ledger.hold(await queue(ledger, "night"), until, "calling_hours")
-    await ledger.hold(await queue(ledger, "capped", to="447700900557"), until + 60, "cap")
+    await ledger.hold([(await queue(ledger, "night"), until)], "calling_hours")
+    await ledger.hold([(await queue(ledger, "capped", to="447700900557"), until + 60)], "cap")
     agent = read_status(tmp_path / "state")["agents"]["agent-a"]
     assert (agent["held_calling_hours"], agent["held_cap"]) == (1, 1)
     assert agent["held_calling_hours_until"] == pytest.approx(until)
