@@ -1,4 +1,4 @@
-"""The command line: run, submit, check, status, simulate. Exit codes follow sysexits."""
+"""The command line: run, submit, check, status, report, requeue, simulate (sysexits codes)."""
 
 from __future__ import annotations
 
