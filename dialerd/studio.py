@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import email.utils
 import enum
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -36,27 +37,59 @@ class SendResult:
     retry_after: float | None = None  # seconds, from a 429's Retry-After
 
 
-def session(timeout_s: float, trace_configs: list[aiohttp.TraceConfig]) -> aiohttp.ClientSession:
-    """The one session of the process; its pool has no cap, so it never limits the rate."""
+# The send in progress in this task: its `departed` future, for _TimedRequest to stamp.
+_departed: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVar(
+    "departed", default=None
+)
+
+
+class _TimedRequest(aiohttp.ClientRequest):
+    """A request that stamps its send's `departed` future once it has been handed to the
+    socket. aiohttp's tracing could tell the same, but a session with any trace config pays
+    for every one of its signals on every request."""
+
+    async def send(self, conn: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        response = await super().send(conn)
+        _stamp(_departed.get())
+        return response
+
+
+def _stamp(departed: asyncio.Future | None) -> None:
+    if departed is not None and not departed.done():
+        departed.set_result(departed.get_loop().time())
+
+
+class _DepartureTrace(aiohttp.TraceConfig):
+    """departure_tracing()'s kind, so that session() knows it needs no such trace."""
+
+
+def session(
+    timeout_s: float, trace_configs: Sequence[aiohttp.TraceConfig] = ()
+) -> aiohttp.ClientSession:
+    """The one session of the process; its pool has no cap, so it never limits the rate.
+
+    It tells each send's `departed` future when the request left, by its request class; a
+    departure trace among `trace_configs` is left out, since it would only add to the cost.
+    """
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
     )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
-        trace_configs=trace_configs,
+        request_class=_TimedRequest,
+        trace_configs=[c for c in trace_configs if not isinstance(c, _DepartureTrace)],
         raise_for_status=False,
     )
 
 
 def departure_tracing() -> aiohttp.TraceConfig:
-    """Tells each send's `departed` future the moment its request was written to the socket."""
-    trace = aiohttp.TraceConfig()
+    """For a session not made by session(): tells each send's `departed` future the moment
+    its request was written to the socket."""
+    trace = _DepartureTrace()
 
     async def headers_sent(_session, context: SimpleNamespace, _params) -> None:
-        departed = context.trace_request_ctx
-        if departed is not None and not departed.done():
-            departed.set_result(asyncio.get_running_loop().time())
+        _stamp(context.trace_request_ctx)
 
     trace.on_request_headers_sent.append(headers_sent)
     return trace
@@ -77,16 +110,19 @@ class StudioClient:
         self, region: str, body: dict[str, Any], departed: asyncio.Future
     ) -> SendResult:
         """POST one call; `departed` gets the loop time at which the request left."""
+        current = _departed.set(departed)
         try:
             async with self._http.post(
                 self._endpoints[region],
                 data=json.dumps(body, separators=(",", ":")).encode(),
                 headers=self._headers,
-                trace_request_ctx=departed,
+                trace_request_ctx=departed,  # for a departure trace, in another session
             ) as response:
                 result = await _judge(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             result = _judge_failure(error, written=departed.done())
+        finally:
+            _departed.reset(current)
         return _redacted(result, self._key)
 
 

@@ -418,6 +418,32 @@ async def test_simulator_placed_call(http, simulator_factory):
     assert_no_key(result)
 
 
+async def test_the_session_tells_departures_without_any_trace(simulator_factory):
+    """session() times departures by its request class; the departure trace it is handed is
+    left out (every trace signal costs on every request), and departures are still told."""
+    simulator = await simulator_factory({"agent-a": 5, "agent-b": 5})
+    async with studio.session(5, [studio.departure_tracing()]) as http:
+        assert http.trace_configs == []
+        client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
+        sends = [send(client, {**BODY, "agent_id": agent}) for agent in ("agent-a", "agent-b")]
+        (first, first_departed), (second, second_departed) = await asyncio.gather(*sends)
+
+    assert first.verdict is second.verdict is Verdict.PLACED
+    # Side by side in one loop, each send's departure went to its own future.
+    assert first_departed.done() and second_departed.done()
+    assert first_departed is not second_departed
+
+
+async def test_departure_tracing_still_tells_departures_in_a_plain_session(simulator_factory):
+    simulator = await simulator_factory({"agent-a": 5})
+    async with aiohttp.ClientSession(trace_configs=[studio.departure_tracing()]) as http:
+        client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
+        result, departed = await send(client)
+
+    assert result.verdict is Verdict.PLACED
+    assert departed.done()
+
+
 async def test_simulator_unknown_agent_fails_with_its_message(http, simulator_factory):
     simulator = await simulator_factory({"agent-a": 5})
     client = StudioClient(http, KEY, {"us": simulator.endpoint("us")})
