@@ -57,7 +57,6 @@ def configure(level: str = "info", json_lines: bool | None = None) -> None:
     journal = [_journal_priority] if json_lines and stderr_is_journal() else []
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _drop_secrets,

@@ -22,6 +22,21 @@ LIMITER_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 NO_ANSWER = "none"  # the http_status label of a send that got no HTTP answer
 
 
+class _Children:
+    """A labelled metric's children, looked up once per label values: prometheus_client's
+    labels() validates and locks on every call, and a send touches three of them."""
+
+    def __init__(self, metric: Counter | Gauge | Histogram):
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Counter | Gauge | Histogram] = {}
+
+    def __call__(self, *values: str) -> Counter | Gauge | Histogram:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     """Counters, histograms and queue gauges of one daemon.
 
@@ -31,92 +46,110 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._sends = Counter(
-            "dialerd_sends_total",
-            "Make-call POSTs finished, by HTTP status ('none': no answer)",
-            ["agent", "http_status"],
-            registry=self.registry,
+        self._sends = _Children(
+            Counter(
+                "dialerd_sends_total",
+                "Make-call POSTs finished, by HTTP status ('none': no answer)",
+                ["agent", "http_status"],
+                registry=self.registry,
+            )
         )
-        self._send_latency = Histogram(
-            "dialerd_send_latency_seconds",
-            "Time from a make-call POST to its answer or failure",
-            ["agent"],
-            buckets=SEND_LATENCY_BUCKETS,
-            registry=self.registry,
+        self._send_latency = _Children(
+            Histogram(
+                "dialerd_send_latency_seconds",
+                "Time from a make-call POST to its answer or failure",
+                ["agent"],
+                buckets=SEND_LATENCY_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self._rate_limited = Counter(
-            "dialerd_rate_limited_total",
-            "Make-call POSTs answered 429",
-            ["agent"],
-            registry=self.registry,
+        self._rate_limited = _Children(
+            Counter(
+                "dialerd_rate_limited_total",
+                "Make-call POSTs answered 429",
+                ["agent"],
+                registry=self.registry,
+            )
         )
-        self._retries = Counter(
-            "dialerd_retries_total",
-            "Refused sends queued again",
-            ["agent"],
-            registry=self.registry,
+        self._retries = _Children(
+            Counter(
+                "dialerd_retries_total",
+                "Refused sends queued again",
+                ["agent"],
+                registry=self.registry,
+            )
         )
-        self._limiter_wait = Histogram(
-            "dialerd_limiter_wait_seconds",
-            "How long a due send waited for its slot",
-            ["agent"],
-            buckets=LIMITER_WAIT_BUCKETS,
-            registry=self.registry,
+        self._limiter_wait = _Children(
+            Histogram(
+                "dialerd_limiter_wait_seconds",
+                "How long a due send waited for its slot",
+                ["agent"],
+                buckets=LIMITER_WAIT_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self._callbacks = Counter(
-            "dialerd_callbacks_total",
-            "Callbacks accepted, by status and effect (redial, unanswered, stale, repeat)",
-            ["status", "effect"],
-            registry=self.registry,
+        self._callbacks = _Children(
+            Counter(
+                "dialerd_callbacks_total",
+                "Callbacks accepted, by status and effect (redial, unanswered, stale, repeat)",
+                ["status", "effect"],
+                registry=self.registry,
+            )
         )
-        self._outcomes = Counter(
-            "dialerd_outcomes_total",
-            "Final results written, by outcome",
-            ["outcome"],
-            registry=self.registry,
+        self._outcomes = _Children(
+            Counter(
+                "dialerd_outcomes_total",
+                "Final results written, by outcome",
+                ["outcome"],
+                registry=self.registry,
+            )
         )
-        self._queue_depth = Gauge(
-            "dialerd_queue_depth",
-            "Requests queued per agent",
-            ["agent"],
-            registry=self.registry,
+        self._queue_depth = _Children(
+            Gauge(
+                "dialerd_queue_depth",
+                "Requests queued per agent",
+                ["agent"],
+                registry=self.registry,
+            )
         )
-        self._in_flight = Gauge(
-            "dialerd_in_flight",
-            "Sends in flight per agent",
-            ["agent"],
-            registry=self.registry,
+        self._in_flight = _Children(
+            Gauge(
+                "dialerd_in_flight",
+                "Sends in flight per agent",
+                ["agent"],
+                registry=self.registry,
+            )
         )
         self._agents_with_queues: set[str] = set()
 
     def send(self, agent_id: str, http_status: int | None, latency_s: float) -> None:
         status_label = NO_ANSWER if http_status is None else str(http_status)
-        self._sends.labels(agent=agent_id, http_status=status_label).inc()
-        self._send_latency.labels(agent=agent_id).observe(latency_s)
+        self._sends(agent_id, status_label).inc()
+        self._send_latency(agent_id).observe(latency_s)
 
     def rate_limited(self, agent_id: str) -> None:
-        self._rate_limited.labels(agent=agent_id).inc()
+        self._rate_limited(agent_id).inc()
 
     def retry(self, agent_id: str) -> None:
-        self._retries.labels(agent=agent_id).inc()
+        self._retries(agent_id).inc()
 
     def paced(self, agent_id: str, wait_s: float) -> None:
-        self._limiter_wait.labels(agent=agent_id).observe(wait_s)
+        self._limiter_wait(agent_id).observe(wait_s)
 
     def callback(self, status: str, effect: str) -> None:
-        self._callbacks.labels(status=status, effect=effect).inc()
+        self._callbacks(status, effect).inc()
 
     def outcome(self, outcome: str) -> None:
-        self._outcomes.labels(outcome=outcome).inc()
+        self._outcomes(outcome).inc()
 
     def set_queues(self, agents: Mapping[str, Mapping[str, int]]) -> None:
         """Set the queue gauges from a status report's "agents"; an agent gone from it reads 0."""
         for agent_id in self._agents_with_queues - set(agents):
-            self._queue_depth.labels(agent=agent_id).set(0)
-            self._in_flight.labels(agent=agent_id).set(0)
+            self._queue_depth(agent_id).set(0)
+            self._in_flight(agent_id).set(0)
         for agent_id, entry in agents.items():
-            self._queue_depth.labels(agent=agent_id).set(entry.get("queued", 0))
-            self._in_flight.labels(agent=agent_id).set(entry.get("in_flight", 0))
+            self._queue_depth(agent_id).set(entry.get("queued", 0))
+            self._in_flight(agent_id).set(entry.get("in_flight", 0))
         self._agents_with_queues.update(agents)
 
     def render(self) -> tuple[bytes, str]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import stat
+import time
 from typing import TYPE_CHECKING, Any
 
 from .aio import wait_event
@@ -40,13 +40,17 @@ RESULT_FIELDS = (
 )
 
 
+# Built once: json.dumps with any option set builds a new encoder for every line.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
+
 def result_line(at: float, **fields: Any) -> str:
     """The result as one JSON line, fields in the documented order, absent ones null."""
     record = {name: fields.get(name) for name in RESULT_FIELDS}
     record["attempts"] = record["attempts"] or 0
-    record["at"] = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds")
-    record["at"] = record["at"].replace("+00:00", "Z")
-    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
+    # strftime on gmtime: the same text as datetime's isoformat, in half the time.
+    record["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    return _ENCODER.encode(record)
 
 
 class ResultsWriter:
