@@ -88,6 +88,9 @@ class Arrival:
     body: dict
 
 
+ARRIVAL_FIELDS = tuple(field.name for field in dataclasses.fields(Arrival))
+
+
 class _Action(enum.Enum):
     ANSWER = "answer"
     RESET = "reset"
@@ -283,7 +286,9 @@ class Simulator:
         self.arrivals.append(arrival)
         if self._log is not None:
             # Flushed per line: another process may be reading the log while we run.
-            self._log.write(json.dumps(dataclasses.asdict(arrival)) + "\n")
+            # Field by field: asdict() deep-copies the body, which json.dumps reads as it is.
+            line = {name: getattr(arrival, name) for name in ARRIVAL_FIELDS}
+            self._log.write(json.dumps(line) + "\n")
             self._log.flush()
 
     async def _deliver(self, request: web.Request, reply: _Reply, body: dict) -> web.StreamResponse:
