@@ -44,14 +44,29 @@ _departed: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVa
 
 
 class _TimedRequest(aiohttp.ClientRequest):
-    """A request that stamps its send's `departed` future once it has been handed to the
-    socket. aiohttp's tracing could tell the same, but a session with any trace config pays
-    for every one of its signals on every request."""
+    """A request that stamps its send's `departed` future once its bytes are handed to the
+    socket. aiohttp writes them from a task of its own, which runs a loop iteration or more
+    after send() returns (a busy loop or a garbage collection makes that tens of ms): neither
+    send() returning nor the headers-sent trace signal is the moment the request left, and
+    stamping early would let the next send of the agent follow too closely.
 
-    async def send(self, conn: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
-        response = await super().send(conn)
-        _stamp(_departed.get())
-        return response
+    aiohttp's tracing could tell the headers-sent moment, but a session with any trace config
+    pays for every one of its signals on every request."""
+
+    async def write_bytes(
+        self,
+        writer: aiohttp.abc.AbstractStreamWriter,
+        conn: aiohttp.connector.Connection,
+        content_length: int | None = None,
+    ) -> None:
+        try:
+            await super().write_bytes(writer, conn, content_length)
+        finally:
+            # Written, unless the connection was found closed before any byte went: aiohttp
+            # puts that failure on the protocol rather than raising it.
+            protocol = conn.protocol
+            if writer.output_size and (protocol is None or protocol.exception() is None):
+                _stamp(_departed.get())
 
 
 def _stamp(departed: asyncio.Future | None) -> None:
@@ -84,8 +99,9 @@ def session(
 
 
 def departure_tracing() -> aiohttp.TraceConfig:
-    """For a session not made by session(): tells each send's `departed` future the moment
-    its request was written to the socket."""
+    """For a session not made by session(): tells each send's `departed` future when its
+    headers are ready to go, which may be a little before they are written (see
+    _TimedRequest)."""
     trace = _DepartureTrace()
 
     async def headers_sent(_session, context: SimpleNamespace, _params) -> None:

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import aiohttp
 import aioresponses as aioresponses_module
 import pytest
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_writer import StreamWriter
 from yarl import URL
 
 from dialerd import studio
@@ -432,6 +434,29 @@ async def test_the_session_tells_departures_without_any_trace(simulator_factory)
     # Side by side in one loop, each send's departure went to its own future.
     assert first_departed.done() and second_departed.done()
     assert first_departed is not second_departed
+
+
+async def test_a_departure_is_stamped_once_the_bytes_are_written(simulator_factory, monkeypatch):
+    """aiohttp writes a request from a task of its own, after the request is prepared: the
+    stamp must not come before that write, or the agent's next send could follow too closely."""
+    simulator = await simulator_factory({"agent-a": 5})
+    loop = asyncio.get_running_loop()
+    written_at = []
+    write = StreamWriter._writelines
+
+    def noted(self, chunks):
+        if isinstance(self._protocol, ResponseHandler):  # the client's, not the simulator's
+            written_at.append(loop.time())
+        return write(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_writelines", noted)
+    async with studio.session(5) as http:
+        client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
+        result, departed = await send(client)
+
+    assert result.verdict is Verdict.PLACED
+    assert len(written_at) == 1
+    assert departed.result() >= written_at[0]
 
 
 async def test_departure_tracing_still_tells_departures_in_a_plain_session(simulator_factory):
