@@ -28,13 +28,20 @@ def simulator_process(
     latency: str,
     default_rate: int | None = None,
     jitter: float = 0.0,
+    cpus: str | None = None,
+    trace: Path | None = None,
 ) -> Iterator[str]:
-    """`dialerd simulate` on 127.0.0.1; yields its base URL, stops it at the end."""
+    """`dialerd simulate` on 127.0.0.1; yields its base URL, stops it at the end.
+
+    `cpus`: the cores it may run on (taskset's list), so that it never takes another's.
+    `trace`: run it under bench.traced, which writes its loop lag there at the end.
+    """
     port = free_port()
+    program = ["dialerd"] if trace is None else ["bench.traced", str(trace), "--"]
     command = [
         sys.executable,
         "-m",
-        "dialerd",
+        *program,
         "simulate",
         "--port",
         str(port),
@@ -49,6 +56,8 @@ def simulator_process(
         command += ["--agent", f"{agent_id}={rate}"]
     if default_rate is not None:
         command += ["--default-rate", str(default_rate)]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
