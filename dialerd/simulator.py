@@ -129,6 +129,7 @@ class Simulator:
         faults: Faults = Faults(),  # noqa: B008 - frozen, so sharing the default is safe
         seed: int | None = None,
         log_path: str | os.PathLike | None = None,
+        keep_arrivals: bool = True,
     ) -> None:
         self._default_rate = default_rate
         self.set_agents(agents or {}, numbers or {})
@@ -143,6 +144,9 @@ class Simulator:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._base_url = ""
+        # In memory for callers in the same process; a server of its own has only its log, or
+        # it would grow without end, and so would the garbage collector's pauses.
+        self._keep_arrivals = keep_arrivals
         self.arrivals: list[Arrival] = []
         self.callbacks_sent: list[dict] = []  # each callback body, with "http_status" of its POST
         self._callback_tasks: set[asyncio.Task] = set()
@@ -283,7 +287,8 @@ class Simulator:
             conversation_uuid=(reply.payload or {}).get("conversation_uuid"),
             body=body,
         )
-        self.arrivals.append(arrival)
+        if self._keep_arrivals:
+            self.arrivals.append(arrival)
         if self._log is not None:
             # Flushed per line: another process may be reading the log while we run.
             # Field by field: asdict() deep-copies the body, which json.dumps reads as it is.
@@ -405,6 +410,7 @@ async def serve(args: argparse.Namespace, faults: Faults) -> None:
         faults=faults,
         seed=args.seed,
         log_path=args.log,
+        keep_arrivals=False,
     )
     url = await simulator.start(args.host, args.port)
     print(f"simulator listening on {url}", file=sys.stderr, flush=True)

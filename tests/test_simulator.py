@@ -323,6 +323,17 @@ async def test_the_log_gets_one_json_line_per_arrival_at_once(http, start, tmp_p
     assert set(lines[0]) == {field.name for field in dataclasses.fields(Arrival)}
 
 
+async def test_a_server_of_its_own_logs_arrivals_but_keeps_none(http, start, tmp_path):
+    log = tmp_path / "arrivals.jsonl"
+    simulator = await start(log_path=log, keep_arrivals=False)
+    for _ in range(2):
+        await call(http, simulator, {"agent_id": "a", "to": "447700900123"})
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["http_status"] for line in lines] == [200, 429]  # the window still counts
+    assert simulator.arrivals == []
+
+
 @pytest.mark.parametrize(
     ("times", "rate", "violations"),
     [
