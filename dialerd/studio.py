@@ -44,11 +44,11 @@ _departed: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVa
 
 
 class _TimedRequest(aiohttp.ClientRequest):
-    """A request that stamps its send's `departed` future once its bytes are handed to the
-    socket. aiohttp writes them from a task of its own, which runs a loop iteration or more
-    after send() returns (a busy loop or a garbage collection makes that tens of ms): neither
-    send() returning nor the headers-sent trace signal is the moment the request left, and
-    stamping early would let the next send of the agent follow too closely.
+    """A request that stamps its send's `departed` future in the step that hands its bytes to
+    the socket. aiohttp writes them from a task of its own, which runs a loop iteration or more
+    after the request is ready (a busy loop or a garbage collection makes that tens of ms):
+    neither send() returning nor the headers-sent trace signal is the moment the request left,
+    and stamping early lets the agent's next send follow too closely.
 
     aiohttp's tracing could tell the headers-sent moment, but a session with any trace config
     pays for every one of its signals on every request."""
@@ -59,14 +59,13 @@ class _TimedRequest(aiohttp.ClientRequest):
         conn: aiohttp.connector.Connection,
         content_length: int | None = None,
     ) -> None:
-        try:
-            await super().write_bytes(writer, conn, content_length)
-        finally:
-            # Written, unless the connection was found closed before any byte went: aiohttp
-            # puts that failure on the protocol rather than raising it.
-            protocol = conn.protocol
-            if writer.output_size and (protocol is None or protocol.exception() is None):
-                _stamp(_departed.get())
+        # The write below reaches the socket without awaiting anything first. Stamped just
+        # before it, so that any failure from here on counts as written (at most once); not
+        # stamped on a connection already closing, where no byte can go.
+        transport = conn.transport
+        if transport is not None and not transport.is_closing():
+            _stamp(_departed.get())
+        await super().write_bytes(writer, conn, content_length)
 
 
 def _stamp(departed: asyncio.Future | None) -> None:

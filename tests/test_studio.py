@@ -436,27 +436,42 @@ async def test_the_session_tells_departures_without_any_trace(simulator_factory)
     assert first_departed is not second_departed
 
 
-async def test_a_departure_is_stamped_once_the_bytes_are_written(simulator_factory, monkeypatch):
-    """aiohttp writes a request from a task of its own, after the request is prepared: the
-    stamp must not come before that write, or the agent's next send could follow too closely."""
+async def test_a_departure_is_stamped_in_the_step_that_writes_it(simulator_factory, monkeypatch):
+    """aiohttp writes a request from a task of its own, a loop step or more after the request
+    is ready: a stamp taken before that step would let the agent's next send follow too
+    closely. A task counting the loop's steps tells the two apart without timing anything."""
     simulator = await simulator_factory({"agent-a": 5})
-    loop = asyncio.get_running_loop()
-    written_at = []
+    steps = 0
+
+    async def count_steps() -> None:
+        nonlocal steps
+        while True:
+            steps += 1
+            await asyncio.sleep(0)
+
+    class Noting(asyncio.Future):
+        def set_result(self, result) -> None:
+            self.step = steps
+            super().set_result(result)
+
+    written_in = []
     write = StreamWriter._writelines
 
     def noted(self, chunks):
         if isinstance(self._protocol, ResponseHandler):  # the client's, not the simulator's
-            written_at.append(loop.time())
+            written_in.append(steps)
         return write(self, chunks)
 
     monkeypatch.setattr(StreamWriter, "_writelines", noted)
     async with studio.session(5) as http:
         client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
-        result, departed = await send(client)
+        counter = asyncio.create_task(count_steps())
+        departed = Noting()
+        result = await client.make_call("eu", BODY, departed)
+        counter.cancel()
 
     assert result.verdict is Verdict.PLACED
-    assert len(written_at) == 1
-    assert departed.result() >= written_at[0]
+    assert written_in == [departed.step]
 
 
 async def test_departure_tracing_still_tells_departures_in_a_plain_session(simulator_factory):
