@@ -37,15 +37,23 @@ class SendResult:
     retry_after: float | None = None  # seconds, from a 429's Retry-After
 
 
-# The send in progress in this task: its `departed` future, for _TimedRequest to stamp.
-_departed: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVar(
-    "departed", default=None
-)
+class _Sending:
+    """The send in progress in a task: its `departed` future, and whether its bytes may have
+    gone out (from then on, a failure counts as written: at most once)."""
+
+    __slots__ = ("departed", "written")
+
+    def __init__(self, departed: asyncio.Future):
+        self.departed = departed
+        self.written = False
+
+
+_sending: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar("sending", default=None)
 
 
 class _TimedRequest(aiohttp.ClientRequest):
-    """A request that stamps its send's `departed` future in the step that hands its bytes to
-    the socket. aiohttp writes them from a task of its own, which runs a loop iteration or more
+    """A request that stamps its send's `departed` future once its bytes are handed to the
+    socket. aiohttp writes them from a task of its own, which runs a loop iteration or more
     after the request is ready (a busy loop or a garbage collection makes that tens of ms):
     neither send() returning nor the headers-sent trace signal is the moment the request left,
     and stamping early lets the agent's next send follow too closely.
@@ -59,13 +67,19 @@ class _TimedRequest(aiohttp.ClientRequest):
         conn: aiohttp.connector.Connection,
         content_length: int | None = None,
     ) -> None:
-        # The write below reaches the socket without awaiting anything first. Stamped just
-        # before it, so that any failure from here on counts as written (at most once); not
-        # stamped on a connection already closing, where no byte can go.
+        sending = _sending.get()
         transport = conn.transport
-        if transport is not None and not transport.is_closing():
-            _stamp(_departed.get())
-        await super().write_bytes(writer, conn, content_length)
+        # Counted as written before the write (a failure in it may follow bytes that went),
+        # unless the connection is already closing and no byte can go; stamped after it (a
+        # thread switch or a garbage collection may come in between, and the next send must
+        # be spaced from no earlier than this one left).
+        if sending is not None and transport is not None and not transport.is_closing():
+            sending.written = True
+        try:
+            await super().write_bytes(writer, conn, content_length)
+        finally:
+            if sending is not None and sending.written:
+                _stamp(sending.departed)
 
 
 def _stamp(departed: asyncio.Future | None) -> None:
@@ -125,7 +139,8 @@ class StudioClient:
         self, region: str, body: dict[str, Any], departed: asyncio.Future
     ) -> SendResult:
         """POST one call; `departed` gets the loop time at which the request left."""
-        current = _departed.set(departed)
+        sending = _Sending(departed)
+        current = _sending.set(sending)
         try:
             async with self._http.post(
                 self._endpoints[region],
@@ -135,9 +150,10 @@ class StudioClient:
             ) as response:
                 result = await _judge(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            result = _judge_failure(error, written=departed.done())
+            # departed.done(): stamped by a departure trace, in a session not made by session().
+            result = _judge_failure(error, written=sending.written or departed.done())
         finally:
-            _departed.reset(current)
+            _sending.reset(current)
         return _redacted(result, self._key)
 
 
