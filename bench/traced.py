@@ -128,4 +128,5 @@ def main() -> None:
     sys.exit(cli.main(args))
 
 
-main()
+if __name__ == "__main__":
+    main()
