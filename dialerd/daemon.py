@@ -112,7 +112,7 @@ class Daemon:
         )
         try:
             key, endpoints = await self._api()
-            http = studio.session(self.config.api.timeout_s, [studio.departure_tracing()])
+            http = studio.session(self.config.api.timeout_s)
             async with http:
                 client = studio.StudioClient(http, key, endpoints)
                 self._install_signals()

@@ -9,9 +9,8 @@ import email.utils
 import enum
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -87,41 +86,21 @@ def _stamp(departed: asyncio.Future | None) -> None:
         departed.set_result(departed.get_loop().time())
 
 
-class _DepartureTrace(aiohttp.TraceConfig):
-    """departure_tracing()'s kind, so that session() knows it needs no such trace."""
-
-
 def session(
-    timeout_s: float, trace_configs: Sequence[aiohttp.TraceConfig] = ()
+    timeout_s: float, connector: aiohttp.BaseConnector | None = None
 ) -> aiohttp.ClientSession:
-    """The one session of the process; its pool has no cap, so it never limits the rate.
-
-    It tells each send's `departed` future when the request left, by its request class; a
-    departure trace among `trace_configs` is left out, since it would only add to the cost.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
-    )
+    """The one session of the process; its pool has no cap, so it never limits the rate. Its
+    request class tells each send's `departed` future when the request left."""
+    if connector is None:
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
+        )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         request_class=_TimedRequest,
-        trace_configs=[c for c in trace_configs if not isinstance(c, _DepartureTrace)],
         raise_for_status=False,
     )
-
-
-def departure_tracing() -> aiohttp.TraceConfig:
-    """For a session not made by session(): tells each send's `departed` future when its
-    headers are ready to go, which may be a little before they are written (see
-    _TimedRequest)."""
-    trace = _DepartureTrace()
-
-    async def headers_sent(_session, context: SimpleNamespace, _params) -> None:
-        _stamp(context.trace_request_ctx)
-
-    trace.on_request_headers_sent.append(headers_sent)
-    return trace
 
 
 class StudioClient:
@@ -146,12 +125,10 @@ class StudioClient:
                 self._endpoints[region],
                 data=json.dumps(body, separators=(",", ":")).encode(),
                 headers=self._headers,
-                trace_request_ctx=departed,  # for a departure trace, in another session
             ) as response:
                 result = await _judge(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            # departed.done(): stamped by a departure trace, in a session not made by session().
-            result = _judge_failure(error, written=sending.written or departed.done())
+            result = _judge_failure(error, written=sending.written)
         finally:
             _sending.reset(current)
         return _redacted(result, self._key)

@@ -118,14 +118,7 @@ async def dispatch(
         finals += 1
         final.set()
 
-    if connector is None:
-        http = studio.session(config.api.timeout_s, [studio.departure_tracing()])
-    else:
-        http = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=config.api.timeout_s),
-            trace_configs=[studio.departure_tracing()],
-        )
+    http = studio.session(config.api.timeout_s, connector)
     async with asyncio.timeout(limit), http:
         client = studio.StudioClient(http, KEY, config.api.endpoints)
         dispatcher = Dispatcher(Wiring(ledger, client, on_final, Metrics()))
