@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Full collections stop the event loop for tens of ms under load, late for every lane's grid;
-# the daemon keeps few long-lived objects and makes many short-lived ones per send, so most of
-# them free nothing. Python's defaults are (700, 10, 10).
+# Full collections stop the event loop for tens of ms under load, late for every lane's grid
+# (and for the simulator's stamping of arrivals); both keep few long-lived objects and make many
+# short-lived ones per request, so most of them free nothing. Python's defaults: (700, 10, 10).
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
@@ -372,6 +372,7 @@ def cmd_requeue(args) -> int:
 def cmd_simulate(args) -> int:
     from .simulator import serve
 
+    gc.set_threshold(*GC_THRESHOLDS)  # its window judges arrivals when its loop gets to them
     asyncio.run(serve(args, faults_from(args)))
     return EX_OK
 
