@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .ledger import connect
+from .request import parse_moment
 
 OUTCOMES = (
     "dialed", "unanswered", "failed", "invalid", "duplicate", "expired", "blocked", "in_doubt",
@@ -57,17 +58,6 @@ def final(outcome: str, agent_id: str | None, status: str | None, hour: int) -> 
 class Tally:
     finals: Counter[Final] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # "FILE:LINE: why it was not counted"
-
-
-def parse_moment(text: str) -> float:
-    """An ISO 8601 time with a UTC offset, as epoch seconds; ValueError says what is wrong."""
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset (add Z or +HH:MM)")
-    return moment.timestamp()
 
 
 # -- the ledger ---------------------------------------------------------------------------------

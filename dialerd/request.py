@@ -137,7 +137,8 @@ def _session_parameters(raw: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(pairs)
 
 
-def _moment(raw: Any) -> float:
+def parse_moment(raw: Any) -> float:
+    """An ISO 8601 time with a UTC offset, as epoch seconds; ValueError says what is wrong."""
     if not isinstance(raw, str):
         raise ValueError(f"must be an ISO 8601 time with a UTC offset, not {raw!r}")
     try:
@@ -218,8 +219,8 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
         to = _optional(fields, "to", normalise_number)
         agent_id, sender = _agent(fields, config)
         partial["agent_id"] = agent_id
-        not_before = _optional(fields, "not_before", _moment)
-        expires_at = _optional(fields, "expires_at", _moment)
+        not_before = _optional(fields, "not_before", parse_moment)
+        expires_at = _optional(fields, "expires_at", parse_moment)
         if not_before is not None and expires_at is not None and expires_at <= not_before:
             raise InvalidRequest("expires_at: is not after not_before")
         return Request(

@@ -105,6 +105,22 @@ AGENTS = {
 }
 SIM_AGENTS = ("agent-a=5", "agent-b=5")
 
+SUBMIT_AGENTS = {
+    "agent-eu": {"region": "eu", "rate": 5, "number": "447700900000"},
+    "agent-us": {"region": "us", "rate": 3},
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """For submit: a config with a spool, a default agent and the key in the environment; its
+    path."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    monkeypatch.delenv("DIALERD_CONFIG", raising=False)
+    return write_config(
+        tmp_path, SUBMIT_AGENTS, default_agent="agent-eu", spool={"dir": str(tmp_path / "spool")}
+    )
+
 
 # -- the real processes: the simulator and dialerd ---------------------------------------
 

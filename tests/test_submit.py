@@ -19,22 +19,8 @@ from dialerd.config import load_config
 from dialerd.sources import parse_spool_file
 from dialerd.submit import drop_into_spool, read_input
 
-AGENTS = {
-    "agent-eu": {"region": "eu", "rate": 5, "number": "447700900000"},
-    "agent-us": {"region": "us", "rate": 3},
-}
 GOOD = {"to": "+44 7700 900123"}
 BAD_TO = {"to": "not a number"}
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A config with a spool and the key in the environment; returns the config path."""
-    monkeypatch.setenv("VGAI_KEY", "k")
-    monkeypatch.delenv("DIALERD_CONFIG", raising=False)
-    return write_config(
-        tmp_path, AGENTS, default_agent="agent-eu", spool={"dir": str(tmp_path / "spool")}
-    )
 
 
 @pytest.fixture

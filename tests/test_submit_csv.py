@@ -14,25 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dialerd, dialerd_env, write_config
+from conftest import dialerd, dialerd_env
 from test_submit import nothing_spooled, spooled, submit, write
 
 from dialerd.submit import PROGRESS_MIN_ROWS
-
-AGENTS = {
-    "agent-eu": {"region": "eu", "rate": 5, "number": "447700900000"},
-    "agent-us": {"region": "us", "rate": 3},
-}
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A config with a spool, a default agent and the key in the environment; its path."""
-    monkeypatch.setenv("VGAI_KEY", "k")
-    monkeypatch.delenv("DIALERD_CONFIG", raising=False)
-    return write_config(
-        tmp_path, AGENTS, default_agent="agent-eu", spool={"dir": str(tmp_path / "spool")}
-    )
 
 
 def without_ids(documents: list[dict]) -> list[dict]:
