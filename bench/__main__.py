@@ -2,7 +2,7 @@
 
 import sys
 
-from . import callbacks, fidelity, memory, scale, spool
+from . import callbacks, fidelity, memory, scale, spool, startup
 
 BENCHMARKS = {
     "fidelity": fidelity,
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "memory": memory,
     "spool": spool,
     "scale": scale,
+    "startup": startup,
 }
 
 
