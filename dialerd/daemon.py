@@ -125,7 +125,7 @@ class Daemon:
     async def _api(self) -> tuple[str, Mapping[str, str]]:
         """The key and endpoints: the configured API, or the built-in simulator."""
         if self._simulate is not None:
-            self._simulator = Simulator(faults=self._simulate)
+            self._simulator = Simulator(faults=self._simulate, keep_arrivals=False)
             self._simulate_agents(self.config)
             await self._simulator.start()
             log.info("simulating the API", url=self._simulator.endpoint("{region}"))

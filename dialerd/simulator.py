@@ -144,8 +144,9 @@ class Simulator:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._base_url = ""
-        # In memory for callers in the same process; a server of its own has only its log, or
-        # it would grow without end, and so would the garbage collector's pauses.
+        # In memory for callers in the same process that read them (tests); a long-running one
+        # (its own server, or the daemon's --simulate) has only its log, or it would grow
+        # without end, and so would the garbage collector's pauses.
         self._keep_arrivals = keep_arrivals
         self.arrivals: list[Arrival] = []
         self.callbacks_sent: list[dict] = []  # each callback body, with "http_status" of its POST
