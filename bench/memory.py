@@ -32,13 +32,18 @@ def _lines(path: Path, count: int) -> None:
             lines.write(json.dumps({"id": f"r{index}", "to": f"+4477{index:08d}"}) + "\n")
 
 
-def _ingest(workdir: Path, count: int) -> tuple[float, float]:
-    """Seconds to commit every line, and peak RSS in MB."""
+def state_dir(workdir: Path, count: int) -> Path:
+    return workdir / f"state-{count}"
+
+
+def ingest(workdir: Path, count: int) -> tuple[float, float]:
+    """Seconds to commit every line, and peak RSS in MB; the ledger is left in
+    state_dir(workdir, count)."""
     config = workdir / f"config-{count}.yaml"
     config.write_text(yaml.safe_dump({
         "api": {"key_env": "VGAI_KEY"},
         "agents": {"a": {"region": "eu", "rate": 5}},
-        "state_dir": str(workdir / f"state-{count}"),
+        "state_dir": str(state_dir(workdir, count)),
         "results": str(workdir / f"results-{count}.jsonl"),
     }))  # fmt: skip
     requests = workdir / f"requests-{count}.jsonl"
@@ -82,7 +87,7 @@ def run() -> list[str]:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for count in SIZES:
-            seconds, peak_mb = _ingest(Path(tmp), count)
+            seconds, peak_mb = ingest(Path(tmp), count)
             table.append(
                 f"| {count:,} | {seconds:.1f} | {count / seconds:,.0f} | {peak_mb:.0f} MB |"
             )

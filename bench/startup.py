@@ -1,10 +1,10 @@
 """Start-up: `dialerd --help`, and READY with 1,000,000 requests queued in the ledger.
 
-The ledger is filled by the daemon itself (`run --simulate`, one agent at 1/s, stopped with
-SIGTERM once stdin is read), then the daemon is started again with NOTIFY_SOCKET pointing at a
-socket of the benchmark's: the figure is the time from its start to READY=1. The same again on
-a copy of the ledger turned back into the first version of the schema, so the first start after
-an upgrade, which brings the tables up to date, is measured too.
+The ledger is filled by the daemon itself (the memory benchmark's intake: `run --simulate`, one
+agent, stopped with SIGTERM once stdin is read); then the daemon is started again with
+NOTIFY_SOCKET pointing at a socket of the benchmark's, and the figure is the time from its start
+to READY=1. The same again on a copy of the ledger turned back into the first version of the
+schema, so the first start after an upgrade, which brings the tables up to date, is timed too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .harness import child_env
-from .memory import _lines, _wait_for_stdin_end
+from .memory import ingest, state_dir
 
 QUEUED = 1_000_000
 HELP_RUNS = 5
@@ -44,34 +44,16 @@ def _help_seconds() -> list[float]:
     return times
 
 
-def _config(workdir: Path, state: Path, stdin: bool = False) -> Path:
-    path = workdir / f"config-{state.name}-{stdin}.yaml"
+def _config(workdir: Path, state: Path) -> Path:
+    path = workdir / f"config-{state.name}.yaml"
     path.write_text(yaml.safe_dump({
         "api": {"key_env": "VGAI_KEY"},
-        "agents": {"a": {"region": "eu", "rate": 1}},
+        "agents": {"a": {"region": "eu", "rate": 5}},
         "state_dir": str(state),
         "results": str(workdir / "results.jsonl"),
-        "stdin": stdin,
+        "stdin": False,
     }))  # fmt: skip
     return path
-
-
-def _fill(workdir: Path, state: Path) -> None:
-    config = _config(workdir, state, stdin=True)
-    requests = workdir / "requests.jsonl"
-    _lines(requests, QUEUED)
-    log = workdir / "fill.log"
-    with open(requests, "rb") as stdin, open(log, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dialerd", "run", "--simulate", "-c", str(config)],
-            stdin=stdin,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=child_env(),
-        )
-        _wait_for_stdin_end(log, process)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def _ready_seconds(workdir: Path, state: Path) -> float:
@@ -121,8 +103,8 @@ def run() -> list[str]:
     helps = _help_seconds()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        state, old = workdir / "state", workdir / "state-first-version"
-        _fill(workdir, state)
+        ingest(workdir, QUEUED)  # the daemon's own intake fills the ledger
+        state, old = state_dir(workdir, QUEUED), workdir / "state-first-version"
         _as_first_version(state, old)
         queued = _queued(state)
         ready = [_ready_seconds(workdir, state) for _ in range(3)]
