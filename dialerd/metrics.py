@@ -46,81 +46,69 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._sends = _Children(
-            Counter(
-                "dialerd_sends_total",
-                "Make-call POSTs finished, by HTTP status ('none': no answer)",
-                ["agent", "http_status"],
-                registry=self.registry,
-            )
+        self._sends = self._labelled(
+            Counter,
+            "dialerd_sends_total",
+            "Make-call POSTs finished, by HTTP status ('none': no answer)",
+            ["agent", "http_status"],
         )
-        self._send_latency = _Children(
-            Histogram(
-                "dialerd_send_latency_seconds",
-                "Time from a make-call POST to its answer or failure",
-                ["agent"],
-                buckets=SEND_LATENCY_BUCKETS,
-                registry=self.registry,
-            )
+        self._send_latency = self._labelled(
+            Histogram,
+            "dialerd_send_latency_seconds",
+            "Time from a make-call POST to its answer or failure",
+            ["agent"],
+            buckets=SEND_LATENCY_BUCKETS,
         )
-        self._rate_limited = _Children(
-            Counter(
-                "dialerd_rate_limited_total",
-                "Make-call POSTs answered 429",
-                ["agent"],
-                registry=self.registry,
-            )
+        self._rate_limited = self._labelled(
+            Counter,
+            "dialerd_rate_limited_total",
+            "Make-call POSTs answered 429",
+            ["agent"],
         )
-        self._retries = _Children(
-            Counter(
-                "dialerd_retries_total",
-                "Refused sends queued again",
-                ["agent"],
-                registry=self.registry,
-            )
+        self._retries = self._labelled(
+            Counter,
+            "dialerd_retries_total",
+            "Refused sends queued again",
+            ["agent"],
         )
-        self._limiter_wait = _Children(
-            Histogram(
-                "dialerd_limiter_wait_seconds",
-                "How long a due send waited for its slot",
-                ["agent"],
-                buckets=LIMITER_WAIT_BUCKETS,
-                registry=self.registry,
-            )
+        self._limiter_wait = self._labelled(
+            Histogram,
+            "dialerd_limiter_wait_seconds",
+            "How long a due send waited for its slot",
+            ["agent"],
+            buckets=LIMITER_WAIT_BUCKETS,
         )
-        self._callbacks = _Children(
-            Counter(
-                "dialerd_callbacks_total",
-                "Callbacks accepted, by status and effect (redial, unanswered, stale, repeat)",
-                ["status", "effect"],
-                registry=self.registry,
-            )
+        self._callbacks = self._labelled(
+            Counter,
+            "dialerd_callbacks_total",
+            "Callbacks accepted, by status and effect (redial, unanswered, stale, repeat)",
+            ["status", "effect"],
         )
-        self._outcomes = _Children(
-            Counter(
-                "dialerd_outcomes_total",
-                "Final results written, by outcome",
-                ["outcome"],
-                registry=self.registry,
-            )
+        self._outcomes = self._labelled(
+            Counter,
+            "dialerd_outcomes_total",
+            "Final results written, by outcome",
+            ["outcome"],
         )
-        self._queue_depth = _Children(
-            Gauge(
-                "dialerd_queue_depth",
-                "Requests queued per agent",
-                ["agent"],
-                registry=self.registry,
-            )
+        self._queue_depth = self._labelled(
+            Gauge,
+            "dialerd_queue_depth",
+            "Requests queued per agent",
+            ["agent"],
         )
-        self._in_flight = _Children(
-            Gauge(
-                "dialerd_in_flight",
-                "Sends in flight per agent",
-                ["agent"],
-                registry=self.registry,
-            )
+        self._in_flight = self._labelled(
+            Gauge,
+            "dialerd_in_flight",
+            "Sends in flight per agent",
+            ["agent"],
         )
         self._agents_with_queues: set[str] = set()
+
+    def _labelled(
+        self, kind: type, name: str, documentation: str, labels: list[str], **options
+    ) -> _Children:
+        """A labelled metric in this registry, its children looked up once."""
+        return _Children(kind(name, documentation, labels, registry=self.registry, **options))
 
     def send(self, agent_id: str, http_status: int | None, latency_s: float) -> None:
         status_label = NO_ANSWER if http_status is None else str(http_status)
