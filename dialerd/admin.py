@@ -33,12 +33,13 @@ class AdminListener:
         listen: Listen,
         metrics: Metrics,
         status: StatusReport,
-        healthy: Callable[[], bool],
+        unhealthy: Callable[[], str | None],
     ) -> None:
+        """`unhealthy`: why /healthz answers 503 (draining, a stage stuck), or None."""
         self._listen = listen
         self._metrics = metrics
         self._status = status
-        self._healthy = healthy
+        self._unhealthy = unhealthy
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[_not_found_for_other_methods])
         self.app.router.add_get("/healthz", self._healthz, allow_head=False)
@@ -59,9 +60,11 @@ class AdminListener:
             self._runner = None
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        if self._healthy():
+        reason = self._unhealthy()
+        if reason is None:
             return web.json_response({"status": "running"})
-        return web.json_response({"status": "draining"}, status=503)
+        status = "draining" if reason == "draining" else "stalled"
+        return web.json_response({"status": status, "reason": reason}, status=503)
 
     async def _metrics_page(self, _request: web.Request) -> web.Response:
         try:

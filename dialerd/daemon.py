@@ -33,10 +33,13 @@ from .metrics import Metrics
 from .notify import Notifier
 from .results import ResultsWriter
 from .simulator import Faults, Simulator
-from .sources import Intake, SpoolSource, StdinSource, stdin_is_data
+from .sources import Intake, StdinSource, stdin_is_data
+from .spool import SpoolSource
 
 SIMULATED_KEY = "simulated-key"
 DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
+SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read is left behind
+STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 REQUEUE_CHECK_S = 1.0
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
@@ -211,7 +214,7 @@ class Daemon:
             log.info("callback listener", url=await listener.start())
         if self.config.admin is not None:
             admin = AdminListener(
-                self.config.admin, self.metrics, self.live_status, lambda: not self._stop.is_set()
+                self.config.admin, self.metrics, self.live_status, self._unhealthy
             )
             self._listeners.append(admin)
             log.info("admin listener", url=await admin.start())
@@ -219,6 +222,26 @@ class Daemon:
     async def _stop_listeners(self) -> None:
         while self._listeners:
             await self._listeners.pop().stop()
+
+    def _stalled(self) -> tuple[str, float]:
+        """The stage stuck longest in one step of its work (lanes, spool, stdin), and for how
+        long: a stage waiting for work is not stuck, one that makes no progress with work is."""
+        now = asyncio.get_running_loop().time()
+        stages = [("dispatcher", self._dispatcher.stalled_for())]
+        for name, source in (("spool", self._spool), ("stdin", self._stdin)):
+            if source is not None:
+                stages.append((name, source.progress.stalled_for(now)))
+        return max(stages, key=lambda stage: stage[1])
+
+    def _unhealthy(self) -> str | None:
+        """Why /healthz answers 503, or None."""
+        if self._stop.is_set():
+            return "draining"
+        stage, seconds = self._stalled()
+        limit = self._notifier.watchdog_s or max(STALL_LIMIT_S, self.config.api.timeout_s)
+        if seconds >= limit:
+            return f"the {stage} has made no progress for {seconds:.0f} s"
+        return None
 
     def _on_callback(self, effect: str, agent_id: str | None) -> None:
         if effect == "redial" and agent_id is not None:
@@ -303,7 +326,7 @@ class Daemon:
                 report = self._notifier.report_status(self._status_line)
                 background.append(group.create_task(report, name="status"))
             if self._notifier.watchdog_s:
-                watchdog = self._notifier.keep_watchdog(self._dispatcher.stalled_for)
+                watchdog = self._notifier.keep_watchdog(self._stalled)
                 background.append(group.create_task(watchdog, name="watchdog"))
             sources = []
             if stdin_source:
@@ -344,13 +367,21 @@ class Daemon:
 
     async def _drain(self, sources: list[asyncio.Task]) -> None:
         self._notifier.stopping()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout_s
         for source in (self._stdin, self._spool):
             if source is not None:
                 source.stop()
         if sources:
-            await asyncio.wait(sources)
+            # A source stuck in a read (a hung file system) is left behind: its thread is a
+            # daemon's, and what it read but did not record stays in the spool or on stdin.
+            bound = min(SOURCES_STOP_S, self.config.shutdown_timeout_s / 4)
+            _done, stuck_sources = await asyncio.wait(sources, timeout=bound)
+            for task in stuck_sources:
+                log.warning("a source did not stop in time; leaving it", source=task.get_name())
+                task.cancel()
         self._dispatcher.stop()
-        grace = min(self.config.api.timeout_s + DRAIN_GRACE_S, self.config.shutdown_timeout_s)
+        grace = min(self.config.api.timeout_s + DRAIN_GRACE_S, max(0.0, deadline - loop.time()))
         stuck = await self._dispatcher.drain(grace)
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)

@@ -15,17 +15,16 @@ closer than (1 - tolerance) intervals and no `rate + 1` sends fit in a second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
-from .aio import wait_event
+from .aio import Progress, wait_event
 from .callbacks import StatusUrls
 from .config import AgentConfig, NumberCap, RedialPolicy
 from .hours import CallingWindow
@@ -89,7 +88,7 @@ class Lane:
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
         self._outage_failures = 0  # sends in a row that found no connection to the API
-        self._busy_since: float | None = self._loop.time()  # None while waiting by design
+        self.progress = Progress(self._loop.time)
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -191,7 +190,7 @@ class Lane:
             self._due.extend(await self._inside_hours(due))
             if not due:
                 wait = None if next_due is None else max(0.0, next_due - time.time())
-                with self._waiting_by_design():
+                with self.progress.waiting():
                     await wait_event(self._wake, wait)
                 return None
         return self._due.popleft() if self._due else None  # None: all of it was held back
@@ -200,21 +199,8 @@ class Lane:
         """Sleep until a loop time, or until the lane is stopped."""
         while not self._stopping and (remaining := deadline - self._loop.time()) > 0:
             self._wake.clear()
-            with self._waiting_by_design():
+            with self.progress.waiting():
                 await wait_event(self._wake, remaining)
-
-    @contextlib.contextmanager
-    def _waiting_by_design(self) -> Iterator[None]:
-        """An idle or pacing wait: not a stall, however long it lasts."""
-        self._busy_since = None
-        try:
-            yield
-        finally:
-            self._busy_since = self._loop.time()
-
-    def stalled_for(self, now: float) -> float:
-        """How long the lane has been in one step (a ledger call, a departure) so far."""
-        return 0.0 if self._busy_since is None else now - self._busy_since
 
     async def _pace_and_mark(self, pending: Pending) -> tuple[dict, str | None] | None:
         """Wait for the send's moment, marking it in the ledger just before; None if stopped,
@@ -229,7 +215,7 @@ class Lane:
         self._restore_margin()
         waiting_since = self._loop.time()
         await self._sleep_until(self._not_before - MARK_LEAD_S)
-        with self._waiting_by_design():
+        with self.progress.waiting():
             await self._limiter.acquire()
         if self._stopping:
             return None
@@ -426,9 +412,9 @@ class Dispatcher:
             lane.stop()
 
     def stalled_for(self) -> float:
-        """The longest any lane has been stuck in one step."""
+        """The longest any lane has been stuck in one step (a ledger call, a departure)."""
         now = asyncio.get_running_loop().time()
-        return max((lane.stalled_for(now) for lane in self.lanes.values()), default=0.0)
+        return max((lane.progress.stalled_for(now) for lane in self.lanes.values()), default=0.0)
 
     def in_flight(self) -> set[asyncio.Task]:
         lanes = [*self.lanes.values(), *self._retired]

@@ -3,7 +3,8 @@
 READY=1 once the ledger is open and the listeners are bound; STATUS= with queue depth and rates;
 RELOADING=1 (with MONOTONIC_USEC) then READY=1 around a reload; STOPPING=1 at the drain; and
 WATCHDOG=1 every WatchdogSec/2, but only while the event loop runs (a blocked loop sends nothing)
-and no lane of the dispatcher has been stuck in a step for longer than WatchdogSec.
+and no stage (a lane of the dispatcher, the spool, stdin) has been stuck in a step of its work for
+longer than WatchdogSec.
 """
 
 from __future__ import annotations
@@ -58,15 +59,20 @@ class Notifier:
             self.send(f"STATUS={await status()}")
             await asyncio.sleep(STATUS_EVERY_S)
 
-    async def keep_watchdog(self, stalled_for: Callable[[], float]) -> None:
-        """WATCHDOG=1 every half period while nothing is stuck; silence lets systemd act."""
+    async def keep_watchdog(self, stalled: Callable[[], tuple[str, float]]) -> None:
+        """WATCHDOG=1 every half period while nothing is stuck; silence lets systemd act.
+
+        `stalled`: the stage stuck longest in one step of its work, and for how many seconds.
+        """
         while True:
             await asyncio.sleep(self.watchdog_s / 2)
-            stalled = stalled_for()
-            if stalled < self.watchdog_s:
+            stage, seconds = stalled()
+            if seconds < self.watchdog_s:
                 self.send("WATCHDOG=1")
             else:
-                log.error("the dispatcher is stuck; no watchdog ping", stalled_s=round(stalled, 1))
+                log.error(
+                    "a stage is stuck; no watchdog ping", stage=stage, stalled_s=round(seconds, 1)
+                )
 
 
 def _watchdog_seconds(environ: Mapping[str, str]) -> float | None:

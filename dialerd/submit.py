@@ -7,8 +7,8 @@ import datetime as dt
 import io
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -233,24 +233,30 @@ def _document(request) -> dict:
 
 
 def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
-    """Write aside, sync, and rename into incoming/: the daemon sees the whole file or none."""
+    """Write .NAME.part in incoming/, sync it, and rename it to NAME there: the daemon sees the
+    whole file or none (it ignores names starting with '.').
+
+    incoming/ is not listable by submitters (mode 1730), so a file's name is all that keeps
+    other submitters from opening it before the daemon takes it: it is made unguessable. The
+    file is readable by all (0644), whatever the umask: the daemon is neither its owner nor,
+    necessarily, of its group, and incoming/ lets no one but submitters and the daemon in.
+    """
     incoming = spool_dir / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".submit-", suffix=".tmp", dir=incoming)
+    incoming.mkdir(parents=True, exist_ok=True)  # the daemon makes it too, with its modes
+    name = f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(16)}.jsonl"
+    partial = incoming / f".{name}.part"
+    fd = os.open(
+        partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp gives 0600: the daemon may be another user
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             for document in documents:
                 file.write(json.dumps(document, ensure_ascii=False) + "\n")
             file.flush()
             os.fsync(file.fileno())
-        final = (
-            incoming / f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{Path(temporary).stem[8:]}.jsonl"
-        )
-        os.rename(temporary, final)
+        os.rename(partial, incoming / name)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
-    return final
+    return incoming / name

@@ -14,11 +14,11 @@ from dialerd.metrics import Metrics
 
 
 class FakeDaemon:
-    """What the listener asks of the daemon: a status report and whether it is healthy."""
+    """What the listener asks of the daemon: a status report and why it is unhealthy, if it is."""
 
     def __init__(self) -> None:
         self.report: dict = {"agents": {}, "outcomes": {}}
-        self.healthy = True
+        self.unhealthy: str | None = None
         self.status_fails = False
 
     async def status(self) -> dict:
@@ -46,7 +46,9 @@ def metrics() -> Metrics:
 @pytest.fixture
 async def admin(daemon, metrics):
     """A running listener on a free port: its base URL."""
-    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: daemon.healthy)
+    listener = AdminListener(
+        Listen("127.0.0.1", 0), metrics, daemon.status, lambda: daemon.unhealthy
+    )
     url = await listener.start()
     yield url
     await listener.stop()
@@ -80,12 +82,16 @@ async def test_start_returns_the_loopback_url_of_the_port_it_took(admin):
     assert int(port) > 0
 
 
-async def test_healthz_is_200_while_healthy_then_503_draining(http, admin, daemon):
+async def test_healthz_is_200_while_healthy_then_503_stalled_or_draining(http, admin, daemon):
     assert await get_json(http, f"{admin}/healthz") == (200, {"status": "running"})
 
-    daemon.healthy = False
+    daemon.unhealthy = "the spool has made no progress for 61 s"
+    stalled = {"status": "stalled", "reason": "the spool has made no progress for 61 s"}
+    assert await get_json(http, f"{admin}/healthz") == (503, stalled)
 
-    assert await get_json(http, f"{admin}/healthz") == (503, {"status": "draining"})
+    daemon.unhealthy = "draining"
+    draining = {"status": "draining", "reason": "draining"}
+    assert await get_json(http, f"{admin}/healthz") == (503, draining)
 
 
 async def test_sends_are_counted_by_agent_and_http_status(http, admin, metrics):

@@ -499,7 +499,7 @@ def test_a_full_spool_disk_keeps_the_errors_note_of_a_file(
 
     os.rename(aside, spool / "incoming" / "mixed.jsonl")
     wait_results(results_file, 3, 10)  # recorded in the ledger, which has room
-    wait_for(lambda: "cannot take a spool file" in daemon.stderr, 5, "the spool's error in the log")
+    wait_for(lambda: "cannot use the spool" in daemon.stderr, 5, "the spool's error in the log")
     time.sleep(1.5)  # a rescan or two while the disk is still full
     assert daemon.proc.poll() is None, daemon.stderr
     small_tmpfs.lift()
@@ -604,11 +604,11 @@ def test_a_removed_spool_is_made_again_and_taken_from(tmp_path, simulator, daemo
     # The spool's path taken by a file: an error, once; the daemon waits until it is gone.
     logged_before = len(daemon.stderr)
     replace_with_file(spool)
-    wait_for(lambda: "cannot read the spool" in daemon.stderr[logged_before:], 5, "the error")
+    wait_for(lambda: "cannot use the spool" in daemon.stderr[logged_before:], 5, "the error")
     time.sleep(1.5)
     assert daemon.proc.poll() is None, daemon.stderr
     errors = [
-        e for e in log_events(daemon.stderr[logged_before:]) if e["event"].startswith("cannot read")
+        e for e in log_events(daemon.stderr[logged_before:]) if e["event"].startswith("cannot use")
     ]
     # Logged as each new error comes, not once per scan (a race with the daemon's own mkdir may
     # give one more error first: the spool briefly missing as the file was put in its place).
@@ -622,7 +622,7 @@ def test_a_removed_spool_is_made_again_and_taken_from(tmp_path, simulator, daemo
     code, _ = daemon.stop()
 
     assert code == 0, daemon.stderr
-    assert "the spool can be read again" in daemon.stderr[logged_before:]
+    assert "the spool can be used again" in daemon.stderr[logged_before:]
     assert "Traceback" not in daemon.stderr
     results = whole_lines(results_file)
     assert sorted((r["id"], r["outcome"], r["attempts"]) for r in results) == [

@@ -395,8 +395,9 @@ def test_the_file_appears_in_incoming_only_by_rename(env, tmp_path, capsys, monk
     assert code == 0, err
     assert len(seen) == 1
     source, target, before, content = seen[0]
-    assert source.startswith(".")  # written under a name the daemon ignores
+    assert source == f".{target}.part"  # written in incoming/ under a name the daemon ignores
     assert not target.startswith(".") and target.endswith(".jsonl")
+    assert len(target) > 32 + len("submit-YYYYmmddTHHMMSS-.jsonl") - 1  # 128 random bits
     assert all(name.startswith(".") for name in before)  # nothing visible before the rename
     final = incoming(env) / target
     assert final.read_bytes() == content  # complete when renamed
@@ -424,9 +425,11 @@ def test_two_submissions_never_share_a_file(env, tmp_path):
     assert json.loads(second.read_text()) == {"to": "447700900123", "id": "b"}
 
 
-def test_the_spool_file_is_readable_by_the_daemon(env, tmp_path, capsys):
-    # The daemon often runs as its own user: the file gets the usual umask, not 0600.
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_spool_file_is_readable_by_the_daemon(env, tmp_path, capsys, umask):
+    # The daemon runs as its own user, neither the file's owner nor surely of its group: the
+    # file is 0644 whatever the submitter's umask (incoming/ lets only submitters in).
+    old = os.umask(umask)
     try:
         code, err = submit(env, write(tmp_path, "x.jsonl", lines(GOOD)), capsys=capsys)
     finally:

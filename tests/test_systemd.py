@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -318,7 +319,7 @@ async def test_watchdog_goes_quiet_while_stalled_and_resumes(tmp_path):
     stalled = [0.0]
     with NotifySocket(str(tmp_path / "wd.sock")) as manager:
         notifier = Notifier({"NOTIFY_SOCKET": manager.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
-        task = asyncio.create_task(notifier.keep_watchdog(lambda: stalled[0]))
+        task = asyncio.create_task(notifier.keep_watchdog(lambda: ("dispatcher", stalled[0])))
         try:
             healthy = watchdog_pings(await arrived(manager, 1.0))
             assert 3 <= len(healthy) <= 6, len(healthy)
@@ -373,7 +374,10 @@ async def test_a_lane_stuck_in_a_ledger_call_stalls_and_silences_the_watchdog(tm
                     notifier = Notifier(
                         {"NOTIFY_SOCKET": sockets[name].address, "WATCHDOG_USEC": "400000"}
                     )
-                    group.create_task(notifier.keep_watchdog(dispatcher.stalled_for))
+                    stalled = functools.partial(
+                        lambda d: ("dispatcher", d.stalled_for()), dispatcher
+                    )
+                    group.create_task(notifier.keep_watchdog(stalled))
                 tasks = asyncio.all_tasks() - before  # the lanes and the watchdogs
                 await asyncio.wait_for(stuck_ledger.asked.wait(), 2)
 
@@ -536,16 +540,21 @@ def test_sysusers_and_tmpfiles_declare_the_user_the_submitters_and_the_spool():
     assert ["m", "dialerd", "dialerd-submit"] in entries
 
     directories = {line[1]: line for line in tmpfiles_lines() if line[0] == "d"}
-    for sub in ("", "/incoming", "/done", "/rejected"):
-        entry = directories.get(SPOOL + sub)
-        assert entry, f"tmpfiles.d makes no {SPOOL + sub}"
-        mode = int(entry[2], 8)
-        assert entry[3:5] == ["dialerd", "dialerd-submit"], entry
-        assert mode & stat.S_ISGID, f"{entry}: files dropped must take the submitters' group"
-        assert mode & stat.S_IRWXO == 0, entry
-    for writable in (SPOOL, SPOOL + "/incoming"):
-        mode = int(directories[writable][2], 8)
-        assert mode & stat.S_IWGRP and mode & stat.S_IXGRP, f"{writable}: submitters write here"
+    modes = {
+        sub: int(directories[SPOOL + sub][2], 8) for sub in ("", "/incoming", "/done", "/rejected")
+    }
+    groups = {sub: directories[SPOOL + sub][4] for sub in modes}
+    for sub, mode in modes.items():
+        assert directories[SPOOL + sub][3] == "dialerd", sub
+        assert mode & stat.S_IRWXO == 0, f"{SPOOL + sub}: nothing of the spool for others"
+    # As Postfix's maildrop: submitters pass through the root and write into incoming/, which
+    # they cannot list, and where the sticky bit keeps each one's files from the others.
+    assert groups[""] == groups["/incoming"] == "dialerd-submit"
+    assert modes[""] & stat.S_IRWXG == stat.S_IXGRP
+    assert modes["/incoming"] == 0o1730
+    # done/ and rejected/ hold everyone's submissions: the daemon's alone.
+    for sub in ("/done", "/rejected"):
+        assert groups[sub] != "dialerd-submit" and modes[sub] & stat.S_IWGRP == 0, sub
 
 
 def test_a_bad_config_does_not_restart_the_service_in_a_loop(tmp_path):
