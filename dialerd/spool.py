@@ -105,13 +105,15 @@ class SpoolDirs:
             return None
 
     def _make(self, name: str, remade: bool) -> int | None:
-        """Make a missing directory with its mode, in the spool root's group (incoming/ must be
-        the submitters' to write into, whatever the daemon's own group and umask)."""
+        """Make a missing directory with its mode, whatever the umask; incoming/ in the spool
+        root's group, the submitters', where the daemon may give it (root may; the service's
+        user is not of that group: `systemd-tmpfiles --create` mends it)."""
         try:
             os.mkdir(name, 0o700, dir_fd=self._root)
             fd = os.open(name, DIRECTORY_FLAGS, dir_fd=self._root)
-            with contextlib.suppress(PermissionError):  # not a member: it keeps the daemon's
-                os.fchown(fd, -1, os.fstat(self._root).st_gid)
+            if name == "incoming":
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, -1, os.fstat(self._root).st_gid)
             os.fchmod(fd, DIRECTORY_MODES[name])
         except OSError as error:
             self.problems[name] = f"cannot make it: {error.strerror}"
@@ -186,12 +188,12 @@ def _exists(dir_fd: int, name: str) -> bool:
 
 
 def _free_name(dir_fd: int, name: str, note_suffix: str) -> str:
-    """`name`, or name.N where the directory holds one of that name or its note already."""
-    base = _fitting(name, len(note_suffix) + len(".99999"))
-    candidate, counter = base, 0
+    """`name`, or name.N where the directory holds one of that name or its note already; each
+    shortened where it and its note would not fit in NAME_MAX."""
+    candidate, counter = _fitting(name, len(note_suffix)), 0
     while _exists(dir_fd, candidate) or (note_suffix and _exists(dir_fd, candidate + note_suffix)):
         counter += 1
-        candidate = f"{base}.{counter}"
+        candidate = f"{_fitting(name, len(note_suffix) + len(f'.{counter}'))}.{counter}"
     return candidate
 
 

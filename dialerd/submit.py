@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -32,6 +33,7 @@ CSV_FIELDS = (
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
+SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
 
 
@@ -236,10 +238,10 @@ def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
     """Write .NAME.part in incoming/, sync it, and rename it to NAME there: the daemon sees the
     whole file or none (it ignores names starting with '.').
 
-    incoming/ is not listable by submitters (mode 1730), so a file's name is all that keeps
-    other submitters from opening it before the daemon takes it: it is made unguessable. The
-    file is readable by all (0644), whatever the umask: the daemon is neither its owner nor,
-    necessarily, of its group, and incoming/ lets no one but submitters and the daemon in.
+    The file is for the daemon alone: in incoming/'s group (the submitters'), mode 0604, so
+    that other submitters, of that group, get its group's permissions (none), while the daemon,
+    of neither its user nor its group, reads it as "other" (and incoming/, 1730, lets no one
+    else in). Its name is unguessable as well, and incoming/ cannot be listed by submitters.
     """
     incoming = spool_dir / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)  # the daemon makes it too, with its modes
@@ -249,7 +251,9 @@ def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
         partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
     try:
-        os.fchmod(fd, 0o644)
+        with contextlib.suppress(PermissionError):  # not of its group: the daemon's own user
+            os.fchown(fd, -1, incoming.stat().st_gid)
+        os.fchmod(fd, SPOOL_FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             for document in documents:
                 file.write(json.dumps(document, ensure_ascii=False) + "\n")

@@ -236,8 +236,10 @@ class Daemon:
         env: dict[str, str] | None = None,
         name: str = "dialerd",
         journal: bool = False,
+        **popen: Any,
     ):
-        """`journal`: stderr stands for systemd's journal stream ($JOURNAL_STREAM names it)."""
+        """`journal`: stderr stands for systemd's journal stream ($JOURNAL_STREAM names it);
+        `popen`: more of subprocess.Popen's options (user, group, preexec_fn...)."""
         stamp = time.monotonic_ns()
         self.stdout_path = directory / f"{name}-{stamp}.stdout"
         self.stderr_path = directory / f"{name}-{stamp}.stderr"
@@ -246,7 +248,7 @@ class Daemon:
             if journal:
                 status = os.fstat(err.fileno())
                 env = {**env, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
-            self.proc = dialerd("run", *args, stdin=stdin, stdout=out, stderr=err, env=env)
+            self.proc = dialerd("run", *args, stdin=stdin, stdout=out, stderr=err, env=env, **popen)
 
     @property
     def stderr(self) -> str:
