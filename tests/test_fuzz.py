@@ -19,9 +19,11 @@ import hmac
 import io
 import json
 import math
+import os
 import re
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,7 +60,8 @@ from dialerd.ledger import Ledger
 from dialerd.metrics import Metrics
 from dialerd.request import FIELDS, InvalidRequest, Request, build_request, decode_line, loads
 from dialerd.results import RESULT_FIELDS, result_line
-from dialerd.sources import Batch, Rejected, parse_spool_file
+from dialerd.sources import Batch, Intake, Rejected, parse_spool_file
+from dialerd.spool import SpoolSource, escaped_name, name_problem
 from dialerd.submit import read_input
 
 
@@ -414,6 +417,67 @@ def test_any_spool_file_is_taken_or_rejected_and_recordable(data, which):
     assert shape == (len(batch.requests), len(batch.invalid))
     check_batch(batch)
     record_in_ledger(batch)
+
+
+# Any name a file may have: bytes but "/" and NUL, up to NAME_MAX.
+FILE_NAMES = st.binary(min_size=1, max_size=255).filter(
+    lambda name: b"/" not in name and b"\0" not in name and name not in (b".", b"..")
+)
+
+
+async def take_spool(spool: Path, state: Path) -> None:
+    """The real spool source over `spool`, with a real ledger, until incoming/ holds nothing it
+    would take."""
+    ledger = Ledger(state)
+    await asyncio.to_thread(ledger.open)
+    try:
+        intake = Intake(ledger, lambda: CONFIG, lambda _agents: None, lambda: None)
+        source = SpoolSource(spool, intake, ledger)
+        task = asyncio.create_task(source.run())
+        incoming = os.fsencode(spool / "incoming")
+
+        def waiting() -> bool:
+            made = all((spool / name).is_dir() for name in ("done", "rejected"))
+            return not made or any(not name.startswith(b".") for name in os.listdir(incoming))
+
+        async with asyncio.timeout(20):
+            while waiting():
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.01)
+        source.stop()
+        await task  # it ends by itself, having raised nothing
+    finally:
+        await asyncio.to_thread(ledger.close)
+
+
+@fuzz(100)
+@given(
+    st.lists(st.tuples(FILE_NAMES, SPOOL_FILES), min_size=1, max_size=4, unique_by=lambda f: f[0])
+)
+@example([(b"bad-\xff\xfe.jsonl", b'{"to": "447700900123"}'), (b"good.jsonl", b"{}")])
+@example([(b"\xff" * 255, b"not JSON"), (b"x" * 255, b'{"to": "447700900123"}\nnot JSON')])
+def test_any_spool_file_names_and_contents_are_taken_or_rejected_never_fatal(files):
+    """A spool file's name may be any bytes: the daemon never fails on one; every file whose
+    name does not start with "." leaves incoming/, for done/ or rejected/ under a name that is
+    UTF-8 without control characters, and one whose name is not such is never read."""
+    with tempfile.TemporaryDirectory() as directory:
+        spool = Path(directory) / "spool"
+        incoming = os.fsencode(spool / "incoming")
+        os.makedirs(incoming)
+        for name, data in files:
+            with open(incoming + b"/" + name, "wb") as file:
+                file.write(data)
+
+        asyncio.run(take_spool(spool, Path(directory) / "state"))
+
+        filed = {where: os.listdir(os.fsencode(spool / where)) for where in ("done", "rejected")}
+        for names in filed.values():
+            for name in names:
+                assert name_problem(os.fsdecode(name)) is None and len(name) <= 255, name
+        for name, _data in files:
+            shown = os.fsdecode(name)
+            if name_problem(shown) is not None and not name.startswith(b"."):
+                assert os.fsencode(escaped_name(shown))[:200] in b"".join(filed["rejected"])
 
 
 @fuzz(200)
