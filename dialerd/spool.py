@@ -388,7 +388,11 @@ class SpoolSource:
         self._report("spool", None)
         self._opened = True
         for name in dirs.made_again:
-            log.warning("a spool directory was missing; made it again", dir=str(self._root / name))
+            log.warning(
+                "a spool directory was missing; made it again (its group may need mending:"
+                " systemd-tmpfiles --create)",
+                dir=str(self._root / name),
+            )
         for name in DIRECTORY_MODES:
             self._report(name, dirs.problems.get(name))
         if dirs.incoming is None or dirs.done is None:  # nothing can be taken
