@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import os
 import re
+import unicodedata
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -491,17 +492,51 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def read_api_key(api: ApiConfig) -> str:
-    """The API key from the environment or the key file; ConfigError if missing."""
+    """The API key from the environment or the key file; ConfigError if missing or unusable."""
     if api.key_file is not None:
-        try:
-            key = api.key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError([f"api.key_file: cannot read {api.key_file}: {error}"]) from None
-        if not key:
-            raise ConfigError([f"api.key_file: {api.key_file} is empty"])
-        return key
+        return _read_secret_file(api.key_file, "api.key_file")
     env_name = api.key_env or "VGAI_KEY"
-    key = os.environ.get(env_name, "").strip()
+    key = os.environ.get(env_name, "")
     if not key:
         raise ConfigError([f"api.key_env: the environment variable {env_name} is not set"])
+    _check_secret(key, "api.key_env", f"the environment variable {env_name}")
     return key
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    """A key or token alone in a file, its one trailing newline ignored (editors add one)."""
+    try:
+        # Bytes decoded, not read_text(): its universal newlines would turn a \r into \n.
+        secret = path.read_bytes().decode("utf-8").removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{key}: cannot read {path}: {error}"]) from None
+    if not secret:
+        raise ConfigError([f"{key}: {path} is empty"])
+    _check_secret(secret, key, str(path))
+    return secret
+
+
+# Named for the operator, who cannot see them in an editor.
+INVISIBLE_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _check_secret(secret: str, key: str, where: str) -> None:
+    """Refuse white space and control characters anywhere in a secret, which `.strip()` would
+    hide only around it and an HTTP header refuses; the message says what and where, never
+    any part of the secret."""
+    for index, char in enumerate(secret):
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+            found = f"{_invisible_name(char)} at character {index + 1}"
+            lines = secret.count("\n") + 1
+            if lines > 1:
+                found += f" (it has {lines} lines)"
+            raise ConfigError(
+                [f"{key}: {where} holds {found}; write it alone on one line, with no white space"]
+            )
+
+
+def _invisible_name(char: str) -> str:
+    if char in INVISIBLE_NAMES:
+        return INVISIBLE_NAMES[char]
+    name = unicodedata.name(char, "a control character").lower()
+    return f"{name} (U+{ord(char):04X})"

@@ -443,12 +443,12 @@ def test_default_agent_must_be_a_string():
 
 def test_key_env(monkeypatch):
     api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
-    monkeypatch.setenv("DIALERD_TEST_KEY", "  secret-1\n")
+    monkeypatch.setenv("DIALERD_TEST_KEY", "secret-1")
     assert read_api_key(api) == "secret-1"
 
 
-@pytest.mark.parametrize("value", [None, "", "   "])
-def test_key_env_missing_or_blank(monkeypatch, value):
+@pytest.mark.parametrize("value", [None, ""])
+def test_key_env_missing_or_empty(monkeypatch, value):
     api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
     if value is None:
         monkeypatch.delenv("DIALERD_TEST_KEY", raising=False)
@@ -459,6 +459,25 @@ def test_key_env_missing_or_blank(monkeypatch, value):
     assert caught.value.problems == [
         "api.key_env: the environment variable DIALERD_TEST_KEY is not set"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        ("  secret-1\n", "holds a space at character 1"),
+        ("secret-1\n", "holds a line break at character 9"),  # no file: no newline to ignore
+        ("secret\t1", "holds a tab at character 7"),
+        ("   ", "holds a space at character 1"),
+    ],
+)
+def test_key_env_with_white_space_is_refused_without_showing_the_key(monkeypatch, value, found):
+    api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
+    monkeypatch.setenv("DIALERD_TEST_KEY", value)
+    with pytest.raises(ConfigError) as caught:
+        read_api_key(api)
+    (problem,) = caught.value.problems
+    assert problem.startswith("api.key_env: the environment variable DIALERD_TEST_KEY " + found)
+    assert "secret" not in problem
 
 
 def test_without_key_env_or_key_file_vgai_key_is_used(monkeypatch):
@@ -495,6 +514,42 @@ def test_key_file_empty_or_unreadable(tmp_path, content):
     with pytest.raises(ConfigError) as caught:
         read_api_key(api)
     assert keys_of(caught.value.problems) == ["api.key_file"]
+
+
+KEY = "k3y-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (f"{KEY}\nsecond-line\n", "a line break at character 21 (it has 2 lines)"),
+        (f"\n{KEY}\n", "a line break at character 1 (it has 2 lines)"),
+        (f"{KEY}\n\n", "a line break at character 21 (it has 2 lines)"),
+        (f"{KEY[:4]}\t{KEY[4:]}", "a tab at character 5"),
+        (f"  {KEY}", "a space at character 1"),
+        (f"{KEY}\r\n", "a carriage return at character 21"),
+        (f"\ufeff{KEY}", "zero width no-break space (U+FEFF) at character 1"),
+        (f"{KEY[:3]}\x1b{KEY[3:]}", "a control character (U+001B) at character 4"),
+        (f"{KEY}\u00a0", "no-break space (U+00A0) at character 21"),
+    ],
+)
+def test_key_file_with_white_space_or_control_characters_is_refused(tmp_path, content, found):
+    key_file = tmp_path / "key"
+    key_file.write_text(content, encoding="utf-8", newline="")
+    api = build_config(minimal(api={"key_file": str(key_file)})).api
+    with pytest.raises(ConfigError) as caught:
+        read_api_key(api)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"api.key_file: {key_file} holds {found}; "), problem
+    # Neither the key nor any piece of it that an operator could paste from a log.
+    assert not any(KEY[i : i + 4] in problem for i in range(len(KEY) - 3)), problem
+    assert "second" not in problem
+
+
+def test_key_file_without_a_trailing_newline_is_taken_whole(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    assert read_api_key(build_config(minimal(api={"key_file": str(key_file)})).api) == KEY
 
 
 def test_key_env_and_key_file_together_are_refused():
