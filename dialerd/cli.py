@@ -10,7 +10,9 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import (
     CALLBACK_STATUSES,
@@ -159,6 +161,8 @@ def cmd_run(args) -> int:
             runner.run(Daemon(config, simulate=faults).run())
     except LedgerLocked as error:
         raise Failure(str(error), EX_TEMPFAIL) from None
+    except ConfigError as error:  # the key file changed since it was checked above
+        raise Failure(_config_message(error), EX_CONFIG) from None
     except OSError as error:
         raise Failure(f"cannot run: {error}", EX_CANTCREAT) from None
     except ExceptionGroup as group:
@@ -256,7 +260,7 @@ def cmd_status(args) -> int:
     from .ledger import read_status
 
     config = _load(args)
-    report = read_status(config.state_dir)
+    report = _read_ledger(config, read_status)
     if report is None:
         report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
     if args.json:
@@ -340,17 +344,28 @@ def _results_tally(names: list[str], since: float | None):
 def _ledger_tally(config: Config, since: float | None):
     from .report import Tally, read_ledger
 
-    path = config.state_dir / "ledger.sqlite3"
-    try:
-        tally = read_ledger(config.state_dir, since)
-    except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
-        raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
-    except sqlite3.DatabaseError as error:  # readable, but not a ledger
-        raise Failure(f"cannot read the ledger {path}: {error}", EX_DATAERR) from None
+    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since))
     if tally is None:
         print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
         return Tally()
     return tally
+
+
+def _read_ledger(config: Config, read: Callable[[Path], Any]) -> Any:
+    """read(state_dir), a ledger that cannot be read said in one sentence: 66 when it cannot be
+    opened, 65 when it is not a ledger this dialerd reads (not SQLite, or of a newer schema: the
+    input, not this command, is what an operator must look at)."""
+    from .ledger import LedgerTooNew
+
+    path = config.state_dir / "ledger.sqlite3"
+    try:
+        return read(config.state_dir)
+    except LedgerTooNew as error:
+        raise Failure(f"cannot read: {error}", EX_DATAERR) from None
+    except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
+        raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
+    except sqlite3.DatabaseError as error:  # readable, but not a ledger
+        raise Failure(f"cannot read the ledger {path}: {error}", EX_DATAERR) from None
 
 
 def cmd_requeue(args) -> int:
