@@ -20,6 +20,7 @@ from .config import (
     Config,
     ConfigError,
     load_config,
+    read_admin_token,
     read_api_key,
 )
 
@@ -161,7 +162,7 @@ def cmd_run(args) -> int:
             runner.run(Daemon(config, simulate=faults).run())
     except LedgerLocked as error:
         raise Failure(str(error), EX_TEMPFAIL) from None
-    except ConfigError as error:  # the key file changed since it was checked above
+    except ConfigError as error:  # a key or token file changed since it was checked above
         raise Failure(_config_message(error), EX_CONFIG) from None
     except OSError as error:
         raise Failure(f"cannot run: {error}", EX_CANTCREAT) from None
@@ -241,11 +242,12 @@ def _read_input_file(name: str) -> bytes:
 def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
     config = _load(args)
-    if needs_key:
-        try:
+    try:
+        if needs_key:
             read_api_key(config.api)
-        except ConfigError as error:
-            raise Failure(_config_message(error), EX_CONFIG) from None
+        read_admin_token(config.admin)
+    except ConfigError as error:
+        raise Failure(_config_message(error), EX_CONFIG) from None
     return config
 
 

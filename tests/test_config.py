@@ -13,11 +13,14 @@ from conftest import run_dialerd, write_config
 from dialerd.cli import main
 from dialerd.config import (
     DEFAULT_ENDPOINTS,
+    AdminConfig,
     ConfigError,
     Listen,
     build_config,
     load_config,
+    read_admin_token,
     read_api_key,
+    restart_needed,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +155,7 @@ def test_every_key_is_parsed(tmp_path):
     assert (config.redial["busy"].attempts, config.redial["busy"].delay_s) == (3, 300)
     assert (config.redial["timeout"].attempts, config.redial["timeout"].delay_s) == (2, 600)
     assert config.redial["failed"].attempts == 4
-    assert config.admin == Listen("::1", 9091)
+    assert config.admin == AdminConfig(Listen("::1", 9091), token_file=None)
     hours = config.calling_hours
     assert (hours.start, hours.end) == (dt.time(8, 30), dt.time(21, 0))
     assert hours.days == frozenset({0, 1, 2, 3, 4, 5})
@@ -208,7 +211,7 @@ def test_section_defaults():
     assert config.callbacks.listen == Listen("127.0.0.1", 8080)
     assert config.callbacks.public_url is None
     assert config.callbacks.wait_s == 120
-    assert config.admin == Listen("127.0.0.1", 9090)
+    assert config.admin == AdminConfig(Listen("127.0.0.1", 9090), token_file=None)
     assert config.redial["busy"].delay_s == 300
     assert config.calling_hours.days == frozenset(range(7))
     assert config.calling_hours.default_timezone == "UTC"
@@ -681,7 +684,7 @@ def test_admin_and_callbacks_on_different_ports():
     config = build_config(
         minimal(callbacks={"listen": "0.0.0.0:8080"}, admin={"listen": "127.0.0.1:9090"})
     )
-    assert config.callbacks.listen.port != config.admin.port
+    assert config.callbacks.listen.port != config.admin.listen.port
 
 
 @pytest.mark.parametrize("listen", ["8080", "host", "host:0", "host:65536", "host:http", 8080])
@@ -689,8 +692,52 @@ def test_bad_listen_addresses(listen):
     assert keys_of(problems_of(minimal(admin={"listen": listen}))) == ["admin.listen"]
 
 
+def test_admin_token_file(tmp_path):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("t0ken-of-admin\n")
+    admin = build_config(minimal(admin={"token_file": str(token_file)})).admin
+    assert admin == AdminConfig(Listen("127.0.0.1", 9090), token_file=token_file)
+    assert read_admin_token(admin) == "t0ken-of-admin"
+    assert read_admin_token(build_config(minimal(admin={})).admin) is None
+    assert read_admin_token(None) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (None, "cannot read"),
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("t0ken\nmore\n", "holds a line break at character 6 (it has 2 lines)"),
+        ("t0ken \n", "holds a space at character 6"),
+    ],
+)
+def test_a_bad_admin_token_file_is_named_without_the_token(tmp_path, content, found):
+    token_file = tmp_path / "admin-token"
+    if content is not None:
+        token_file.write_text(content)
+    admin = build_config(minimal(admin={"token_file": str(token_file)})).admin
+    with pytest.raises(ConfigError) as caught:
+        read_admin_token(admin)
+    (problem,) = caught.value.problems
+    assert problem.startswith("admin.token_file: ") and found in problem, problem
+    assert "t0ken" not in problem and "more" not in problem
+
+
+def test_a_new_admin_token_file_is_reloaded_a_new_admin_address_takes_a_restart(tmp_path):
+    running = build_config(minimal(admin={"listen": "127.0.0.1:9090"}))
+    rotated = build_config(minimal(admin={"listen": "127.0.0.1:9090", "token_file": "/t"}))
+    moved = build_config(minimal(admin={"listen": "127.0.0.1:9091"}))
+    assert restart_needed(running, rotated) == []
+    assert restart_needed(running, moved) == ["admin.listen: a change takes a restart"]
+    assert restart_needed(running, build_config(minimal())) == [
+        "admin.listen: a change takes a restart"
+    ]
+
+
 def test_listen_without_host_is_loopback():
-    assert build_config(minimal(admin={"listen": ":9999"})).admin == Listen("127.0.0.1", 9999)
+    admin = build_config(minimal(admin={"listen": ":9999"})).admin
+    assert admin.listen == Listen("127.0.0.1", 9999)
 
 
 @pytest.mark.parametrize("url", ["dialer.example.com", "ftp://dialer.example.com", ""])
