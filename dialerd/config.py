@@ -540,9 +540,9 @@ INVISIBLE_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab
 
 
 def _check_secret(secret: str, key: str, where: str) -> None:
-    """Refuse white space and control characters anywhere in a secret, which `.strip()` would
-    hide only around it and an HTTP header refuses; the message says what and where, never
-    any part of the secret."""
+    """Refuse white space and control characters anywhere in a secret: a header cannot carry
+    them, and stripping would hide a second line or a pasted tab instead of telling of it. The
+    message says what and where, never any part of the secret."""
     for index, char in enumerate(secret):
         if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
             found = f"{_invisible_name(char)} at character {index + 1}"

@@ -23,8 +23,9 @@ def create_private(path: Path | str, flags: int) -> int:
     return fd
 
 
-def keep_private(file: int | Path | str, name: Path | str) -> None:
-    """Take group write and all access by others away from an existing regular file.
+def keep_private(file: Path | str | int, name: Path | str | None = None) -> None:
+    """Take group write and all access by others away from an existing regular file (a path,
+    or an open descriptor with its `name` for the log).
 
     An existing file is tightened rather than left alone: one that an earlier dialerd made 0644
     (or an operator made world-readable) would otherwise keep the callees' numbers open to every
@@ -39,11 +40,12 @@ def keep_private(file: int | Path | str, name: Path | str) -> None:
     if not stat.S_ISREG(mode) or not mode & NOT_PRIVATE:
         return
     was, now = stat.S_IMODE(mode), stat.S_IMODE(mode) & ~NOT_PRIVATE
+    name = str(file if name is None else name)
     try:
         os.chmod(file, now)
     except OSError as error:
         log.warning(
-            "others may read this file", file=str(name), mode=f"{was:04o}", error=f"{error}"
+            "cannot tighten the mode of a file", file=name, mode=f"{was:04o}", error=f"{error}"
         )
         return
-    log.warning("file mode tightened", file=str(name), was=f"{was:04o}", now=f"{now:04o}")
+    log.warning("file mode tightened", file=name, was=f"{was:04o}", now=f"{now:04o}")

@@ -199,7 +199,7 @@ def _keep_ledger_private(path: Path) -> None:
     are tightened as they are."""
     os.close(create_private(path, os.O_RDWR))
     for companion in ("-wal", "-shm"):
-        keep_private(f"{path}{companion}", f"{path}{companion}")
+        keep_private(f"{path}{companion}")
 
 
 class Ledger:
