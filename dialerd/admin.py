@@ -1,7 +1,10 @@
-"""The admin listener: /healthz, /metrics (Prometheus) and /status (JSON), GET only."""
+"""The admin listener: /healthz, /metrics (Prometheus) and /status (JSON), GET only; with a
+token, only for requests that carry it as `Authorization: Bearer TOKEN`."""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -12,8 +15,6 @@ from dialerd.metrics import Metrics
 
 # Requests in flight at stop() only wait on a status report, so a short grace is enough.
 SHUTDOWN_TIMEOUT_S = 1.0
-# A listener bound to every address is reached, from this host, through loopback.
-LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 StatusReport = Callable[[], Awaitable[dict]]
 
@@ -34,30 +35,62 @@ class AdminListener:
         metrics: Metrics,
         status: StatusReport,
         unhealthy: Callable[[], str | None],
+        token: str | None = None,
     ) -> None:
         """`unhealthy`: why /healthz answers 503 (draining, a stage stuck), or None."""
         self._listen = listen
         self._metrics = metrics
         self._status = status
         self._unhealthy = unhealthy
+        self.use_token(token)
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(middlewares=[_not_found_for_other_methods])
+        self.app = web.Application(middlewares=[self._authorized, _not_found_for_other_methods])
         self.app.router.add_get("/healthz", self._healthz, allow_head=False)
         self.app.router.add_get("/metrics", self._metrics_page, allow_head=False)
         self.app.router.add_get("/status", self._status_page, allow_head=False)
 
+    def use_token(self, token: str | None) -> None:
+        """The token every request must carry from now on (None: none needed); a reload may
+        rotate it."""
+        self._expected = None if token is None else f"Bearer {token}".encode()
+
     async def start(self) -> str:
-        """Serve on listen.host:listen.port (0: any free port) and return the base URL."""
-        # access_log=None: aiohttp's access log would write request headers (User-Agent, Referer).
+        """Serve on listen.host:listen.port (0: any free port); the base URL of the first
+        address bound (`urls` has them all)."""
+        # access_log=None: aiohttp's access log would write request headers (User-Agent, Referer,
+        # Authorization).
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._listen.host, self._listen.port).start()
-        return _base_url(*self._runner.addresses[0][:2])
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        """Each address bound, as bound: 0.0.0.0 is every address, never named 127.0.0.1."""
+        return [_base_url(*address[:2]) for address in self._runner.addresses]
+
+    @property
+    def exposed(self) -> list[str]:
+        """The URLs of the addresses bound that are not loopback: other hosts may reach them.
+        Judged on what was bound, so a host name counts by the addresses it resolved to."""
+        return [
+            _base_url(host, port)
+            for host, port, *_ in self._runner.addresses
+            if not ipaddress.ip_address(host).is_loopback
+        ]
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _authorized(self, request: web.Request, handler) -> web.StreamResponse:
+        if self._expected is not None and not _bearer_matches(request, self._expected):
+            return web.json_response(
+                {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return await handler(request)
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         reason = self._unhealthy()
@@ -91,6 +124,14 @@ def _unavailable() -> web.Response:
     return web.json_response({"error": "status unavailable"}, status=503)
 
 
+def _bearer_matches(request: web.Request, expected: bytes) -> bool:
+    """Whether the request's Authorization is `Bearer TOKEN` with the token expected, compared
+    in constant time (the scheme's case, as RFC 7235 has it, aside)."""
+    given = request.headers.get("Authorization", "")
+    scheme, _, credentials = given.partition(" ")
+    normalised = f"Bearer {credentials}" if scheme.lower() == "bearer" else given
+    return hmac.compare_digest(normalised.encode("utf-8", "surrogateescape"), expected)
+
+
 def _base_url(host: str, port: int) -> str:
-    host = LOOPBACK_OF_WILDCARD.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

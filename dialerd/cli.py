@@ -10,7 +10,9 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import (
     CALLBACK_STATUSES,
@@ -18,6 +20,7 @@ from .config import (
     Config,
     ConfigError,
     load_config,
+    read_admin_token,
     read_api_key,
 )
 
@@ -159,6 +162,8 @@ def cmd_run(args) -> int:
             runner.run(Daemon(config, simulate=faults).run())
     except LedgerLocked as error:
         raise Failure(str(error), EX_TEMPFAIL) from None
+    except ConfigError as error:  # a key or token file changed since it was checked above
+        raise Failure(_config_message(error), EX_CONFIG) from None
     except OSError as error:
         raise Failure(f"cannot run: {error}", EX_CANTCREAT) from None
     except ExceptionGroup as group:
@@ -237,11 +242,12 @@ def _read_input_file(name: str) -> bytes:
 def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
     config = _load(args)
-    if needs_key:
-        try:
+    try:
+        if needs_key:
             read_api_key(config.api)
-        except ConfigError as error:
-            raise Failure(_config_message(error), EX_CONFIG) from None
+        read_admin_token(config.admin)
+    except ConfigError as error:
+        raise Failure(_config_message(error), EX_CONFIG) from None
     return config
 
 
@@ -256,7 +262,7 @@ def cmd_status(args) -> int:
     from .ledger import read_status
 
     config = _load(args)
-    report = read_status(config.state_dir)
+    report = _read_ledger(config, read_status)
     if report is None:
         report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
     if args.json:
@@ -340,17 +346,28 @@ def _results_tally(names: list[str], since: float | None):
 def _ledger_tally(config: Config, since: float | None):
     from .report import Tally, read_ledger
 
-    path = config.state_dir / "ledger.sqlite3"
-    try:
-        tally = read_ledger(config.state_dir, since)
-    except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
-        raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
-    except sqlite3.DatabaseError as error:  # readable, but not a ledger
-        raise Failure(f"cannot read the ledger {path}: {error}", EX_DATAERR) from None
+    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since))
     if tally is None:
         print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
         return Tally()
     return tally
+
+
+def _read_ledger(config: Config, read: Callable[[Path], Any]) -> Any:
+    """read(state_dir), a ledger that cannot be read said in one sentence: 66 when it cannot be
+    opened, 65 when it is not a ledger this dialerd reads (not SQLite, or of a newer schema: the
+    input, not this command, is what an operator must look at)."""
+    from .ledger import LedgerTooNew
+
+    path = config.state_dir / "ledger.sqlite3"
+    try:
+        return read(config.state_dir)
+    except LedgerTooNew as error:
+        raise Failure(f"cannot read: {error}", EX_DATAERR) from None
+    except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
+        raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
+    except sqlite3.DatabaseError as error:  # readable, but not a ledger
+        raise Failure(f"cannot read the ledger {path}: {error}", EX_DATAERR) from None
 
 
 def cmd_requeue(args) -> int:

@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import os
 import re
+import unicodedata
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: Listen
+    token_file: Path | None  # with it, every request needs its Bearer token
+
+
+@dataclass(frozen=True)
 class CallbacksConfig:
     listen: Listen
     public_url: str | None
@@ -100,7 +107,7 @@ class Config:
     results: str | None
     callbacks: CallbacksConfig | None
     redial: Mapping[str, RedialPolicy]
-    admin: Listen | None
+    admin: AdminConfig | None
     calling_hours: CallingHours | None
     dnc_file: Path | None
     max_calls_per_number: NumberCap | None
@@ -339,11 +346,14 @@ def _read_redial(r: _Reader, node: Any) -> dict[str, RedialPolicy]:
     return policies
 
 
-def _read_admin(r: _Reader, node: Any) -> Listen | None:
+def _read_admin(r: _Reader, node: Any) -> AdminConfig | None:
     if node is None:
         return None
-    admin = r.mapping(node, "admin", ("listen",))
-    return r.value(admin, "admin", "listen", _listen, Listen("127.0.0.1", 9090))
+    admin = r.mapping(node, "admin", ("listen", "token_file"))
+    return AdminConfig(
+        listen=r.value(admin, "admin", "listen", _listen, Listen("127.0.0.1", 9090)),
+        token_file=r.value(admin, "admin", "token_file", lambda v: Path(_string(v))),
+    )
 
 
 def _read_calling_hours(r: _Reader, node: Any) -> CallingHours | None:
@@ -418,7 +428,7 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         r.fail("spool.dir", "is required when spool is given")
     callbacks = _read_callbacks(r, top.get("callbacks"))
     admin = _read_admin(r, top.get("admin"))
-    if callbacks and admin and _same_socket(callbacks.listen, admin):
+    if callbacks and admin and _same_socket(callbacks.listen, admin.listen):
         r.fail(
             "admin.listen", "must differ from callbacks.listen: admin is never on the callback port"
         )
@@ -458,7 +468,7 @@ def restart_needed(running: Config, new: Config) -> list[str]:
             "results": config.results,
             "callbacks.listen": callbacks and callbacks.listen,
             "callbacks.public_url": callbacks and callbacks.public_url,
-            "admin.listen": config.admin,
+            "admin.listen": config.admin and config.admin.listen,
         }
 
     before, after = fixed(running), fixed(new)
@@ -491,17 +501,61 @@ def load_config(path: str | os.PathLike) -> Config:
 
 
 def read_api_key(api: ApiConfig) -> str:
-    """The API key from the environment or the key file; ConfigError if missing."""
+    """The API key from the environment or the key file; ConfigError if missing or unusable."""
     if api.key_file is not None:
-        try:
-            key = api.key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError([f"api.key_file: cannot read {api.key_file}: {error}"]) from None
-        if not key:
-            raise ConfigError([f"api.key_file: {api.key_file} is empty"])
-        return key
+        return _read_secret_file(api.key_file, "api.key_file")
     env_name = api.key_env or "VGAI_KEY"
-    key = os.environ.get(env_name, "").strip()
+    key = os.environ.get(env_name, "")
     if not key:
         raise ConfigError([f"api.key_env: the environment variable {env_name} is not set"])
+    _check_secret(key, "api.key_env", f"the environment variable {env_name}")
     return key
+
+
+def read_admin_token(admin: AdminConfig | None) -> str | None:
+    """The admin listener's Bearer token, None without admin.token_file; ConfigError if the
+    file cannot be read or the token is unusable."""
+    if admin is None or admin.token_file is None:
+        return None
+    return _read_secret_file(admin.token_file, "admin.token_file")
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    """A key or token alone in a file, its one trailing newline ignored (editors add one)."""
+    try:
+        # Bytes decoded, not read_text(): its universal newlines would turn a \r into \n.
+        secret = path.read_bytes().decode("utf-8").removesuffix("\n")
+    except OSError as error:
+        raise ConfigError([f"{key}: cannot read {path}: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{key}: {path} is not UTF-8 text"]) from None
+    if not secret:
+        raise ConfigError([f"{key}: {path} is empty"])
+    _check_secret(secret, key, str(path))
+    return secret
+
+
+# Named for the operator, who cannot see them in an editor.
+INVISIBLE_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _check_secret(secret: str, key: str, where: str) -> None:
+    """Refuse white space and control characters anywhere in a secret: a header cannot carry
+    them, and stripping would hide a second line or a pasted tab instead of telling of it. The
+    message says what and where, never any part of the secret."""
+    for index, char in enumerate(secret):
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+            found = f"{_invisible_name(char)} at character {index + 1}"
+            lines = secret.count("\n") + 1
+            if lines > 1:
+                found += f" (it has {lines} lines)"
+            raise ConfigError(
+                [f"{key}: {where} holds {found}; write it alone on one line, with no white space"]
+            )
+
+
+def _invisible_name(char: str) -> str:
+    if char in INVISIBLE_NAMES:
+        return INVISIBLE_NAMES[char]
+    name = unicodedata.name(char, "a control character").lower()
+    return f"{name} (U+{ord(char):04X})"

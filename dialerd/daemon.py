@@ -21,6 +21,7 @@ from .config import (
     Config,
     ConfigError,
     load_config,
+    read_admin_token,
     read_api_key,
     restart_needed,
 )
@@ -63,6 +64,7 @@ class Daemon:
         self._spool: SpoolSource | None = None
         self._simulator: Simulator | None = None
         self._listeners: list[CallbackListener | AdminListener] = []
+        self._admin: AdminListener | None = None
         self.ledger = Ledger(config.state_dir)
 
     # -- signals -----------------------------------------------------------------------------
@@ -161,6 +163,7 @@ class Daemon:
             new = await asyncio.to_thread(load_config, self.config.path)
             problems = restart_needed(self.config, new)
             key, endpoints = self._api_of(new)
+            admin_token = read_admin_token(new.admin)
             if not problems:
                 await asyncio.to_thread(self._dnc.use, new.dnc_file)
         except ConfigError as error:
@@ -171,6 +174,8 @@ class Daemon:
             log.error("reload refused; the running config is kept", problems=problems)
             return
         self._client.configure(key, endpoints)
+        if self._admin is not None:
+            self._admin.use_token(admin_token)
         if self._simulator is not None:
             self._simulate_agents(new)
         self.config = new
@@ -213,11 +218,22 @@ class Daemon:
             self._listeners.append(listener)
             log.info("callback listener", url=await listener.start())
         if self.config.admin is not None:
-            admin = AdminListener(
-                self.config.admin, self.metrics, self.live_status, self._unhealthy
+            self._admin = AdminListener(
+                self.config.admin.listen,
+                self.metrics,
+                self.live_status,
+                self._unhealthy,
+                token=read_admin_token(self.config.admin),
             )
-            self._listeners.append(admin)
-            log.info("admin listener", url=await admin.start())
+            self._listeners.append(self._admin)
+            await self._admin.start()
+            log.info("admin listener", urls=self._admin.urls)
+            if self._admin.exposed:
+                log.warning(
+                    "the admin listener is not on loopback: other hosts can reach it",
+                    urls=self._admin.exposed,
+                    token_required=self.config.admin.token_file is not None,
+                )
 
     async def _stop_listeners(self) -> None:
         while self._listeners:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import NumberCap, RedialPolicy
+from .files import create_private, keep_private
 from .logs import log
 from .request import Request
 from .results import result_line
@@ -113,6 +114,11 @@ class LedgerLocked(Exception):
     """Another daemon holds this state_dir."""
 
 
+class LedgerTooNew(OSError):
+    """The ledger was made by a newer dialerd, whose schema this one does not know. An OSError,
+    as for any ledger that cannot be opened: `run` and `requeue` exit 73 for it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A queued request as the dispatcher needs it."""
@@ -136,15 +142,33 @@ class Intake:
 
 
 def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to the ledger at `path`; LedgerTooNew, before anything is written to it,
+    if a newer dialerd made it."""
     if read_only:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        _refuse_newer(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    if not read_only:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the send it marks goes out, power loss included.
         conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
+    """A ledger of a schema this code does not know would be misread, and written wrongly."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise LedgerTooNew(
+            f"the ledger {path} has schema version {version}, newer than this dialerd knows "
+            f"({len(MIGRATIONS)}): run the dialerd that wrote it, or a newer one"
+        )
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -157,7 +181,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
 
 def _lock(state_dir: Path) -> int:
     """Hold an exclusive lock on the state_dir for the life of the process."""
-    fd = os.open(state_dir / "dialerd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = create_private(state_dir / "dialerd.lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -167,6 +191,15 @@ def _lock(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _keep_ledger_private(path: Path) -> None:
+    """The ledger made 0640 before SQLite opens it, which would make it 0644 less the umask;
+    SQLite gives its -wal and -shm the ledger's own mode when it makes them. Ones left by a crash
+    are tightened as they are."""
+    os.close(create_private(path, os.O_RDWR))
+    for companion in ("-wal", "-shm"):
+        keep_private(f"{path}{companion}")
 
 
 class Ledger:
@@ -187,6 +220,7 @@ class Ledger:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.state_dir)
         try:
+            _keep_ledger_private(self.path)
             self._conn = connect(self.path)
             create_schema(self._conn)
             cursor = self._conn.execute(
@@ -195,6 +229,9 @@ class Ledger:
         except sqlite3.Error as error:  # not writable (read-only file or directory), not SQLite
             self.close()
             raise OSError(f"cannot open the ledger {self.path}: {error}") from None
+        except OSError:
+            self.close()
+            raise
         self.run = cursor.lastrowid
         self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
         self._thread.start()

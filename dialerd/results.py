@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .aio import wait_event
+from .files import create_private
 from .logs import log
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 STDOUT = 1
-APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+APPEND = os.O_WRONLY | os.O_APPEND
 
 RESULT_FIELDS = (
     "id",
@@ -65,7 +66,7 @@ class ResultsWriter:
         self._lock = asyncio.Lock()
         # Opened at start-up, so an unwritable results file stops the daemon before any send.
         # Written unbuffered, so a failed write leaves nothing behind to come out later.
-        self._fd = STDOUT if target == "-" else os.open(target, APPEND, 0o644)
+        self._fd = STDOUT if target == "-" else create_private(target, APPEND)
 
     def wake(self) -> None:
         self._wake.set()

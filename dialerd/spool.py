@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .aio import Progress, Worker, wait_event
 from .config import Config
+from .files import PRIVATE_MODE
 from .ledger import Ledger
 from .logs import log
 from .sources import Batch, Intake, Rejected, parse_spool_file
@@ -40,7 +41,6 @@ NAME_MAX = 255  # bytes in a file name, on every file system dialerd may run on
 # Modes of a spool directory the daemon makes again (as systemd/tmpfiles.d/dialerd.conf has
 # them): whatever its umask, submitters write into incoming/ and into nothing else.
 DIRECTORY_MODES = {"incoming": 0o1730, "done": 0o750, "rejected": 0o750}
-NOTE_MODE = 0o640  # done/NAME.errors and rejected/NAME.error: for the daemon's user and group
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO swapped in since the listing returns at once, and fstat then
@@ -199,7 +199,7 @@ def _free_name(dir_fd: int, name: str, note_suffix: str) -> str:
 
 def _write_note(dir_fd: int, name: str, text: str) -> None:
     """Write a note whole, or leave none: a partial one would take the name of the next try."""
-    fd = os.open(name, NOTE_FLAGS, NOTE_MODE, dir_fd=dir_fd)
+    fd = os.open(name, NOTE_FLAGS, PRIVATE_MODE, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)

@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from .logs import log
+
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 ERROR_TEXT_KEPT = 500
 
@@ -106,6 +108,7 @@ def session(
 class StudioClient:
     def __init__(self, http: aiohttp.ClientSession, key: str, endpoints: Mapping[str, str]):
         self._http = http
+        self._client_fault: str | None = None  # the last fault of this client's own, logged
         self.configure(key, endpoints)
 
     def configure(self, key: str, endpoints: Mapping[str, str]) -> None:
@@ -129,9 +132,28 @@ class StudioClient:
                 result = await _judge(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             result = _judge_failure(error, written=sending.written)
+        except Exception as error:
+            # Anything else is a fault on this side (aiohttp refusing a header value, say):
+            # judged the same way, so that it never escapes the send's task and never leaves
+            # the request `sending`.
+            result = _redacted(_judge_failure(error, written=sending.written), self._key)
+            self._note_client_fault(result.error)
+            return result
         finally:
             _sending.reset(current)
+        self._note_client_fault(None)
         return _redacted(result, self._key)
+
+    def _note_client_fault(self, fault: str | None) -> None:
+        """Log a fault of the client's own once as it starts or changes, and once as it clears:
+        every send repeats it, and the lane's backoff already paces them."""
+        if fault == self._client_fault:
+            return
+        if fault is not None:
+            log.error("sends fail in the client, before the API has them", error=fault)
+        else:
+            log.warning("sends no longer fail in the client")
+        self._client_fault = fault
 
 
 def _redacted(result: SendResult, key: str) -> SendResult:

@@ -249,3 +249,78 @@ def test_two_metrics_instances_do_not_share_counts():
     assert count(second, "dialerd_sends_total", agent="a", http_status="200") == 1
     assert count(first, "dialerd_outcomes_total", outcome="dialed") == 1
     assert count(second, "dialerd_outcomes_total", outcome="dialed") is None
+
+
+# -- where it listens, and its token ------------------------------------------------------------
+
+TOKEN = "admin-token-5d1e9c"
+
+
+@pytest.fixture
+async def guarded(daemon, metrics):
+    """A running listener on a free port that needs TOKEN: the listener and its base URL."""
+    listener = AdminListener(
+        Listen("127.0.0.1", 0), metrics, daemon.status, lambda: daemon.unhealthy, token=TOKEN
+    )
+    url = await listener.start()
+    yield listener, url
+    await listener.stop()
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/status", "/nope"])
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Basic {TOKEN}",
+     TOKEN, f"Bearer  {TOKEN}", "Bearer \u00e9t\u00e9"],
+)  # fmt: skip
+async def test_without_the_token_every_request_is_401(http, guarded, path, authorization):
+    _, url = guarded
+    headers = {} if authorization is None else {"Authorization": authorization}
+
+    async with http.get(f"{url}{path}", headers=headers) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert await response.json() == {"error": "unauthorized"}
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_with_the_token_requests_are_served(http, guarded, scheme):
+    _, url = guarded
+    headers = {"Authorization": f"{scheme} {TOKEN}"}
+
+    async with http.get(f"{url}/healthz", headers=headers) as response:
+        assert response.status == 200
+    async with http.get(f"{url}/nope", headers=headers) as response:
+        assert response.status == 404
+
+
+async def test_a_new_token_replaces_the_old_one(http, guarded):
+    listener, url = guarded
+
+    listener.use_token("rotated-token")
+
+    for token, status in ((TOKEN, 401), ("rotated-token", 200)):
+        async with http.get(f"{url}/healthz", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == status, token
+
+
+async def test_on_loopback_nothing_is_exposed(daemon, metrics):
+    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: True)
+    url = await listener.start()
+    try:
+        assert listener.urls == [url]
+        assert listener.exposed == []
+    finally:
+        await listener.stop()
+
+
+async def test_on_every_address_the_bound_address_is_named_and_exposed(http, daemon, metrics):
+    listener = AdminListener(Listen("0.0.0.0", 0), metrics, daemon.status, lambda: True)
+    url = await listener.start()
+    try:
+        port = int(url.rpartition(":")[2])
+        assert listener.urls == [f"http://0.0.0.0:{port}"] == listener.exposed
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+    finally:
+        await listener.stop()

@@ -13,11 +13,14 @@ from conftest import run_dialerd, write_config
 from dialerd.cli import main
 from dialerd.config import (
     DEFAULT_ENDPOINTS,
+    AdminConfig,
     ConfigError,
     Listen,
     build_config,
     load_config,
+    read_admin_token,
     read_api_key,
+    restart_needed,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +155,7 @@ def test_every_key_is_parsed(tmp_path):
     assert (config.redial["busy"].attempts, config.redial["busy"].delay_s) == (3, 300)
     assert (config.redial["timeout"].attempts, config.redial["timeout"].delay_s) == (2, 600)
     assert config.redial["failed"].attempts == 4
-    assert config.admin == Listen("::1", 9091)
+    assert config.admin == AdminConfig(Listen("::1", 9091), token_file=None)
     hours = config.calling_hours
     assert (hours.start, hours.end) == (dt.time(8, 30), dt.time(21, 0))
     assert hours.days == frozenset({0, 1, 2, 3, 4, 5})
@@ -208,7 +211,7 @@ def test_section_defaults():
     assert config.callbacks.listen == Listen("127.0.0.1", 8080)
     assert config.callbacks.public_url is None
     assert config.callbacks.wait_s == 120
-    assert config.admin == Listen("127.0.0.1", 9090)
+    assert config.admin == AdminConfig(Listen("127.0.0.1", 9090), token_file=None)
     assert config.redial["busy"].delay_s == 300
     assert config.calling_hours.days == frozenset(range(7))
     assert config.calling_hours.default_timezone == "UTC"
@@ -443,12 +446,12 @@ def test_default_agent_must_be_a_string():
 
 def test_key_env(monkeypatch):
     api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
-    monkeypatch.setenv("DIALERD_TEST_KEY", "  secret-1\n")
+    monkeypatch.setenv("DIALERD_TEST_KEY", "secret-1")
     assert read_api_key(api) == "secret-1"
 
 
-@pytest.mark.parametrize("value", [None, "", "   "])
-def test_key_env_missing_or_blank(monkeypatch, value):
+@pytest.mark.parametrize("value", [None, ""])
+def test_key_env_missing_or_empty(monkeypatch, value):
     api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
     if value is None:
         monkeypatch.delenv("DIALERD_TEST_KEY", raising=False)
@@ -459,6 +462,25 @@ def test_key_env_missing_or_blank(monkeypatch, value):
     assert caught.value.problems == [
         "api.key_env: the environment variable DIALERD_TEST_KEY is not set"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        ("  secret-1\n", "holds a space at character 1"),
+        ("secret-1\n", "holds a line break at character 9"),  # no file: no newline to ignore
+        ("secret\t1", "holds a tab at character 7"),
+        ("   ", "holds a space at character 1"),
+    ],
+)
+def test_key_env_with_white_space_is_refused_without_showing_the_key(monkeypatch, value, found):
+    api = build_config(minimal(api={"key_env": "DIALERD_TEST_KEY"})).api
+    monkeypatch.setenv("DIALERD_TEST_KEY", value)
+    with pytest.raises(ConfigError) as caught:
+        read_api_key(api)
+    (problem,) = caught.value.problems
+    assert problem.startswith("api.key_env: the environment variable DIALERD_TEST_KEY " + found)
+    assert "secret" not in problem
 
 
 def test_without_key_env_or_key_file_vgai_key_is_used(monkeypatch):
@@ -495,6 +517,42 @@ def test_key_file_empty_or_unreadable(tmp_path, content):
     with pytest.raises(ConfigError) as caught:
         read_api_key(api)
     assert keys_of(caught.value.problems) == ["api.key_file"]
+
+
+KEY = "k3y-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (f"{KEY}\nsecond-line\n", "a line break at character 21 (it has 2 lines)"),
+        (f"\n{KEY}\n", "a line break at character 1 (it has 2 lines)"),
+        (f"{KEY}\n\n", "a line break at character 21 (it has 2 lines)"),
+        (f"{KEY[:4]}\t{KEY[4:]}", "a tab at character 5"),
+        (f"  {KEY}", "a space at character 1"),
+        (f"{KEY}\r\n", "a carriage return at character 21"),
+        (f"\ufeff{KEY}", "zero width no-break space (U+FEFF) at character 1"),
+        (f"{KEY[:3]}\x1b{KEY[3:]}", "a control character (U+001B) at character 4"),
+        (f"{KEY}\u00a0", "no-break space (U+00A0) at character 21"),
+    ],
+)
+def test_key_file_with_white_space_or_control_characters_is_refused(tmp_path, content, found):
+    key_file = tmp_path / "key"
+    key_file.write_text(content, encoding="utf-8", newline="")
+    api = build_config(minimal(api={"key_file": str(key_file)})).api
+    with pytest.raises(ConfigError) as caught:
+        read_api_key(api)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"api.key_file: {key_file} holds {found}; "), problem
+    # Neither the key nor any piece of it that an operator could paste from a log.
+    assert not any(KEY[i : i + 4] in problem for i in range(len(KEY) - 3)), problem
+    assert "second" not in problem
+
+
+def test_key_file_without_a_trailing_newline_is_taken_whole(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    assert read_api_key(build_config(minimal(api={"key_file": str(key_file)})).api) == KEY
 
 
 def test_key_env_and_key_file_together_are_refused():
@@ -626,7 +684,7 @@ def test_admin_and_callbacks_on_different_ports():
     config = build_config(
         minimal(callbacks={"listen": "0.0.0.0:8080"}, admin={"listen": "127.0.0.1:9090"})
     )
-    assert config.callbacks.listen.port != config.admin.port
+    assert config.callbacks.listen.port != config.admin.listen.port
 
 
 @pytest.mark.parametrize("listen", ["8080", "host", "host:0", "host:65536", "host:http", 8080])
@@ -634,8 +692,52 @@ def test_bad_listen_addresses(listen):
     assert keys_of(problems_of(minimal(admin={"listen": listen}))) == ["admin.listen"]
 
 
+def test_admin_token_file(tmp_path):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("t0ken-of-admin\n")
+    admin = build_config(minimal(admin={"token_file": str(token_file)})).admin
+    assert admin == AdminConfig(Listen("127.0.0.1", 9090), token_file=token_file)
+    assert read_admin_token(admin) == "t0ken-of-admin"
+    assert read_admin_token(build_config(minimal(admin={})).admin) is None
+    assert read_admin_token(None) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (None, "cannot read"),
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("t0ken\nmore\n", "holds a line break at character 6 (it has 2 lines)"),
+        ("t0ken \n", "holds a space at character 6"),
+    ],
+)
+def test_a_bad_admin_token_file_is_named_without_the_token(tmp_path, content, found):
+    token_file = tmp_path / "admin-token"
+    if content is not None:
+        token_file.write_text(content)
+    admin = build_config(minimal(admin={"token_file": str(token_file)})).admin
+    with pytest.raises(ConfigError) as caught:
+        read_admin_token(admin)
+    (problem,) = caught.value.problems
+    assert problem.startswith("admin.token_file: ") and found in problem, problem
+    assert "t0ken" not in problem and "more" not in problem
+
+
+def test_a_new_admin_token_file_is_reloaded_a_new_admin_address_takes_a_restart(tmp_path):
+    running = build_config(minimal(admin={"listen": "127.0.0.1:9090"}))
+    rotated = build_config(minimal(admin={"listen": "127.0.0.1:9090", "token_file": "/t"}))
+    moved = build_config(minimal(admin={"listen": "127.0.0.1:9091"}))
+    assert restart_needed(running, rotated) == []
+    assert restart_needed(running, moved) == ["admin.listen: a change takes a restart"]
+    assert restart_needed(running, build_config(minimal())) == [
+        "admin.listen: a change takes a restart"
+    ]
+
+
 def test_listen_without_host_is_loopback():
-    assert build_config(minimal(admin={"listen": ":9999"})).admin == Listen("127.0.0.1", 9999)
+    admin = build_config(minimal(admin={"listen": ":9999"})).admin
+    assert admin.listen == Listen("127.0.0.1", 9999)
 
 
 @pytest.mark.parametrize("url", ["dialer.example.com", "ftp://dialer.example.com", ""])

@@ -536,3 +536,56 @@ async def test_a_request_that_expires_while_waiting_for_its_turn_is_not_sent(
     late = run.results["agent-a-2"]
     assert late["outcome"] == "expired", [(a.to, a.wall) for a in simulator.arrivals]
     assert number(2) not in [a.to for a in simulator.arrivals]
+
+
+# -- a fault of the client itself --------------------------------------------------------------
+
+
+async def test_a_send_that_raises_in_the_client_holds_the_lane_and_goes_once_it_is_fixed(
+    tmp_path, ledger, simulator_factory, fast_backoff, capsys
+):
+    """aiohttp refuses a header value with a line break (ValueError, before any byte is
+    written): the request is not left `sending` nor its task's exception unretrieved; the lane
+    holds as for an API out of reach, the fault is logged once, and a good key sends it once."""
+    simulator = await simulator_factory({"agent-a": 5})
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
+    requests = [build_request(f, config, "test") for f in requests_for("agent-a", 2)]
+    await ledger.add(requests, [], None)
+    metrics = Metrics()
+    finals = asyncio.Event()
+
+    def sends_without_answer() -> float:
+        labels = {"agent": "agent-a", "http_status": "none"}
+        return metrics.registry.get_sample_value("dialerd_sends_total", labels) or 0
+
+    async with asyncio.timeout(20), studio.session(5) as http:
+        client = studio.StudioClient(http, "two-line\nkey", config.api.endpoints)
+        dispatcher = Dispatcher(Wiring(ledger, client, finals.set, metrics))
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(config.agents.values(), group)
+            while sends_without_answer() < 4:
+                await asyncio.sleep(0.02)
+            agent = (await ledger.status())["agents"]["agent-a"]
+            assert (agent["queued"], agent["in_flight"]) == (2, 0), agent
+            assert simulator.arrivals == []
+
+            client.configure(KEY, config.api.endpoints)  # as a reload with a good key does
+            dispatcher.wake(["agent-a"])
+            while await ledger.open_requests():
+                finals.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finals.wait(), 0.2)
+            dispatcher.stop()
+        assert await dispatcher.drain(1.0) == 0
+
+    lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(100)]
+    assert sorted((r["id"], r["outcome"], r["attempts"]) for r in lines) == [
+        ("agent-a-0", "dialed", 1), ("agent-a-1", "dialed", 1),
+    ]  # fmt: skip
+    assert sorted(a.to for a in simulator.placed()) == [number(0), number(1)]
+    logged = capsys.readouterr()
+    logged = logged.out + logged.err
+    assert logged.count("sends fail in the client") == 1, logged
+    assert logged.count("sends no longer fail in the client") == 1, logged
+    assert "Forbidden control character" in logged
+    assert "two-line" not in logged

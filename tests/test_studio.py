@@ -294,6 +294,36 @@ async def test_a_failure_before_writing_is_retried(http, error):
     assert result.error.startswith("not sent: ")
 
 
+@pytest.mark.parametrize(("written", "verdict"), [(False, Verdict.RETRY), (True, Verdict.IN_DOUBT)])
+async def test_an_exception_of_the_client_itself_is_judged_by_whether_it_was_written(
+    http, written, verdict
+):
+    """Not one of the network's errors (a bug, a library refusing a value): still a verdict,
+    never an exception out of make_call, and at most once where bytes may have gone."""
+    with aioresponses() as mock:
+        callback = mark_written if written else None
+        mock.post(EU, callback=callback, exception=RuntimeError("unforeseen"))
+        result, departed = await send(StudioClient(http, KEY, DEFAULT_ENDPOINTS))
+
+    assert result.verdict is verdict
+    assert departed.done() is written
+    assert result.http_status is None
+    assert result.error.endswith("RuntimeError: unforeseen")
+
+
+async def test_a_header_value_aiohttp_refuses_is_not_sent_and_retried(http, simulator_factory):
+    simulator = await simulator_factory({"agent-a": 5})
+    client = StudioClient(http, "two\nlines", {"eu": simulator.endpoint("eu")})
+
+    result, departed = await send(client)
+
+    assert result.verdict is Verdict.RETRY
+    assert result.error.startswith("not sent: ValueError: ")
+    assert not departed.done()
+    assert simulator.arrivals == []
+    assert "lines" not in result.error
+
+
 async def test_the_request_is_the_body_given_with_the_key_and_json_content_type(http):
     with aioresponses() as mock:
         mock.post(DEFAULT_ENDPOINTS["us"], status=200, payload={})
