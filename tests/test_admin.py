@@ -226,7 +226,7 @@ async def test_requests_headers_and_bodies_are_not_logged(http, admin, daemon, c
 
 
 async def test_stop_releases_the_port(http, daemon, metrics):
-    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: True)
+    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: None)
     url = await listener.start()
 
     await listener.stop()
@@ -305,7 +305,7 @@ async def test_a_new_token_replaces_the_old_one(http, guarded):
 
 
 async def test_on_loopback_nothing_is_exposed(daemon, metrics):
-    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: True)
+    listener = AdminListener(Listen("127.0.0.1", 0), metrics, daemon.status, lambda: None)
     url = await listener.start()
     try:
         assert listener.urls == [url]
@@ -315,7 +315,7 @@ async def test_on_loopback_nothing_is_exposed(daemon, metrics):
 
 
 async def test_on_every_address_the_bound_address_is_named_and_exposed(http, daemon, metrics):
-    listener = AdminListener(Listen("0.0.0.0", 0), metrics, daemon.status, lambda: True)
+    listener = AdminListener(Listen("0.0.0.0", 0), metrics, daemon.status, lambda: None)
     url = await listener.start()
     try:
         port = int(url.rpartition(":")[2])
