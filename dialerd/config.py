@@ -451,9 +451,21 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         max_calls_per_number=_read_cap(r, top.get("max_calls_per_number")),
         shutdown_timeout_s=r.value(top, "", "shutdown_timeout_s", _positive(float), 30.0),
     )
+    if config.spool_dir is not None and _nested(config.spool_dir, config.state_dir):
+        r.fail(
+            "spool.dir",
+            f"must be apart from state_dir ({config.state_dir}): submitters write into the spool,"
+            " and the daemon takes files from it",
+        )
     if r.problems:
         raise ConfigError(r.problems)
     return config
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """Whether one directory is, or is inside, the other (as written, made absolute)."""
+    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def restart_needed(running: Config, new: Config) -> list[str]:

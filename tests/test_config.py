@@ -767,6 +767,23 @@ def test_spool_needs_a_dir():
 
 
 @pytest.mark.parametrize(
+    ("state_dir", "spool_dir"),
+    [
+        ("/var/lib/dialerd", "/var/lib/dialerd"),
+        ("/var/lib/dialerd", "/var/lib/dialerd/spool"),  # the state beside incoming/'s root
+        ("/var/spool/dialerd/incoming", "/var/spool/dialerd"),  # the ledger taken as a spool file
+        ("/var/lib/dialerd/", "/var/lib/./dialerd"),
+    ],
+)
+def test_the_spool_and_the_state_are_apart(state_dir, spool_dir):
+    problems = problems_of(minimal(state_dir=state_dir, spool={"dir": spool_dir}))
+    assert keys_of(problems) == ["spool.dir"] and "state_dir" in problems[0]
+    assert build_config(
+        minimal(state_dir="/var/lib/dialerd", spool={"dir": "/var/lib/dialerd-spool"})
+    )
+
+
+@pytest.mark.parametrize(
     ("redial", "key"),
     [
         ({"busy": {"delay_s": 5}}, "redial.busy.attempts"),
