@@ -427,8 +427,9 @@ def test_two_submissions_never_share_a_file(env, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_the_spool_file_is_readable_by_the_daemon(env, tmp_path, capsys, umask):
-    # The daemon runs as its own user, neither the file's owner nor surely of its group: the
-    # file is 0644 whatever the submitter's umask (incoming/ lets only submitters in).
+    # The daemon runs as its own user, of neither the file's user nor its group (incoming/'s,
+    # the submitters'): the file is 0604 whatever the submitter's umask, readable by the
+    # daemon and by no other submitter.
     old = os.umask(umask)
     try:
         code, err = submit(env, write(tmp_path, "x.jsonl", lines(GOOD)), capsys=capsys)
@@ -436,7 +437,8 @@ def test_the_spool_file_is_readable_by_the_daemon(env, tmp_path, capsys, umask):
         os.umask(old)
     assert code == 0, err
     spool_file = next(incoming(env).iterdir())
-    assert stat.S_IMODE(spool_file.stat().st_mode) == 0o644
+    assert stat.S_IMODE(spool_file.stat().st_mode) == 0o604
+    assert spool_file.stat().st_gid == incoming(env).stat().st_gid
 
 
 def test_read_input_detects_the_format(env):
