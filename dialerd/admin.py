@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from dialerd.config import Listen
+from dialerd.listener import CappedSite
 from dialerd.logs import log
 from dialerd.metrics import Metrics
 
@@ -14,6 +15,7 @@ from dialerd.metrics import Metrics
 SHUTDOWN_TIMEOUT_S = 1.0
 # A listener bound to every address is reached, from this host, through loopback.
 LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+MAX_CONNECTIONS = 32  # scrapers and operators: a few at a time
 
 StatusReport = Callable[[], Awaitable[dict]]
 
@@ -50,7 +52,7 @@ class AdminListener:
         # access_log=None: aiohttp's access log would write request headers (User-Agent, Referer).
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._listen.host, self._listen.port).start()
+        await CappedSite(self._runner, self._listen, max_connections=MAX_CONNECTIONS).start()
         return _base_url(*self._runner.addresses[0][:2])
 
     async def stop(self) -> None:

@@ -53,6 +53,7 @@ class Bench:
         self.metrics = Metrics()
         self.applied: list[tuple[str, str | None]] = []
         self.redial = dict(REDIAL)
+        self.max_connections = 256
         self.urls: StatusUrls
         self.base = ""
         self.http: aiohttp.ClientSession
@@ -67,6 +68,7 @@ class Bench:
             lambda: self.redial,
             lambda effect, agent: self.applied.append((effect, agent)),
             self.metrics,
+            max_connections=self.max_connections,
         )
         self.base = await self.listener.start()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
