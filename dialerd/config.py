@@ -27,6 +27,7 @@ APPROVED_RATES = (1, 3, 5)
 CALLBACK_STATUSES = ("cancelled", "rejected", "busy", "timeout", "failed")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_CONNECTIONS = 256  # callbacks.max_connections, by default
 
 
 class ConfigError(Exception):
@@ -323,7 +324,9 @@ def _read_callbacks(r: _Reader, node: Any) -> CallbacksConfig | None:
         listen=r.value(cb, "callbacks", "listen", _listen, Listen("127.0.0.1", 8080)),
         public_url=r.value(cb, "callbacks", "public_url", _url),
         wait_s=r.value(cb, "callbacks", "wait_s", _positive(float), 120.0),
-        max_connections=r.value(cb, "callbacks", "max_connections", _positive(int), 256),
+        max_connections=r.value(
+            cb, "callbacks", "max_connections", _positive(int), MAX_CONNECTIONS
+        ),
     )
 
 
