@@ -236,8 +236,10 @@ class Daemon:
         env: dict[str, str] | None = None,
         name: str = "dialerd",
         journal: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
     ):
-        """`journal`: stderr stands for systemd's journal stream ($JOURNAL_STREAM names it)."""
+        """`journal`: stderr stands for systemd's journal stream ($JOURNAL_STREAM names it);
+        `preexec_fn` runs in the child before dialerd starts (e.g. to set its limits)."""
         stamp = time.monotonic_ns()
         self.stdout_path = directory / f"{name}-{stamp}.stdout"
         self.stderr_path = directory / f"{name}-{stamp}.stderr"
@@ -246,7 +248,9 @@ class Daemon:
             if journal:
                 status = os.fstat(err.fileno())
                 env = {**env, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
-            self.proc = dialerd("run", *args, stdin=stdin, stdout=out, stderr=err, env=env)
+            self.proc = dialerd(
+                "run", *args, stdin=stdin, stdout=out, stderr=err, env=env, preexec_fn=preexec_fn
+            )
 
     @property
     def stderr(self) -> str:
