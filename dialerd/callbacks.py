@@ -15,19 +15,15 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .config import CALLBACK_STATUSES, Listen, RedialPolicy
+from .ledger import Ledger
 from .listener import CappedSite
 from .logs import log
 from .metrics import Metrics
-from .request import normalise_number
-
-if TYPE_CHECKING:  # the ledger imports callback_matches from here
-    from .ledger import Ledger
 
 MAX_BODY = 64 * 1024
 NONCE_BYTES = 16
@@ -90,24 +86,6 @@ def callback_problem(body: object) -> str | None:
     if body["status"] not in CALLBACK_STATUSES:
         return f"status must be one of {', '.join(CALLBACK_STATUSES)}"
     return None
-
-
-def callback_matches(
-    body: dict[str, Any], to: str, agent_id: str, conversation_uuid: str | None
-) -> bool:
-    """Whether a callback is about the attempt its token was made for: the callee and agent that
-    were recorded for it (`to` compared as requests are normalised), and the conversation_uuid
-    of the API's answer, when the answer is recorded and gave one. A genuine token with another
-    call's body must not redial or end this one."""
-    try:
-        same_callee = normalise_number(body["to"]) == to
-    except ValueError:
-        same_callee = False
-    return (
-        same_callee
-        and body["agent_id"] == agent_id
-        and (conversation_uuid is None or body["conversation_uuid"] == conversation_uuid)
-    )
 
 
 def report_mismatch(metrics: Metrics, status: str, agent_id: str | None) -> None:

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .callbacks import callback_matches
 from .config import NumberCap, RedialPolicy
 from .logs import log
-from .request import Request
+from .request import Request, callback_matches
 from .results import result_line
 
 SCHEMA = """
