@@ -8,6 +8,9 @@ The timeouts are patched small; the real ones are shown through the daemon in te
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import socket
 import time
 
 import pytest
@@ -236,5 +239,54 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(se
         assert served.most_open == 1
 
         assert 0.5 - EARLY_S <= await closed_after(reader, started) < CLOSED_WITHIN_S
+
+    serve(scenario)
+
+
+# -- out of descriptors ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """Stands in for the site's log: what it logged, by level."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def error(self, event: str, **_fields) -> None:
+        self.lines.append(("error", event))
+
+    def warning(self, event: str, **_fields) -> None:
+        self.lines.append(("warning", event))
+
+
+def test_out_of_descriptors_the_site_backs_off_logs_once_and_accepts_again(serve, monkeypatch):
+    recorder = Recorder()
+    monkeypatch.setattr(listener, "log", recorder)
+
+    async def scenario(served: Site) -> None:
+        clients = [socket.socket() for _ in range(3)]  # made while descriptors are free
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        # No descriptor is free below the limit: every accept() fails with EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            for client in clients:
+                client.setblocking(False)
+                client.connect_ex(("127.0.0.1", served.port))  # the kernel completes it
+            cpu = time.process_time()
+            await asyncio.sleep(0.5)  # the site tries, fails, and waits before it tries again
+            spent = time.process_time() - cpu
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        assert spent < 0.25, f"{spent:.2f} s of CPU in 0.5 s: accept() is spinning"
+        assert recorder.lines == [("error", "listener: cannot accept; backing off")]
+        for client in clients:
+            reader, writer = await asyncio.open_connection(sock=client)
+            writer.write(GET)
+            assert (await answer(reader)).endswith(b"hello")
+            writer.close()
+        assert recorder.lines[1:] == [("warning", "listener: accepting again")]
 
     serve(scenario)
