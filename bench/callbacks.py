@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from dialerd.callbacks import CallbackListener, StatusUrls, load_secret
-from dialerd.config import Listen, build_config
+from dialerd.config import MAX_CONNECTIONS, Listen, build_config
 from dialerd.ledger import Ledger
 from dialerd.logs import configure
 from dialerd.metrics import Metrics
@@ -31,39 +31,39 @@ CALLS = 5000
 CONCURRENCY = 64
 
 
-async def _placed_calls(ledger: Ledger, urls: StatusUrls) -> list[str]:
+async def _placed_calls(ledger: Ledger, urls: StatusUrls) -> list[tuple[str, str]]:
+    """Each placed call's status_url and callee."""
     config = build_config({"agents": {"a": {"region": "eu", "rate": 5}}, "state_dir": "/"})
     requests = [
         build_request({"to": f"+4477009{index:05d}"}, config, f"bench:{index}")
         for index in range(CALLS)
     ]
     await ledger.add(requests, [], None)
-    status_urls = []
-    for seq in range(1, CALLS + 1):
+    calls = []
+    for seq, request in enumerate(requests, 1):
         token, url = urls.new()
         await ledger.mark_sending(seq, token, 1)
         await ledger.placed(seq, token, time.time() + 600, {}, attempts=1, http_status=200)
-        status_urls.append(url)
-    return status_urls
+        calls.append((url, request.to))
+    return calls
 
 
-async def _load(urls: list[str]) -> dict:
-    """The child's part: POST every callback, CONCURRENCY at a time; the time it took and each
-    one's latency, in seconds."""
+async def _load(calls: list[tuple[str, str]]) -> dict:
+    """The child's part: POST every call's callback, CONCURRENCY at a time; the time it took and
+    each one's latency, in seconds."""
     latencies: list[float] = []
-    pending = iter(urls)
+    pending = iter(calls)
     body = {
         "agent_id": "a",
-        "to": "447700900000",
         "conversation_uuid": "CON-1",
         "status": "busy",
         "timestamp": "2026-11-24T12:00:00Z",
     }
 
     async def worker(http: aiohttp.ClientSession) -> None:
-        for url in pending:
+        for url, to in pending:
             started = time.perf_counter()
-            async with http.post(url, json=body) as answer:
+            async with http.post(url, json={**body, "to": to}) as answer:
                 await answer.read()
                 assert answer.status == 200, answer.status
             latencies.append(time.perf_counter() - started)
@@ -80,7 +80,13 @@ async def _serve_and_measure(workdir: Path) -> dict:
     port = free_port()
     urls = StatusUrls(f"http://127.0.0.1:{port}", load_secret(ledger.state_dir))
     listener = CallbackListener(
-        Listen("127.0.0.1", port), urls, ledger, dict, lambda effect, agent: None, Metrics()
+        Listen("127.0.0.1", port),
+        urls,
+        ledger,
+        dict,
+        lambda effect, agent: None,
+        Metrics(),
+        max_connections=MAX_CONNECTIONS,
     )
     try:
         (workdir / "urls.json").write_text(json.dumps(await _placed_calls(ledger, urls)))

@@ -10,11 +10,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from dialerd.config import Listen
+from dialerd.listener import CappedSite
 from dialerd.logs import log
 from dialerd.metrics import Metrics
 
 # Requests in flight at stop() only wait on a status report, so a short grace is enough.
 SHUTDOWN_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 32  # scrapers and operators: a few at a time
 
 StatusReport = Callable[[], Awaitable[dict]]
 
@@ -61,7 +63,7 @@ class AdminListener:
         # Authorization).
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._listen.host, self._listen.port).start()
+        await CappedSite(self._runner, self._listen, max_connections=MAX_CONNECTIONS).start()
         return self.urls[0]
 
     @property

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .config import CALLBACK_STATUSES, Listen, RedialPolicy
 from .ledger import Ledger
+from .listener import CappedSite
 from .logs import log
 from .metrics import Metrics
 
@@ -87,6 +88,16 @@ def callback_problem(body: object) -> str | None:
     return None
 
 
+def report_mismatch(metrics: Metrics, status: str, agent_id: str | None) -> None:
+    """Count and log a callback found not to be about its call (its token is never logged)."""
+    metrics.callback(status, "mismatch")
+    log.warning(
+        "callback not about the call its status_url was made for: changes nothing",
+        status=status,
+        agent=agent_id,
+    )
+
+
 class CallbackListener:
     """The embedded listener for the API's callbacks; only genuine token paths are served."""
 
@@ -98,8 +109,11 @@ class CallbackListener:
         redial: Callable[[], Mapping[str, RedialPolicy]],
         on_applied: Callable[[str, str | None], None],
         metrics: Metrics,
+        *,
+        max_connections: int,
     ):
         self._listen = listen
+        self._max_connections = max_connections
         self._urls = urls
         self._ledger = ledger
         self._redial = redial
@@ -110,9 +124,10 @@ class CallbackListener:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(self._app, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._listen.host, self._listen.port).start()
+        site = CappedSite(self._runner, self._listen, max_connections=self._max_connections)
+        await site.start()
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
@@ -135,6 +150,8 @@ class CallbackListener:
             return _answer(413, f"a callback body is at most {MAX_BODY // 1024} KiB")
         except web.RequestPayloadError:  # a Content-Encoding the body is not in
             return _answer(400, "the body cannot be decoded")
+        except ConnectionError:  # closed before the body was all in: too slow, or gone
+            return _answer(400, "the body did not come")
         except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             return _answer(400, "the body is not JSON")
         problem = callback_problem(body)
@@ -144,8 +161,11 @@ class CallbackListener:
         if applied is None:
             return _answer(404, "not found")  # a genuine token no send of this ledger carried
         effect, agent_id = applied
-        self._metrics.callback(body["status"], effect)
-        log.info("callback", status=body["status"], effect=effect, agent=agent_id)
+        if effect == "mismatch":
+            report_mismatch(self._metrics, body["status"], agent_id)
+        else:
+            self._metrics.callback(body["status"], effect)
+            log.info("callback", status=body["status"], effect=effect, agent=agent_id)
         self._on_applied(effect, agent_id)
         return _answer(200, effect)
 

@@ -28,6 +28,7 @@ APPROVED_RATES = (1, 3, 5)
 CALLBACK_STATUSES = ("cancelled", "rejected", "busy", "timeout", "failed")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_CONNECTIONS = 256  # callbacks.max_connections, by default
 
 
 class ConfigError(Exception):
@@ -72,6 +73,7 @@ class CallbacksConfig:
     listen: Listen
     public_url: str | None
     wait_s: float
+    max_connections: int  # open at most; past it new ones wait in the kernel's backlog
 
 
 @dataclass(frozen=True)
@@ -324,11 +326,14 @@ def _digits(raw: str) -> str:
 def _read_callbacks(r: _Reader, node: Any) -> CallbacksConfig | None:
     if node is None:
         return None
-    cb = r.mapping(node, "callbacks", ("listen", "public_url", "wait_s"))
+    cb = r.mapping(node, "callbacks", ("listen", "max_connections", "public_url", "wait_s"))
     return CallbacksConfig(
         listen=r.value(cb, "callbacks", "listen", _listen, Listen("127.0.0.1", 8080)),
         public_url=r.value(cb, "callbacks", "public_url", _url),
         wait_s=r.value(cb, "callbacks", "wait_s", _positive(float), 120.0),
+        max_connections=r.value(
+            cb, "callbacks", "max_connections", _positive(int), MAX_CONNECTIONS
+        ),
     )
 
 
@@ -479,6 +484,7 @@ def restart_needed(running: Config, new: Config) -> list[str]:
             "stdin": config.stdin,
             "results": config.results,
             "callbacks.listen": callbacks and callbacks.listen,
+            "callbacks.max_connections": callbacks and callbacks.max_connections,
             "callbacks.public_url": callbacks and callbacks.public_url,
             "admin.listen": config.admin and config.admin.listen,
         }

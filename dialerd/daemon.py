@@ -214,6 +214,7 @@ class Daemon:
                 lambda: self.config.redial,
                 self._on_callback,
                 self.metrics,
+                max_connections=self.config.callbacks.max_connections,
             )
             self._listeners.append(listener)
             log.info("callback listener", url=await listener.start())

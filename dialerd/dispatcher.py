@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from aiolimiter import AsyncLimiter
 
 from .aio import Progress, wait_event
-from .callbacks import StatusUrls
+from .callbacks import StatusUrls, report_mismatch
 from .config import AgentConfig, NumberCap, RedialPolicy
 from .hours import CallingWindow
 from .ledger import EXPIRED_ERROR, Ledger, Pending
@@ -314,9 +314,11 @@ class Lane:
             await self._finish(pending, "dialed", **fields)
             return
         wait_until = time.time() + self._wiring.callback_wait_s()
-        effect = await self._ledger.placed(
+        effect, mismatched = await self._ledger.placed(
             pending.seq, token, wait_until, self._wiring.redial(), **fields
         )
+        for status in mismatched:
+            report_mismatch(self._wiring.metrics, status, self.agent.id)
         if effect == "redial":
             self.wake()
         elif effect == "unanswered":

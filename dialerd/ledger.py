@@ -24,7 +24,7 @@ from typing import Any
 from .config import NumberCap, RedialPolicy
 from .files import create_private, keep_private
 from .logs import log
-from .request import Request
+from .request import Request, callback_matches
 from .results import result_line
 
 SCHEMA = """
@@ -406,11 +406,12 @@ class Ledger:
         wait_until: float,
         redial: Mapping[str, RedialPolicy],
         **fields: Any,
-    ) -> str | None:
+    ) -> tuple[str | None, list[str]]:
         """The API placed the call: wait for a callback until `wait_until`.
 
-        A callback may have come before this answer was recorded; it is applied now, and its
-        effect returned (None when there was none).
+        Callbacks may have come before this answer was recorded; the first about this call is
+        applied now. Returns its effect (None when there was none), and the statuses of those
+        found not to be about this call (`mismatch`: they change nothing).
         """
         return await self.call(_placed, seq, token, wait_until, redial, fields)
 
@@ -421,7 +422,8 @@ class Ledger:
 
         Effects: `redial` (queued again), `unanswered` (final), `early` (before the placed
         answer was recorded: applied then), `stale` (an earlier attempt's, or the request has
-        moved on), `repeat` (this token's callback was already received).
+        moved on), `repeat` (this token's callback was already received), `mismatch` (its `to`,
+        `agent_id` or `conversation_uuid` is another call's: recorded, and changes nothing).
         """
         return await self.call(_apply_callback, token, body, redial, time.time())
 
@@ -606,7 +608,7 @@ def _placed(
     wait_until: float,
     redial: Mapping,
     fields: dict,
-) -> str | None:
+) -> tuple[str | None, list[str]]:
     columns = [c for c in FINISH_COLUMNS if c in fields]
     assignments = "".join(f", {c} = ?" for c in columns)
     conn.execute(
@@ -614,15 +616,26 @@ def _placed(
         (wait_until, *(fields[c] for c in columns), seq),
     )
     _settle_number_call(conn, seq, placed=True)
-    early = conn.execute(
-        "SELECT seq, status FROM callbacks WHERE token = ? AND effect = 'early'", (token,)
+    # Callbacks that came before this answer were judged without its conversation_uuid: judged
+    # again with it now. The first that is about this call applies; the others change nothing.
+    to, agent_id = conn.execute(
+        "SELECT to_number, agent_id FROM requests WHERE seq = ?", (seq,)
     ).fetchone()
-    if early is None:
-        return None
-    callback_seq, status = early
-    effect = _unreached(conn, seq, status, redial.get(status), time.time())
-    conn.execute("UPDATE callbacks SET effect = ? WHERE seq = ?", (effect, callback_seq))
-    return effect
+    applied, mismatched = None, []
+    early = conn.execute(
+        "SELECT seq, status, body FROM callbacks WHERE token = ? AND effect = 'early' ORDER BY seq",
+        (token,),
+    ).fetchall()
+    for callback_seq, status, body in early:
+        if not callback_matches(json.loads(body), to, agent_id, fields.get("conversation_uuid")):
+            effect = "mismatch"
+            mismatched.append(status)
+        elif applied is None:
+            effect = applied = _unreached(conn, seq, status, redial.get(status), time.time())
+        else:
+            effect = "repeat"
+        conn.execute("UPDATE callbacks SET effect = ? WHERE seq = ?", (effect, callback_seq))
+    return applied, mismatched
 
 
 def _apply_callback(
@@ -632,20 +645,27 @@ def _apply_callback(
     if call is None:
         return None
     seq = call[0]
-    state, current_token, agent_id = conn.execute(
-        "SELECT state, token, agent_id FROM requests WHERE seq = ?", (seq,)
+    state, current_token, agent_id, to, conversation_uuid = conn.execute(
+        "SELECT state, token, agent_id, to_number, conversation_uuid FROM requests WHERE seq = ?",
+        (seq,),
+    ).fetchone()
+    # A mismatch uses nothing up: the genuine callback for the call may still come.
+    applied_before = conn.execute(
+        "SELECT 1 FROM callbacks WHERE token = ? AND effect NOT IN ('mismatch', 'early')",
+        (token,),
     ).fetchone()
     # Only the latest send's token counts: an earlier attempt's, or a refused send's, is stale.
-    if conn.execute("SELECT 1 FROM callbacks WHERE token = ?", (token,)).fetchone():
+    if applied_before:
         effect = "repeat"
-    elif token != current_token:
+    elif token != current_token or state not in ("placed", "sending"):
         effect = "stale"
-    elif state == "placed":
+    elif state == "sending":  # the answer, and its conversation_uuid, are not recorded yet
+        matches = callback_matches(body, to, agent_id, None)
+        effect = "early" if matches else "mismatch"  # early: judged again once they are
+    elif callback_matches(body, to, agent_id, conversation_uuid):
         effect = _unreached(conn, seq, body["status"], redial.get(body["status"]), now)
-    elif state == "sending":
-        effect = "early"  # applied once the answer that placed the call is recorded
     else:
-        effect = "stale"
+        effect = "mismatch"
     if effect != "repeat":
         conn.execute(
             "INSERT INTO callbacks (token, status, body, effect, received_at)"

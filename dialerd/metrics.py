@@ -81,7 +81,8 @@ class Metrics:
         self._callbacks = self._labelled(
             Counter,
             "dialerd_callbacks_total",
-            "Callbacks accepted, by status and effect (redial, unanswered, stale, repeat)",
+            "Callbacks accepted, by status and effect (redial, unanswered, early, stale, repeat,"
+            " mismatch)",
             ["status", "effect"],
         )
         self._outcomes = self._labelled(

@@ -98,6 +98,24 @@ def normalise_number(raw: Any) -> str:
     return f"{number.country_code}{phonenumbers.national_significant_number(number)}"
 
 
+def callback_matches(
+    body: dict[str, Any], to: str, agent_id: str, conversation_uuid: str | None
+) -> bool:
+    """Whether a callback body is about the attempt its status_url was made for: the callee and
+    agent recorded for it (`to` compared as requests are normalised), and the conversation_uuid
+    of the API's answer, when the answer is recorded and gave one. A genuine token with another
+    call's body must not redial or end this one."""
+    try:
+        same_callee = normalise_number(body["to"]) == to
+    except ValueError:
+        same_callee = False
+    return (
+        same_callee
+        and body["agent_id"] == agent_id
+        and (conversation_uuid is None or body["conversation_uuid"] == conversation_uuid)
+    )
+
+
 def _possible_as_written(digits: str) -> bool:
     """The common case, at a fraction of phonenumbers.parse's cost: country code and national
     number exactly as written (no trunk prefix to drop) make a possible number."""

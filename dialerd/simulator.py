@@ -317,7 +317,7 @@ class Simulator:
             if draw < probability:
                 delay = self._rng.uniform(*self.faults.callback_delay)
                 payload = {
-                    "agent_id": body.get("agent_id") or body.get("from"),
+                    "agent_id": self._agent_of(body),  # a call made `from` is its agent's
                     "to": body["to"],
                     "conversation_uuid": conversation_uuid,
                     "status": status,

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from dialerd.callbacks import MAX_BODY, CallbackListener, StatusUrls, load_secret
-from dialerd.config import Listen, RedialPolicy, build_config
+from dialerd.config import MAX_CONNECTIONS, Listen, RedialPolicy, build_config
 from dialerd.ledger import Ledger
 from dialerd.metrics import Metrics
 from dialerd.request import build_request
@@ -53,6 +53,8 @@ class Bench:
         self.metrics = Metrics()
         self.applied: list[tuple[str, str | None]] = []
         self.redial = dict(REDIAL)
+        self.max_connections = MAX_CONNECTIONS
+        self.sent: dict[str, tuple[int, int]] = {}  # status_url: (seq, attempt) of its send
         self.urls: StatusUrls
         self.base = ""
         self.http: aiohttp.ClientSession
@@ -67,6 +69,7 @@ class Bench:
             lambda: self.redial,
             lambda effect, agent: self.applied.append((effect, agent)),
             self.metrics,
+            max_connections=self.max_connections,
         )
         self.base = await self.listener.start()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -86,6 +89,7 @@ class Bench:
         """Mark a send as a lane does: a fresh token in the ledger; (token, status_url)."""
         token, url = self.urls.new()
         await self.ledger.mark_sending(seq, token, attempt)
+        self.sent[url] = (seq, attempt)
         return token, url
 
     async def placed(self, seq: int, token: str, attempt: int, wait_s: float = WAIT_S):
@@ -103,7 +107,7 @@ class Bench:
 
     async def place(self, seq: int, attempt: int, wait_s: float = WAIT_S) -> tuple[str, str]:
         token, url = await self.send(seq, attempt)
-        assert await self.placed(seq, token, attempt, wait_s) is None
+        assert await self.placed(seq, token, attempt, wait_s) == (None, [])
         return token, url
 
     async def post(
@@ -119,8 +123,13 @@ class Bench:
             except ValueError:
                 return response.status, None
 
+    def body(self, url: str, status: str, **extra) -> dict:
+        """The API's callback for the send of `url`: its conversation_uuid, callee and agent."""
+        seq, attempt = self.sent[url]
+        return callback_body(status, **{"conversation_uuid": f"CON-{seq}-{attempt}", **extra})
+
     async def callback(self, url: str, status: str, **extra) -> tuple[int, dict | None]:
-        return await self.post(url, callback_body(status, **extra))
+        return await self.post(url, self.body(url, status, **extra))
 
     # -- what the ledger holds, read from the file as `dialerd status` does ------------------
 
@@ -380,7 +389,7 @@ async def test_a_callback_before_the_placed_answer_is_applied_when_the_answer_is
 
     assert await bench.callback(url, "busy") == (200, {"result": "early"})
     assert bench.row("r1")["state"] == "sending"
-    assert await bench.placed(seq, token, 1) == "redial"
+    assert await bench.placed(seq, token, 1) == ("redial", [])
 
     row = bench.row("r1")
     assert (row["state"], row["attempts"], row["status"]) == ("queued", 1, "busy")
@@ -389,7 +398,7 @@ async def test_a_callback_before_the_placed_answer_is_applied_when_the_answer_is
     token, url = await bench.send(seq, 2)
     assert await bench.callback(url, "rejected") == (200, {"result": "early"})
     assert bench.results() == []
-    assert await bench.placed(seq, token, 2) == "unanswered"
+    assert await bench.placed(seq, token, 2) == ("unanswered", [])
     result = only_result(bench)
     assert fate(result) == ("unanswered", "rejected", 2)
 
@@ -482,7 +491,7 @@ async def test_a_malformed_callback_gets_400_and_changes_nothing(bench, body):
 async def test_a_body_over_64_KiB_gets_413_and_one_of_exactly_64_KiB_is_served(bench):
     seq = await bench.queue("r1")
     _token, url = await bench.place(seq, 1)
-    exact = json.dumps(callback_body("busy")).encode()
+    exact = json.dumps(bench.body(url, "busy")).encode()
     exact += b" " * (MAX_BODY - len(exact))
     before = bench.snapshot()
 
@@ -572,3 +581,102 @@ async def test_a_callback_after_the_request_ended_dialed_is_recorded_and_changes
     assert after[:2] == before[:2] and after[3] == before[3]
     assert bench.callbacks() == [{"token": token, "status": "busy", "effect": "stale"}]
     assert only_result(bench)["outcome"] == "dialed"
+
+
+# -- callbacks tied to their call -------------------------------------------------------------
+
+OTHER_CALL = {
+    "to": {"to": "447700900999"},
+    "agent_id": {"agent_id": "agent-b"},
+    "conversation_uuid": {"conversation_uuid": "CON-of-another-call"},
+    "to given as a number": {"to": 447700900123},
+    "to that is no number": {"to": "sip:"},
+}
+
+
+@pytest.mark.parametrize("forged", OTHER_CALL.values(), ids=OTHER_CALL.keys())
+async def test_a_callback_about_another_call_is_recorded_as_a_mismatch_and_changes_nothing(
+    bench, forged
+):
+    seq = await bench.queue("r1")
+    token, url = await bench.place(seq, 1)
+    before = bench.snapshot()
+
+    assert await bench.post(url, bench.body(url, "busy", **forged)) == (200, {"result": "mismatch"})
+
+    after = bench.snapshot()
+    assert after[:2] == before[:2] and after[3] == before[3]  # requests, calls, results
+    assert bench.row("r1")["state"] == "placed"
+    assert bench.callbacks() == [{"token": token, "status": "busy", "effect": "mismatch"}]
+    assert bench.counted("busy", "mismatch") == 1
+    assert bench.counted("busy", "redial") == 0
+    # It used nothing up: the call's own callback still applies.
+    assert await bench.callback(url, "busy") == (200, {"result": "redial"})
+
+
+@pytest.mark.parametrize("written", ["+44 7700 900123", "+44 (0)7700 900123", "44-7700-900123"])
+async def test_a_callee_written_otherwise_but_the_same_once_normalised_matches(bench, written):
+    seq = await bench.queue("r1")
+    _token, url = await bench.place(seq, 1)
+
+    assert await bench.callback(url, "busy", to=written) == (200, {"result": "redial"})
+
+
+async def test_without_a_conversation_uuid_in_the_answer_only_callee_and_agent_are_compared(
+    bench,
+):
+    seq = await bench.queue("r1")
+    token, url = await bench.send(seq, 1)
+    await bench.ledger.placed(
+        seq, token, time.time() + WAIT_S, bench.redial, attempts=1, http_status=200
+    )
+
+    assert await bench.callback(url, "busy", agent_id="agent-b") == (200, {"result": "mismatch"})
+    assert await bench.callback(url, "busy", conversation_uuid="CON-any") == (
+        200, {"result": "redial"},
+    )  # fmt: skip
+
+
+async def test_an_early_callback_about_another_call_is_found_out_once_the_answer_is_recorded(
+    bench,
+):
+    seq = await bench.queue("r1")
+    token, url = await bench.send(seq, 1)
+    # Its callee and agent are right; only the answer, not in yet, can tell its conversation.
+    forged = bench.body(url, "busy", conversation_uuid="CON-of-another-call")
+    assert await bench.post(url, forged) == (200, {"result": "early"})
+
+    assert await bench.placed(seq, token, 1) == (None, ["busy"])
+
+    assert bench.row("r1")["state"] == "placed"
+    assert bench.callbacks() == [{"token": token, "status": "busy", "effect": "mismatch"}]
+    assert bench.results() == []
+    assert await bench.callback(url, "rejected") == (200, {"result": "unanswered"})
+    assert fate(only_result(bench)) == ("unanswered", "rejected", 1)
+
+
+async def test_an_early_callback_with_another_callee_is_a_mismatch_at_once(bench):
+    seq = await bench.queue("r1")
+    token, url = await bench.send(seq, 1)
+
+    assert await bench.callback(url, "busy", to="447700900999") == (200, {"result": "mismatch"})
+
+    assert await bench.placed(seq, token, 1) == (None, [])
+    assert bench.row("r1")["state"] == "placed"
+    assert bench.counted("busy", "mismatch") == 1
+
+
+async def test_of_early_callbacks_the_call_s_own_applies_whatever_came_before_it(bench):
+    seq = await bench.queue("r1")
+    token, url = await bench.send(seq, 1)
+    forged = bench.body(url, "rejected", conversation_uuid="CON-of-another-call")
+    assert await bench.post(url, forged) == (200, {"result": "early"})
+    assert await bench.callback(url, "busy") == (200, {"result": "early"})
+    assert await bench.callback(url, "busy") == (200, {"result": "early"})
+
+    assert await bench.placed(seq, token, 1) == ("redial", ["rejected"])
+
+    assert [c["effect"] for c in bench.callbacks()] == ["mismatch", "redial", "repeat"]
+    row = bench.row("r1")
+    assert (row["state"], row["status"]) == ("queued", "busy")
+    assert await bench.callback(url, "busy") == (200, {"result": "repeat"})

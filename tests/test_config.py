@@ -107,6 +107,7 @@ stdin: false
 results: /srv/dialerd/results.jsonl
 callbacks:
   listen: 0.0.0.0:8081
+  max_connections: 1000
   public_url: https://dialer.example.com/
   wait_s: 60
 redial:
@@ -151,6 +152,7 @@ def test_every_key_is_parsed(tmp_path):
     assert config.callbacks.listen == Listen("0.0.0.0", 8081)
     assert config.callbacks.public_url == "https://dialer.example.com"
     assert config.callbacks.wait_s == 60
+    assert config.callbacks.max_connections == 1000
     assert set(config.redial) == {"busy", "timeout", "failed"}
     assert (config.redial["busy"].attempts, config.redial["busy"].delay_s) == (3, 300)
     assert (config.redial["timeout"].attempts, config.redial["timeout"].delay_s) == (2, 600)
@@ -211,6 +213,7 @@ def test_section_defaults():
     assert config.callbacks.listen == Listen("127.0.0.1", 8080)
     assert config.callbacks.public_url is None
     assert config.callbacks.wait_s == 120
+    assert config.callbacks.max_connections == 256
     assert config.admin == AdminConfig(Listen("127.0.0.1", 9090), token_file=None)
     assert config.redial["busy"].delay_s == 300
     assert config.calling_hours.days == frozenset(range(7))
@@ -659,6 +662,18 @@ def test_bad_days(days):
 # --- listeners -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "many", 1e400])
+def test_max_connections_must_be_a_positive_whole_number(value):
+    problems = problems_of(minimal(callbacks={"max_connections": value}))
+    assert keys_of(problems) == ["callbacks.max_connections"], problems
+
+
+def test_a_change_of_max_connections_takes_a_restart():
+    running = build_config(minimal(callbacks={}))
+    new = build_config(minimal(callbacks={"max_connections": 512}))
+    assert restart_needed(running, new) == ["callbacks.max_connections: a change takes a restart"]
+
+
 def test_admin_and_callbacks_on_the_same_address_are_refused():
     problems = problems_of(
         minimal(callbacks={"listen": "127.0.0.1:8080"}, admin={"listen": "127.0.0.1:8080"})
@@ -845,7 +860,7 @@ def test_example_config_covers_every_key_and_is_valid():
     assert "key_file" in EXAMPLE.read_text()  # shown, commented out
     agent = next(iter(document["agents"].values()))
     assert set(agent) == {"region", "rate", "number", "margin"}
-    assert set(document["callbacks"]) == {"listen", "public_url", "wait_s"}
+    assert set(document["callbacks"]) == {"listen", "max_connections", "public_url", "wait_s"}
     assert set(document["calling_hours"]) >= {"start", "end", "days", "default_timezone"}
     assert config.state_dir == Path("/var/lib/dialerd")
     assert config.spool_dir == Path("/var/spool/dialerd")

@@ -48,6 +48,7 @@ from dialerd.callbacks import (
 from dialerd.config import (
     APPROVED_RATES,
     CALLBACK_STATUSES,
+    MAX_CONNECTIONS,
     TOP_KEYS,
     Config,
     ConfigError,
@@ -936,6 +937,7 @@ class Listener:
             lambda: REDIAL,
             lambda effect, agent: None,
             Metrics(),
+            max_connections=MAX_CONNECTIONS,
         )
         self.port = int(self.run(self._start()).rsplit(":", 1)[1])
         return self

@@ -94,16 +94,17 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return status, text
 
 
-def callback(url: str, status: str, to: str = "447700900000") -> tuple[int, Any]:
-    """POST the API's callback body to a status_url."""
+def callback(call: dict, status: str, url: str | None = None) -> tuple[int, Any]:
+    """POST the API's callback for a placed call (its arrival at the simulator), with the call's
+    agent_id, to and conversation_uuid, to its status_url (or to `url`)."""
     body = {
-        "agent_id": "agent-a",
-        "to": to,
-        "conversation_uuid": "CON-from-the-test",
+        "agent_id": call["agent_id"],
+        "to": call["to"],
+        "conversation_uuid": call["conversation_uuid"],
         "status": status,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return http("POST", url, body)
+    return http("POST", url or call["body"]["status_url"], body)
 
 
 def calls_to(sim: SimulatorProcess, to: str) -> list[dict]:
@@ -167,7 +168,7 @@ class ScriptedApi:
                 if statuses[index] is None:
                     continue
                 started = time.time()
-                answer = callback(arrival["body"]["status_url"], statuses[index], to)
+                answer = callback(arrival, statuses[index])
                 self.posts[to].append({"at": started, "answer": answer, "call": index})
 
     def run_until(self, done: Callable[[], bool], timeout: float, tick: Callable = lambda: None):
@@ -334,7 +335,7 @@ def test_callbacks_and_redials_carry_over_a_restart(tmp_path, simulator, daemons
     (waits,) = calls_to(sim, "447700900021")
     (redials,) = calls_to(sim, "447700900022")
     busy_at = time.time()
-    assert callback(redials["body"]["status_url"], "busy") == (200, {"result": "redial"})
+    assert callback(redials, "busy") == (200, {"result": "redial"})
 
     code, _ = first.stop(signal.SIGTERM)
 
@@ -354,10 +355,10 @@ def test_callbacks_and_redials_carry_over_a_restart(tmp_path, simulator, daemons
     assert redialed["wall"] >= max(restarted_at, busy_at + delay_s)
     assert redialed["body"]["status_url"] != redials["body"]["status_url"]
     # A status_url issued before the restart still verifies and applies after it.
-    assert callback(waits["body"]["status_url"], "rejected") == (200, {"result": "unanswered"})
-    assert callback(redials["body"]["status_url"], "busy") == (200, {"result": "repeat"})
+    assert callback(waits, "rejected") == (200, {"result": "unanswered"})
+    assert callback(redials, "busy") == (200, {"result": "repeat"})
     time.sleep(ANSWER_RECORDED_S)
-    assert callback(redialed["body"]["status_url"], "rejected") == (
+    assert callback(redialed, "rejected") == (
         200, {"result": "unanswered"},
     )  # fmt: skip
     wait_for(lambda: len(read_results(setup.results_file)) == 2, 10, "both results")
@@ -416,31 +417,31 @@ def test_admin_listener_reports_what_happened_and_the_callback_listener_refuses_
     (b1,) = calls_to(sim, "447700900033")
     a1_url = a1["body"]["status_url"]
 
-    assert callback(a1_url, "busy") == (200, {"result": "redial"})
+    assert callback(a1, "busy") == (200, {"result": "redial"})
     agent_a = http("GET", f"{admin}/status")[1]["agents"]["agent-a"]
     assert (agent_a["queued"], agent_a["awaiting_callback"]) == (1, 1), agent_a
     assert agent_a["next_due"] > time.time()
-    assert callback(b1["body"]["status_url"], "timeout") == (200, {"result": "unanswered"})
-    assert callback(a1_url, "busy") == (200, {"result": "repeat"})
+    assert callback(b1, "timeout") == (200, {"result": "unanswered"})
+    assert callback(a1, "busy") == (200, {"result": "repeat"})
     # Refused: forged tokens, other methods and paths; the listeners do not serve each other.
     token = a1_url.rpartition("/")[2]
     other_end = "BBBB" if token.endswith("AAAA") else "AAAA"
     forged = f"{setup.public_url}/callbacks/{token[:-4]}{other_end}"  # a wrong MAC
-    assert callback(forged, "busy")[0] == 404
-    assert callback(setup.public_url + "/callbacks/" + "A" * 43, "busy")[0] == 404
+    assert callback(a1, "busy", forged)[0] == 404
+    assert callback(a1, "busy", setup.public_url + "/callbacks/" + "A" * 43)[0] == 404
     for method in ("GET", "PUT"):
         assert http(method, a1_url, {"status": "busy"})[0] == 404, method
     assert http("GET", f"{setup.public_url}/metrics")[0] == 404
     assert http("GET", f"{setup.public_url}/healthz")[0] == 404
-    assert callback(f"{admin}/callbacks/{token}", "busy")[0] == 404
+    assert callback(a1, "busy", f"{admin}/callbacks/{token}")[0] == 404
     assert http("GET", f"{admin}/callbacks/{token}")[0] == 404
     assert http("POST", f"{admin}/metrics", {})[0] == 404
 
     redialed = wait_for(lambda: calls_to(sim, "447700900031")[1:], 5, "the redial")[0]
     time.sleep(ANSWER_RECORDED_S)
-    assert callback(redialed["body"]["status_url"], "rejected") == (200, {"result": "unanswered"})
+    assert callback(redialed, "rejected") == (200, {"result": "unanswered"})
     wait_for(lambda: len(read_results(setup.results_file)) == 3, 8, "a2 to end dialed")
-    assert callback(a2["body"]["status_url"], "cancelled") == (200, {"result": "stale"})
+    assert callback(a2, "cancelled") == (200, {"result": "stale"})
 
     def counted() -> dict | None:
         scraped = scrape(admin)
@@ -482,3 +483,62 @@ def test_admin_listener_reports_what_happened_and_the_callback_listener_refuses_
     assert code == 0, daemon.stderr
     assert "Traceback" not in daemon.stderr
     assert len(sim.arrivals()) == 4
+
+
+# -- a callback tied to its call ------------------------------------------------------------------
+
+
+def log_events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_a_genuine_status_url_with_another_calls_body_neither_redials_nor_ends_the_call(
+    tmp_path, simulator, daemons
+):
+    """The attack: the status_url of one call, the body of another (its conversation_uuid, to
+    and agent_id), status busy. It is answered 200, counted as a mismatch and changes nothing."""
+    sim = simulator("--latency", "0.05")
+    wait_s = 2.0
+    setup = Setup(
+        tmp_path, sim, wait_s=wait_s, redial={"busy": {"attempts": 3, "delay_s": 0.2}}, spool=True
+    )
+    daemon = daemons("-c", str(setup.config))
+    daemon.wait_running()
+    setup.drop("two.jsonl", [
+        {"id": "target", "to": "447700900041", "agent_id": "agent-a"},
+        {"id": "other", "to": "+1 202 555 0142", "agent_id": "agent-b"},
+    ])  # fmt: skip
+    wait_for(lambda: len(sim.arrivals()) == 2, 10, "both calls")
+    time.sleep(ANSWER_RECORDED_S)
+    (target,) = calls_to(sim, "447700900041")
+    (other,) = calls_to(sim, "12025550142")
+    token = target["body"]["status_url"].rpartition("/")[2]
+
+    assert callback(other, "busy", url=target["body"]["status_url"]) == (
+        200, {"result": "mismatch"},
+    )  # fmt: skip
+
+    seen: dict[str, float] = {}  # when each result first showed
+
+    def both_ended() -> bool:
+        for result in read_results(setup.results_file):
+            seen.setdefault(result["id"], time.time())
+        return len(seen) == 2
+
+    wait_for(both_ended, 10, "both calls to end")
+    results = by_id(read_results(setup.results_file))
+    for name, call in (("target", target), ("other", other)):
+        result = results[name]
+        assert (result["outcome"], result["status"], result["attempts"]) == ("dialed", None, 1)
+        assert result["conversation_uuid"] == call["conversation_uuid"]
+    # dialed only once wait_s was over: the forged busy did not end it either.
+    assert seen["target"] >= target["wall"] + wait_s
+    assert sim.placed() == Counter({"447700900041": 1, "12025550142": 1})
+    assert samples(scrape(setup.admin_url), "dialerd_callbacks_total") == {
+        labels(status="busy", effect="mismatch"): 1,
+    }
+    code, _ = daemon.stop(signal.SIGTERM)
+    assert code == 0, daemon.stderr
+    (warning,) = [e for e in log_events(daemon.stderr) if "callback not about" in e["event"]]
+    assert (warning["level"], warning["status"], warning["agent"]) == ("warning", "busy", "agent-a")
+    assert token not in daemon.stderr

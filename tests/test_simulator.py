@@ -459,6 +459,23 @@ async def test_an_unreached_callee_is_reported_to_the_status_url(http, start):
         await runner.cleanup()
 
 
+async def test_the_callback_of_a_call_made_from_an_agents_number_names_the_agent(http, start):
+    """As the API knows the agent behind its published number: the daemon ties a callback to
+    its call by agent_id, whichever way the request named the agent."""
+    runner, url, received = await receiver()
+    try:
+        faults = Faults(unreached=(("busy", 1.0),), callback_delay=(0.0, 0.0))
+        simulator = await start(numbers={"447700900000": "a"}, faults=faults)
+        body = {"from": "447700900000", "to": "447700900123", "status_url": f"{url}/t1"}
+        assert (await call(http, simulator, body))[0] == 200
+        async with asyncio.timeout(5):
+            while not received:
+                await asyncio.sleep(0.01)
+        assert received[0]["agent_id"] == "a"
+    finally:
+        await runner.cleanup()
+
+
 async def test_no_callback_without_a_status_url_or_when_the_callee_is_reached(http, start):
     runner, url, received = await receiver()
     try:

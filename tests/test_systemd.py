@@ -36,6 +36,7 @@ from conftest import (
     write_config,
 )
 
+from dialerd import admin
 from dialerd.cli import EX_CONFIG
 from dialerd.config import build_config
 from dialerd.dispatcher import Dispatcher, Wiring
@@ -52,6 +53,7 @@ INSTALLED_DIALERD = "/opt/dialerd/bin/dialerd"  # where the unit expects the exe
 SPOOL = "/var/spool/dialerd"
 KEY = "vgai-systemd-test-key-7c41e9"  # distinctive: found nowhere in what dialerd writes
 WATCHDOG_USEC = 400_000
+SYSTEMD_DEFAULT_SOFT_NOFILE = 1024  # DefaultLimitNOFILE's soft part (systemd-system.conf(5))
 
 
 # -- a fake service manager ---------------------------------------------------------------------
@@ -534,6 +536,24 @@ def test_unit_runs_dialerd_as_a_notify_service_with_watchdog_reload_and_credenti
     assert service_entry("ProtectSystem") == "strict"
     assert "AF_UNIX" in service_entry("RestrictAddressFamilies").split()  # the notify socket
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_units_descriptor_limit_holds_both_listeners_full_and_room_for_the_rest():
+    """At systemd's default soft limit (1024), idle connections to the callback listener took
+    the descriptors that the ledger, the spool and the sends need; the unit's limit must hold
+    both listeners at their caps with at least that default left for everything else."""
+    limit = service_entry("LimitNOFILE")
+    assert limit.isdigit(), f"LimitNOFILE={limit}: one number, the soft and hard limit alike"
+    defaults = build_config(
+        {
+            "api": {"key_env": "VGAI_KEY"},
+            "agents": {"a": {"region": "eu", "rate": 1}},
+            "callbacks": {},
+        }
+    )
+    listeners = defaults.callbacks.max_connections + admin.MAX_CONNECTIONS
+
+    assert int(limit) >= listeners + SYSTEMD_DEFAULT_SOFT_NOFILE
 
 
 def test_sysusers_and_tmpfiles_declare_the_user_the_submitters_and_the_spool():
