@@ -351,6 +351,7 @@ class Daemon:
                 sources.append(group.create_task(self._stdin.run(), name="stdin"))
             if self.config.spool_dir is not None:
                 self._spool = SpoolSource(self.config.spool_dir, intake, self.ledger)
+                await self._spool.prepare()  # before READY: a file dropped then is intake's
                 sources.append(group.create_task(self._spool.run(), name="spool"))
             if not sources:
                 log.warning("no source: neither stdin nor a spool is configured")

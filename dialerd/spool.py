@@ -354,6 +354,18 @@ class SpoolSource:
         self._stopping = True
         self._changed.set()
 
+    async def prepare(self) -> None:
+        """Before intake starts: forget the files that a run which stopped between their move
+        to done/ and forgetting them left recorded (or a later file of the same name and bytes
+        would be taken for one of them). If the spool cannot be used yet, the first scan that
+        can use it does this."""
+        dirs = await self._open()
+        if dirs is not None:
+            try:
+                await self._forget_moved_files(dirs)
+            finally:
+                self._worker.post(dirs.close)
+
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as group:
@@ -426,8 +438,6 @@ class SpoolSource:
             self.progress.advanced()
 
     async def _forget_moved_files(self, dirs: SpoolDirs) -> None:
-        """A crash between a file's move to done/ and forgetting it leaves it recorded; forget
-        it now, or a later file of the same name and bytes would be taken for it."""
         names = await self._ledger.spool_file_names()
         gone = await self._worker.run(
             lambda: [name for name in names if not _exists(dirs.incoming, name)]
