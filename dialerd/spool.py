@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,12 +359,9 @@ class SpoolSource:
         to done/ and forgetting them left recorded (or a later file of the same name and bytes
         would be taken for one of them). If the spool cannot be used yet, the first scan that
         can use it does this."""
-        dirs = await self._open()
-        if dirs is not None:
-            try:
+        async with self._scan_dirs() as dirs:
+            if dirs is not None:
                 await self._forget_moved_files(dirs)
-            finally:
-                self._worker.post(dirs.close)
 
     async def run(self) -> None:
         try:
@@ -380,16 +377,23 @@ class SpoolSource:
     async def _take_files(self) -> None:
         while not self._stopping:
             self._changed.clear()
-            dirs = await self._open()
-            if dirs is not None:
-                try:
+            async with self._scan_dirs() as dirs:
+                if dirs is not None:
                     await self._take_all(dirs)
-                finally:
-                    # In the worker, after any call still using them: a descriptor closed
-                    # under a call would be reused by the next open, in another directory.
-                    self._worker.post(dirs.close)
             with self.progress.waiting():
                 await wait_event(self._changed, SPOOL_RESCAN_S)
+
+    @contextlib.asynccontextmanager
+    async def _scan_dirs(self) -> AsyncIterator[SpoolDirs | None]:
+        """The spool's directories for one scan, None if nothing can be taken now; closed in
+        the worker, after any call still using them (a descriptor closed under a call would be
+        reused by the next open, in another directory)."""
+        dirs = await self._open()
+        try:
+            yield dirs
+        finally:
+            if dirs is not None:
+                self._worker.post(dirs.close)
 
     async def _open(self) -> SpoolDirs | None:
         try:
