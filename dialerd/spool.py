@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,9 @@ SPOOL_POLL_S = 0.1  # without inotify
 SPOOL_BATCH = 256  # files taken side by side
 SPOOL_BATCH_BYTES = 16 * 1024 * 1024  # and no more than this read ahead of the ledger
 NAME_MAX = 255  # bytes in a file name, on every file system dialerd may run on
+# Why an entry cannot be moved for good: another user's directory the daemon may not write
+# into ('..'), a mount point.
+UNMOVABLE = frozenset({errno.EACCES, errno.EPERM, errno.EBUSY, errno.EXDEV})
 # Modes of a spool directory the daemon makes again (as systemd/tmpfiles.d/dialerd.conf has
 # them): whatever its umask, submitters write into incoming/ and into nothing else.
 DIRECTORY_MODES = {"incoming": 0o1730, "done": 0o750, "rejected": 0o750}
@@ -76,9 +79,13 @@ class SpoolDirs:
         # the config. Submitters can write nowhere above the directories below it.
         os.makedirs(root, exist_ok=True)
         self._root = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.device = os.fstat(self._root).st_dev
-        for name in DIRECTORY_MODES:
-            self.fds[name] = self._open(name, remade)
+        try:
+            self.device = os.fstat(self._root).st_dev
+            for name in DIRECTORY_MODES:
+                self.fds[name] = self._open(name, remade)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def incoming(self) -> int | None:
@@ -111,12 +118,17 @@ class SpoolDirs:
         try:
             os.mkdir(name, 0o700, dir_fd=self._root)
             fd = os.open(name, DIRECTORY_FLAGS, dir_fd=self._root)
+        except OSError as error:
+            self.problems[name] = f"cannot make it: {error.strerror}"
+            return None
+        try:
             if name == "incoming":
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, -1, os.fstat(self._root).st_gid)
             os.fchmod(fd, DIRECTORY_MODES[name])
         except OSError as error:
-            self.problems[name] = f"cannot make it: {error.strerror}"
+            os.close(fd)
+            self.problems[name] = f"cannot give it its mode: {error.strerror}"
             return None
         if remade:
             self.made_again.append(name)
@@ -187,13 +199,23 @@ def _exists(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _free_name(dir_fd: int, name: str, note_suffix: str) -> str:
-    """`name`, or name.N where the directory holds one of that name or its note already; each
-    shortened where it and its note would not fit in NAME_MAX."""
-    candidate, counter = _fitting(name, len(note_suffix)), 0
-    while _exists(dir_fd, candidate) or (note_suffix and _exists(dir_fd, candidate + note_suffix)):
+def _free_name(dir_fd: int, name: str, note_suffix: str, inode: int) -> str:
+    """`name`, or where the directory holds one of that name or its note already, name.INODE
+    (the file's own inode: unique among the files there now, so one look-up, not a count
+    through every earlier file of the name), then name.INODE.N; each shortened where it and
+    its note would not fit in NAME_MAX."""
+
+    def taken(candidate: str) -> bool:
+        return _exists(dir_fd, candidate) or bool(
+            note_suffix and _exists(dir_fd, candidate + note_suffix)
+        )
+
+    candidate = _fitting(name, len(note_suffix))
+    counter = 0
+    while taken(candidate):
+        suffix = f".{inode}" + (f".{counter}" if counter else "")
+        candidate = _fitting(name, len(note_suffix) + len(suffix)) + suffix
         counter += 1
-        candidate = f"{_fitting(name, len(note_suffix) + len(f'.{counter}'))}.{counter}"
     return candidate
 
 
@@ -313,17 +335,20 @@ def move(dirs: SpoolDirs, listed: Listed, to: str, note: tuple[str, str] | None)
     listing is told by its inode and put back.
     """
     target_fd = dirs.fds[to]
-    target = _free_name(target_fd, escaped_name(listed.name), note[0] if note else "")
+    suffix = note[0] if note else ""
+    target = _free_name(target_fd, escaped_name(listed.name), suffix, listed.inode)
     if note is not None:
-        _write_note(target_fd, target + note[0], note[1])
-    os.rename(listed.name, target, src_dir_fd=dirs.incoming, dst_dir_fd=target_fd)
-    if os.stat(target, dir_fd=target_fd, follow_symlinks=False).st_ino == listed.inode:
-        return target
-    back = _free_name(dirs.incoming, listed.name, "")
-    os.rename(target, back, src_dir_fd=target_fd, dst_dir_fd=dirs.incoming)
-    if note is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(target + note[0], dir_fd=target_fd)
+        _write_note(target_fd, target + suffix, note[1])
+    try:
+        os.rename(listed.name, target, src_dir_fd=dirs.incoming, dst_dir_fd=target_fd)
+        if os.stat(target, dir_fd=target_fd, follow_symlinks=False).st_ino == listed.inode:
+            return target
+        back = _free_name(dirs.incoming, listed.name, "", listed.inode)
+        os.rename(target, back, src_dir_fd=target_fd, dst_dir_fd=dirs.incoming)
+    finally:
+        if note is not None and not _exists(target_fd, target):
+            with contextlib.suppress(OSError):  # a note beside no file would stay for ever
+                os.unlink(target + suffix, dir_fd=target_fd)
     log.warning("a spool file was replaced while it was taken; taking it again", file=back)
     return None
 
@@ -377,9 +402,15 @@ class SpoolSource:
     async def _take_files(self) -> None:
         while not self._stopping:
             self._changed.clear()
-            async with self._scan_dirs() as dirs:
-                if dirs is not None:
-                    await self._take_all(dirs)
+            try:
+                async with self._scan_dirs() as dirs:
+                    if dirs is not None:
+                        await self._take_all(dirs)
+                self._report("scan", None)
+            except Exception as error:  # a fault of this code: the daemon and the next scan go on
+                if "scan" not in self._faults:
+                    log.exception("a scan of the spool failed")
+                self._report("scan", f"{type(error).__name__}: {error}")
             with self.progress.waiting():
                 await wait_event(self._changed, SPOOL_RESCAN_S)
 
@@ -423,6 +454,7 @@ class SpoolSource:
             return
         if problem is None:
             del self._faults[part]
+            self._left.clear()  # what could not be moved may be now
             log.info("the spool can be used again", part=part, dir=str(self._root))
         else:
             self._faults[part] = problem
@@ -435,6 +467,7 @@ class SpoolSource:
             await self._forget_moved_files(dirs)
         files, strays = await self._worker.run(list_incoming, dirs)
         self._left &= {*files, *(listed for listed, _problem in strays)}
+        files = [listed for listed in files if listed not in self._left]
         if strays:
             await self._worker.run(self._reject, dirs, strays)
         while files and not self._stopping:
@@ -466,8 +499,8 @@ class SpoolSource:
         for listed, outcome in reads:
             if isinstance(outcome, Rejected):
                 rejects.append((listed, str(outcome)))
-            elif isinstance(outcome, Swapped):
-                self._leave(listed, str(outcome))
+            elif isinstance(outcome, Swapped):  # the next scan sees what is there now
+                log.debug("spool entry replaced since it was listed", file=listed.name)
             elif isinstance(outcome, OSError) and not isinstance(outcome, FileNotFoundError):
                 faults.append(f"{listed.name}: {outcome.strerror or outcome}")
         self._report("files", f"cannot read {len(faults)}, e.g. {faults[0]}" if faults else None)
@@ -478,10 +511,10 @@ class SpoolSource:
                 for listed, digest, batch in readable
             )
         )
-        taken, problem = await self._worker.run(self._file_away, dirs, to_done, rejects)
+        forget, problem = await self._worker.run(self._file_away, dirs, to_done, rejects)
         self._report("moves", problem)
-        if taken:
-            await self._ledger.forget_spool_files(taken)
+        if forget:
+            await self._ledger.forget_spool_files(forget)
         return rest
 
     async def _record(
@@ -504,35 +537,40 @@ class SpoolSource:
         rejects: list[tuple[Listed, str]],
     ) -> tuple[list[str], str | None]:
         """In the worker: move recorded files to done/ and unreadable ones to rejected/; the
-        names moved to done/, once their moves are durable (none if they cannot be made so),
-        and what kept files from moving, if anything did.
+        names the ledger is to forget (those moved to done/, once their moves are durable, and
+        those no longer there to move: a later file of one of their names is a new file), and
+        what kept files from moving, if anything did.
 
         A file that cannot be moved (a full disk) stays in incoming/ for the next scan, where
         what the ledger holds of it is recognised by its digest.
         """
         self._reject(dirs, rejects)
-        taken, problem = [], None
+        taken, gone, problem = [], [], None
         for listed, errors in to_done:
             try:
                 if move(dirs, listed, "done", errors and (".errors", errors)) is not None:
                     taken.append(listed.name)
+                else:
+                    gone.append(listed.name)  # replaced: what is there now is another file
             except FileNotFoundError:
-                pass  # taken away by its writer meanwhile: its requests stay recorded
+                gone.append(listed.name)  # taken away by its writer: its requests stay recorded
             except OSError as error:
                 problem = f"cannot move {listed.name} to done/: {error.strerror}"
         if not taken:
-            return [], problem
+            return gone, problem
         try:
             sync(dirs.done, dirs.incoming)
         except OSError as error:
             # They stay recorded, and the next start forgets those no longer in incoming/.
-            return [], f"cannot sync the spool after a move: {error.strerror}"
+            return gone, f"cannot sync the spool after a move: {error.strerror}"
         log.info("spool files taken", files=len(taken), first=taken[0], last=taken[-1])
-        return taken, problem
+        return taken + gone, problem
 
-    def _reject(self, dirs: SpoolDirs, rejects: Iterable[tuple[Listed, str]]) -> None:
-        moved = False
+    def _reject(self, dirs: SpoolDirs, rejects: list[tuple[Listed, str]]) -> None:
+        moved, problem = False, None
         for listed, reason in rejects:
+            if listed in self._left:
+                continue  # tried, and logged: again once the spool's state changes
             if dirs.rejected is None:
                 self._leave(listed, reason)
                 continue
@@ -542,11 +580,16 @@ class SpoolSource:
             except FileNotFoundError:
                 continue
             except OSError as error:
-                self._leave(listed, f"{reason}; cannot move it to rejected/: {error.strerror}")
+                if error.errno in UNMOVABLE:  # this entry never moves: not tried again
+                    self._leave(listed, f"{reason}; cannot move it: {error.strerror}")
+                else:  # a fault of the disk (full, I/O): tried again at the next scan
+                    problem = f"cannot move {shown} to rejected/: {error.strerror}"
                 continue
             if name is not None:
                 moved = True
                 log.warning("spool file rejected", file=shown, moved_to=name, error=reason)
+        if rejects:
+            self._report("rejects", problem)
         if moved:
             with contextlib.suppress(OSError):
                 sync(dirs.rejected, dirs.incoming)
@@ -578,6 +621,10 @@ class SpoolSource:
                     await asyncio.sleep(SPOOL_RESCAN_S)  # missing or linked: the scan says why
                     continue
                 async for event in inotify:
-                    self._changed.set()
                     if event.mask & Mask.IGNORED:
+                        self._changed.set()
                         break  # incoming/ was removed: watch it again once it is back
+                    # A file being written under a name starting with "." is not for a scan
+                    # yet: its rename is (and a submitter touching one cannot spin the scans).
+                    if event.name is None or not event.name.name.startswith("."):
+                        self._changed.set()

@@ -1,12 +1,16 @@
 """Careless and hostile submitters against the real `dialerd run`: names that are not UTF-8,
 linked spool directories, links, FIFOs and devices in incoming/, entries swapped while the
-daemon takes them. (The maildrop's permissions between real users: test_spool_users.py.)"""
+daemon takes them; then, in this process, what the spool source does with an entry it cannot
+move, a file gone before its move, a name used many times, and files written under dot names.
+(The maildrop's permissions between real users: test_spool_users.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -15,6 +19,12 @@ from pathlib import Path
 
 from conftest import read_results, sim_config, wait_for
 from test_faults import log_events
+from test_request import CONFIG
+
+from dialerd import spool as spool_module
+from dialerd.ledger import Ledger
+from dialerd.sources import Intake
+from dialerd.spool import SpoolSource
 
 SHUTDOWN_TIMEOUT_S = 5.0
 RSS_LIMIT_KIB = 200 * 1024  # far below what reading /dev/zero to the 64 MiB limit, or past it,
@@ -299,3 +309,146 @@ def test_entries_swapped_while_being_taken_never_block_nor_are_read(tmp_path, si
     placed = sim.placed()
     assert all(count == 1 for count in placed.values()), placed  # nothing taken twice
     stopped_in_time(daemon)
+
+
+# -- in this process: the spool source on a real ledger, its file system calls watched -----------
+
+
+class Scans:
+    """Counts the spool's listings of incoming/ (one per scan)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        real = spool_module.list_incoming
+
+        def counted(dirs):
+            self.count += 1
+            return real(dirs)
+
+        monkeypatch.setattr(spool_module, "list_incoming", counted)
+
+
+async def spool_running(spool: Path, state: Path, until, timeout: float = 20) -> Ledger:
+    """The real spool source and ledger until `until()` holds; the ledger, closed."""
+    ledger = Ledger(state)
+    await asyncio.to_thread(ledger.open)
+    try:
+        intake = Intake(ledger, lambda: CONFIG, lambda _agents: None, lambda: None)
+        source = SpoolSource(spool, intake, ledger)
+        await source.prepare()
+        task = asyncio.create_task(source.run())
+        async with asyncio.timeout(timeout):
+            while not until():
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.01)
+        source.stop()
+        await task
+    finally:
+        await asyncio.to_thread(ledger.close)
+    return ledger
+
+
+def in_spool(spool: Path, name: str, data: bytes) -> None:
+    aside = spool / f".{name}"
+    aside.write_bytes(data)
+    os.rename(aside, spool / "incoming" / name)
+
+
+def make_spool(tmp_path: Path) -> Path:
+    spool = tmp_path / "spool"
+    for name in ("incoming", "done", "rejected"):
+        (spool / name).mkdir(parents=True)
+    return spool
+
+
+async def test_an_entry_that_cannot_be_moved_is_left_once_with_no_note(tmp_path, monkeypatch):
+    """A submitter's directory the daemon may not rename (as when it runs as its own user): it
+    stays, and no .error note is written for it at every scan."""
+    spool = make_spool(tmp_path)
+    (spool / "incoming" / "stuck").mkdir()
+    real_rename = os.rename
+
+    def refusing(source, target, *args, **kwargs):
+        if source == "stuck":
+            raise PermissionError(13, "Permission denied")
+        return real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(spool_module.os, "rename", refusing)
+    scans = Scans(monkeypatch)
+    monkeypatch.setattr(spool_module, "SPOOL_RESCAN_S", 0.05)
+    await spool_running(spool, tmp_path / "state", lambda: scans.count >= 5)
+
+    assert os.listdir(spool / "incoming") == ["stuck"]
+    assert os.listdir(spool / "rejected") == []  # no note beside no file, at any scan
+
+
+async def test_a_recorded_file_gone_before_its_move_is_forgotten(tmp_path, monkeypatch):
+    """Its writer takes it away after it was read: a later file of its name and bytes is a new
+    file, with results of its own, not one taken for it."""
+    spool = make_spool(tmp_path)
+    data = line("gone", 1).replace(b'"id": "gone", ', b"")  # no id: its bytes make one
+    real_read = spool_module.read_batch
+    removed = []
+
+    def read_then_removed(dirs, files, config):
+        reads = real_read(dirs, files, config)
+        if not removed:
+            os.unlink(spool / "incoming" / "same.jsonl")  # its writer, meanwhile
+            removed.append(True)
+        return reads
+
+    monkeypatch.setattr(spool_module, "read_batch", read_then_removed)
+    in_spool(spool, "same.jsonl", data)
+    state = tmp_path / "state"
+    await spool_running(spool, state, lambda: bool(removed))
+    in_spool(spool, "same.jsonl", data)
+    await spool_running(spool, state, lambda: os.listdir(spool / "done") == ["same.jsonl"])
+
+    with sqlite3.connect(state / "ledger.sqlite3") as conn:
+        queued = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        repeated = conn.execute(
+            "SELECT count(*) FROM rejects WHERE outcome = 'duplicate'"
+        ).fetchone()[0]
+        recorded = conn.execute("SELECT count(*) FROM spool_files").fetchone()[0]
+    assert queued + repeated == 2 and recorded == 0  # the second file's request recorded too
+
+
+def test_a_name_used_many_times_costs_a_few_look_ups_not_one_per_earlier_file(
+    tmp_path, monkeypatch
+):
+    done = tmp_path / "done"
+    done.mkdir()
+    for index in range(300):
+        (done / ("calls.jsonl" + (f".{index}" if index else ""))).write_text("")
+    looked = []
+    real = spool_module._exists
+    monkeypatch.setattr(
+        spool_module, "_exists", lambda fd, name: looked.append(name) or real(fd, name)
+    )
+    fd = os.open(done, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name = spool_module._free_name(fd, "calls.jsonl", ".errors", 4242)
+    finally:
+        os.close(fd)
+    assert name == "calls.jsonl.4242"
+    assert len(looked) <= 4, looked
+
+
+async def test_files_being_written_under_dot_names_do_not_wake_scans(tmp_path, monkeypatch):
+    """A submitter touching a .part file again and again: each write is an inotify event, and
+    none makes the spool list incoming/ again (a scan comes for a rename, and once a second)."""
+    spool = make_spool(tmp_path)
+    scans = Scans(monkeypatch)
+    writes = []
+
+    def until() -> bool:
+        if len(writes) < 200:
+            (spool / "incoming" / ".busy.part").write_text(str(len(writes)))
+            writes.append(True)
+            return False
+        return True
+
+    started = time.monotonic()
+    await spool_running(spool, tmp_path / "state", until)
+    elapsed = time.monotonic() - started
+    assert scans.count <= 2 + elapsed / spool_module.SPOOL_RESCAN_S, (scans.count, elapsed)
