@@ -47,31 +47,50 @@ class User:
             "extra_groups": list(self.groups),
             "executable": USERS_PYTHON["executable"],
             "env": env,
+            "cwd": USERS_PYTHON["cwd"],
             **extra,
         }
 
 
-USERS_PYTHON: dict = {"executable": sys.executable, "env": {}}
+USERS_PYTHON: dict = {"executable": sys.executable, "env": {}, "cwd": None}
 
 
-def python_for_users(user: User) -> None:
-    """An interpreter that `user` may run. This one may live in a home directory that only its
-    owner enters; then the system's Python of the same version, with this environment's
-    packages and the repository on its path."""
-    try:
-        subprocess.run(
-            [sys.executable, "-c", "pass"], capture_output=True, timeout=30, check=True,
-            user=user.uid, group=user.gid,
-        )  # fmt: skip
+def python_for_users(user: User, scratch: Path) -> None:
+    """A Python that `user` may run and that imports dialerd. This one may live in a home
+    directory that only its owner enters: then the system's Python of the same version, with
+    this environment's packages and the repository on its path; and if the checkout itself is
+    where others may not go, with a copy of the package and its dependencies in `scratch`."""
+    USERS_PYTHON["cwd"] = str(scratch)
+    if _imports_dialerd(user):
         return
-    except (OSError, subprocess.CalledProcessError):
-        pass
     system = shutil.which(
         f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
     )
     assert system, "no interpreter that another user may run"
-    path = os.pathsep.join([str(REPO), *site.getsitepackages()])
-    USERS_PYTHON.update(executable=system, env={"PYTHONPATH": path})
+    packages = site.getsitepackages()
+    USERS_PYTHON.update(
+        executable=system, env={"PYTHONPATH": os.pathsep.join([str(REPO), *packages])}
+    )
+    if _imports_dialerd(user):
+        return
+    copy = scratch / "site"
+    shutil.copytree(REPO / "dialerd", copy / "dialerd")
+    unneeded = shutil.ignore_patterns("pip*", "setuptools*", "_pytest", "hypothesis*", "pygments*")
+    for directory in packages:
+        shutil.copytree(directory, copy, ignore=unneeded, dirs_exist_ok=True)
+    USERS_PYTHON["env"] = {"PYTHONPATH": str(copy)}
+    assert _imports_dialerd(user), "another user cannot import dialerd, even from a copy"
+
+
+def _imports_dialerd(user: User) -> bool:
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", "import dialerd.cli, aiohttp"],
+            capture_output=True, timeout=60, **user.popen(),
+        )  # fmt: skip
+    except OSError:
+        return False
+    return run.returncode == 0
 
 
 def _ensure_user(name: str, groups: tuple[str, ...]) -> User:
@@ -104,13 +123,16 @@ def users() -> Iterator[dict[str, User]]:
     made = {DAEMON_USER: _ensure_user(DAEMON_USER, ())}
     for name in SUBMITTERS:
         made[name] = _ensure_user(name, (SUBMIT_GROUP,))
+    scratch = Path(tempfile.mkdtemp(prefix="dialerd-users-python-"))
+    scratch.chmod(0o755)
     try:
-        python_for_users(made[DAEMON_USER])
+        python_for_users(made[DAEMON_USER], scratch)
         yield made
     finally:
         for name in made:
             subprocess.run(["userdel", name], capture_output=True)
         subprocess.run(["groupdel", SUBMIT_GROUP], capture_output=True)
+        shutil.rmtree(scratch)
 
 
 @pytest.fixture
