@@ -1,16 +1,21 @@
 """The intake is watched: a spool stuck in a file system call (a hung mount) counts as a stall
-for the watchdog and /healthz, as a stuck lane does, and never holds a stop. The daemon runs in
-this process, on its built-in simulator, so that the spool's file calls can be made to hang."""
+for the watchdog and /healthz, as a stuck lane does, and never holds a stop; so does stdin stuck
+with a batch it cannot record, while a quiet stdin is no stall. The daemon runs in this
+process, on its built-in simulator, so that the spool's file calls can be made to hang."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import sys
 import threading
 import time
 
 import aiohttp
 import pytest
+from test_request import CONFIG
 from test_systemd import NotifySocket, watchdog_pings
 
 from dialerd import spool as spool_module
@@ -18,6 +23,7 @@ from dialerd.aio import Progress
 from dialerd.config import build_config
 from dialerd.daemon import Daemon
 from dialerd.simulator import Faults
+from dialerd.sources import StdinSource
 
 SHUTDOWN_TIMEOUT_S = 3.0
 
@@ -109,3 +115,42 @@ def test_waiting_for_work_is_no_stall_and_a_step_that_ends_starts_the_next():
     assert progress.stalled_for(now[0]) == 0.0
     now[0] = 503.0
     assert progress.stalled_for(now[0]) == 1.0
+
+
+class HungIntake:
+    """An intake whose recording never ends, as a ledger call that hangs would."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    def config(self):
+        return CONFIG
+
+    async def record(self, _batch) -> None:
+        self.asked.set()
+        await asyncio.Event().wait()
+
+
+async def test_stdin_waiting_for_data_is_no_stall_and_a_batch_it_cannot_record_is_one(
+    monkeypatch,
+):
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read_end, "rb", buffering=0))
+    intake = HungIntake()
+    source = StdinSource(intake)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert source.progress.stalled_for(loop.time()) == 0.0  # a quiet stdin is no stall
+
+        os.write(write_end, b'{"to": "447700900001"}\n')
+        await asyncio.wait_for(intake.asked.wait(), 5)
+        await asyncio.sleep(0.3)
+        assert source.progress.stalled_for(loop.time()) >= 0.3
+    finally:
+        source.stop()
+        os.close(write_end)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
