@@ -330,6 +330,9 @@ class Daemon:
             await self._stop_listeners()
 
     async def _run_tasks(self, intake: Intake, stdin_source: bool) -> None:
+        if self.config.spool_dir is not None:
+            self._spool = SpoolSource(self.config.spool_dir, intake, self.ledger)
+            await self._spool.prepare()  # before READY: a file dropped then is intake's
         async with asyncio.TaskGroup() as group:
             background = [group.create_task(self._results.run(), name="results")]
             if self.config.callbacks is not None:
@@ -349,9 +352,7 @@ class Daemon:
             if stdin_source:
                 self._stdin = StdinSource(intake)
                 sources.append(group.create_task(self._stdin.run(), name="stdin"))
-            if self.config.spool_dir is not None:
-                self._spool = SpoolSource(self.config.spool_dir, intake, self.ledger)
-                await self._spool.prepare()  # before READY: a file dropped then is intake's
+            if self._spool is not None:
                 sources.append(group.create_task(self._spool.run(), name="spool"))
             if not sources:
                 log.warning("no source: neither stdin nor a spool is configured")

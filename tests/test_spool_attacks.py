@@ -188,6 +188,8 @@ def test_a_linked_rejected_directory_keeps_bad_files_in_incoming_and_takes_good_
     state = tmp_path / "state"
     os.rename(spool / "rejected", spool / "rejected.real")
     os.symlink(state, spool / "rejected")
+    # A scan under way when the link came keeps the directory it opened: wait for one after.
+    wait_for(lambda: linked_logged(daemon, "rejected") >= 1, 5, "the linked rejected/ logged")
     before = state_listing(state)
 
     drop(spool, "bad.jsonl", b"not JSON at all\n")
