@@ -156,7 +156,7 @@ def test_slowloris_past_the_cap_under_the_default_limit_neither_blinds_nor_slows
                 open_descriptors(pid) >= before_attack + MAX_CONNECTIONS
                 and attack.connected >= MAX_CONNECTIONS + BACKLOG
             ),
-            15,
+            45,  # a busy machine completes 1,100 handshakes slowly
             "the listener and the kernel's backlog to fill up",
         )
         requests = [
