@@ -204,7 +204,8 @@ class Rejected(Exception):
     """A spool file that cannot be read at all."""
 
 
-CHUNK_ITEMS = 2000  # a spool file's items in one ledger call, at most (requests and invalid)
+CHUNK_ITEMS = 500  # a spool file's items in one ledger call, at most (requests and invalid): the
+# call holds the ledger about 5 ms, and a send's mark may wait for it
 JSON_WHITESPACE = " \t\n\r"
 
 
