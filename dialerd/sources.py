@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import stat
 import sys
 import threading
@@ -206,7 +207,7 @@ class Rejected(Exception):
 
 CHUNK_ITEMS = 500  # a spool file's items in one ledger call, at most (requests and invalid): the
 # call holds the ledger about 5 ms, and a send's mark may wait for it
-JSON_WHITESPACE = " \t\n\r"
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def spool_chunks(
@@ -275,7 +276,7 @@ def _document(text: str) -> Any:
 
 def _is_array(text: str) -> bool:
     """Whether the file is one JSON array: every element is parsed once to tell, and dropped."""
-    if not text.lstrip(JSON_WHITESPACE).startswith("["):
+    if not text.startswith("[", _skip_space(text, 0)):
         return False
     try:
         for _item in _array_items(text, ""):
@@ -313,9 +314,7 @@ def _array_items(text: str, name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _skip_space(text: str, at: int) -> int:
-    while at < len(text) and text[at] in JSON_WHITESPACE:
-        at += 1
-    return at
+    return JSON_WHITESPACE.match(text, at).end()
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
