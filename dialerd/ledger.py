@@ -102,6 +102,16 @@ MIGRATIONS = (
     CREATE INDEX requests_held ON requests(agent_id, held)
         WHERE state = 'queued' AND held IS NOT NULL;
     """,
+    # 2: spool files taken a chunk at a time. `items` counts the file's items recorded so far
+    # (NULL: all of them, as every row an older version wrote); each chunk's lines for
+    # NAME.errors are a row of their own (appending them to one value would write the whole
+    # note again at every chunk).
+    """
+    ALTER TABLE spool_files ADD COLUMN items INTEGER;
+    CREATE TABLE spool_file_errors (
+        name TEXT NOT NULL, start INTEGER NOT NULL, errors TEXT NOT NULL, PRIMARY KEY (name, start)
+    );
+    """,
 )
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
@@ -130,6 +140,26 @@ class Pending:
     attempts: int
     retries: int
     expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolChunk:
+    """The spool file a batch of intake is a chunk of."""
+
+    name: str
+    digest: str
+    start: int  # the file's items recorded before this chunk
+    errors: str | None  # this chunk's lines for NAME.errors
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    """What the ledger holds of a spool file taken, or being taken, into it."""
+
+    digest: str
+    items: int | None  # items recorded so far; None: all of them
+    errors: str | None  # the lines for NAME.errors recorded so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,13 +362,14 @@ class Ledger:
         self,
         requests: list[Request],
         invalid: list[dict],
-        spool_file: tuple[str, str, str | None] | None,
+        spool_file: SpoolChunk | None,
     ) -> Intake:
-        """Queue valid requests, record invalid ones (and ids seen before) as final results."""
+        """Queue valid requests, record invalid ones (and ids seen before) as final results;
+        with `spool_file`, how far that file is recorded, in the same transaction."""
         return await self.call(_add, self.run, requests, invalid, spool_file)
 
-    async def spool_files(self, names: list[str]) -> dict[str, tuple[str, str | None]]:
-        """(digest, errors text) of the named spool files recorded but maybe not yet moved."""
+    async def spool_files(self, names: list[str]) -> dict[str, SpoolRecord]:
+        """What is recorded of the named spool files, recorded (or partly) but not yet moved."""
         return await self.call(_spool_files, names)
 
     async def spool_file_names(self) -> list[str]:
@@ -347,11 +378,7 @@ class Ledger:
         )
 
     async def forget_spool_files(self, names: list[str]) -> None:
-        await self.call(
-            lambda conn: conn.executemany(
-                "DELETE FROM spool_files WHERE name = ?", [(name,) for name in names]
-            )
-        )
+        await self.call(_forget_spool_files, names)
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -490,13 +517,43 @@ def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
             future.set_exception(value)
 
 
-def _spool_files(conn: sqlite3.Connection, names: list[str]) -> dict:
+def _spool_files(conn: sqlite3.Connection, names: list[str]) -> dict[str, SpoolRecord]:
     recorded = {}
     for name in names:
-        row = conn.execute("SELECT digest, errors FROM spool_files WHERE name = ?", (name,))
-        for digest, errors in row:
-            recorded[name] = (digest, errors)
+        row = conn.execute(
+            "SELECT digest, items, errors FROM spool_files WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            continue
+        digest, items, errors = row
+        chunks = conn.execute(
+            "SELECT errors FROM spool_file_errors WHERE name = ? ORDER BY start", (name,)
+        )
+        errors = "".join([errors or "", *(chunk for (chunk,) in chunks)]) or None
+        recorded[name] = SpoolRecord(digest, items, errors)
     return recorded
+
+
+def _record_spool_chunk(conn: sqlite3.Connection, chunk: SpoolChunk, items: int) -> None:
+    """The file's row says how far it is recorded, with this chunk's `items`; its first chunk
+    starts the file's errors afresh (a row of its name may be of an earlier file)."""
+    if chunk.start == 0:
+        conn.execute("DELETE FROM spool_file_errors WHERE name = ?", (chunk.name,))
+    conn.execute(
+        "INSERT OR REPLACE INTO spool_files (name, digest, errors, items) VALUES (?, ?, NULL, ?)",
+        (chunk.name, chunk.digest, None if chunk.last else chunk.start + items),
+    )
+    if chunk.errors:
+        conn.execute(
+            "INSERT INTO spool_file_errors (name, start, errors) VALUES (?, ?, ?)",
+            (chunk.name, chunk.start, chunk.errors),
+        )
+
+
+def _forget_spool_files(conn: sqlite3.Connection, names: list[str]) -> None:
+    rows = [(name,) for name in names]
+    conn.executemany("DELETE FROM spool_files WHERE name = ?", rows)
+    conn.executemany("DELETE FROM spool_file_errors WHERE name = ?", rows)
 
 
 def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
@@ -708,7 +765,7 @@ def _add(
     run: int,
     requests: list[Request],
     invalid: list[dict],
-    spool_file: tuple[str, str, str | None] | None,
+    spool_file: SpoolChunk | None,
 ) -> Intake:
     now = time.time()
     agents = set()
@@ -750,9 +807,7 @@ def _add(
     for fields in invalid:
         _reject(conn, now, {"outcome": "invalid", **fields})
     if spool_file is not None:
-        conn.execute(
-            "INSERT OR REPLACE INTO spool_files (name, digest, errors) VALUES (?, ?, ?)", spool_file
-        )
+        _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
 
 

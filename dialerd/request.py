@@ -268,15 +268,23 @@ def _finite(text: str) -> float:
     return value
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def loads(text: str) -> Any:
     """Strict JSON: no NaN or Infinity, no lone surrogate escapes; ValueError says why."""
     value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     if SURROGATE_ESCAPE.search(text):  # rare: see that each one is half of a pair
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a \\u escape holds half a surrogate pair, not a character") from None
+        check_surrogates(value)
     return value
+
+
+def check_surrogates(value: Any) -> None:
+    """ValueError if a string of a parsed JSON value holds half a surrogate pair."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a \\u escape holds half a surrogate pair, not a character") from None
 
 
 def utf8_text(data: bytes) -> str:

@@ -2,29 +2,34 @@
 
 stdin and the spool (spool.py) hand each batch to `Intake`, which records it in the ledger in
 one transaction; only then can a request be sent, and only then does a spool file leave
-incoming/.
+incoming/. A spool file is taken a chunk (CHUNK_ITEMS items) at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import re
 import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .aio import Progress
 from .config import Config
-from .ledger import Ledger
+from .ledger import Ledger, SpoolChunk
 from .logs import log
 from .request import (
     MAX_LINE_BYTES,
+    STRICT_JSON,
+    SURROGATE_ESCAPE,
     InvalidRequest,
     Request,
     build_request,
+    check_surrogates,
     decode_line,
     loads,
     utf8_text,
@@ -89,9 +94,7 @@ class Intake:
         self._on_queued = on_queued
         self._on_final = on_final
 
-    async def record(
-        self, batch: Batch, spool_file: tuple[str, str, str | None] | None = None
-    ) -> None:
+    async def record(self, batch: Batch, spool_file: SpoolChunk | None = None) -> None:
         intake = await self._ledger.add(batch.requests, batch.invalid, spool_file)
         if intake.queued_agents:
             self._on_queued(intake.queued_agents)
@@ -202,40 +205,148 @@ class Rejected(Exception):
     """A spool file that cannot be read at all."""
 
 
-def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
-    """A whole JSON object, a JSON array of objects, or JSON lines; Rejected if none of these."""
+CHUNK_ITEMS = 500  # a spool file's items in one ledger call, at most (requests and invalid): the
+# call holds the ledger about 5 ms, and a send's mark may wait for it
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def spool_chunks(
+    data: bytes, name: str, config: Config, skip: int = 0
+) -> Iterator[tuple[Batch, bool]]:
+    """A whole JSON object, a JSON array of objects, or JSON lines, as batches of at most
+    CHUNK_ITEMS items in file order, each with whether it is the last; at least one (an empty
+    file's is empty). The first `skip` items (recorded before) are passed over.
+
+    Rejected, raised here before any batch is made, if the file is none of these. The items
+    are made as the batches are taken, so a file of many bad lines costs its bytes in memory
+    and one batch, not a result per line at once.
+    """
     data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM, as editors write it
     try:
         text = utf8_text(data)
     except ValueError as error:
         raise Rejected(str(error)) from None
-    batch = Batch()
-    try:
-        document = loads(text)
-    except (ValueError, RecursionError):  # not one JSON document: read it line by line
-        document = None
-    if isinstance(document, dict):
-        batch.add(document, config, f"spool:{name}")
-    elif isinstance(document, list):
-        for index, item in enumerate(document, 1):
-            batch.add(item, config, f"spool:{name}#{index}")
+    items: Iterator[tuple[str, Any]]
+    if _is_array(text):
+        items = _array_items(text, name)
+    elif isinstance(document := _document(text), dict):
+        items = iter([(f"spool:{name}", document)])
     else:
-        _parse_json_lines(data, name, config, batch)
-    return batch
+        del text  # JSON lines are decoded one by one from the bytes
+        _first_json_line(data)
+        items = _line_items(data, name)
+    return _chunked(itertools.islice(items, skip, None), config)
 
 
-def _parse_json_lines(data: bytes, name: str, config: Config, batch: Batch) -> None:
-    parsed_any = False
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        source = f"spool:{name}:{number}"
+def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
+    """The whole of a spool file in one batch (for `dialerd submit`); Rejected as spool_chunks."""
+    whole = Batch()
+    for batch, _last in spool_chunks(data, name, config):
+        whole.requests += batch.requests
+        whole.invalid += batch.invalid
+        whole.errors += batch.errors
+    return whole
+
+
+def _chunked(items: Iterator[tuple[str, Any]], config: Config) -> Iterator[tuple[Batch, bool]]:
+    """`items` (source, document or InvalidRequest) as batches; one item read ahead tells the
+    last batch."""
+    ahead = next(items, None)
+    while True:
+        batch = Batch()
+        while ahead is not None and len(batch) < CHUNK_ITEMS:
+            source, document = ahead
+            if isinstance(document, InvalidRequest):
+                batch.reject(source, str(document), {})
+            else:
+                batch.add(document, config, source)
+            ahead = next(items, None)
+        yield batch, ahead is None
+        if ahead is None:
+            return
+
+
+def _document(text: str) -> Any:
+    """The file as one JSON document, or None when it is not one."""
+    try:
+        return loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_array(text: str) -> bool:
+    """Whether the file is one JSON array: every element is parsed once to tell, and dropped."""
+    if not text.startswith("[", _skip_space(text, 0)):
+        return False
+    try:
+        for _item in _array_items(text, ""):
+            pass
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _array_items(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    """The elements of a JSON array one at a time (loads would hold them all at once); a
+    ValueError where the text is not one strict JSON array."""
+    surrogates = SURROGATE_ESCAPE.search(text) is not None
+    at = _skip_space(text, text.index("[") + 1)
+    if text.startswith("]", at):
+        at = _skip_space(text, at + 1)
+    else:
+        index = 0
+        while True:
+            value, at = STRICT_JSON.raw_decode(text, at)
+            if surrogates:
+                check_surrogates(value)
+            index += 1
+            yield f"spool:{name}#{index}", value
+            at = _skip_space(text, at)
+            if text.startswith(",", at):
+                at = _skip_space(text, at + 1)
+            elif text.startswith("]", at):
+                at = _skip_space(text, at + 1)
+                break
+            else:
+                raise ValueError("not a JSON array")
+    if at != len(text):
+        raise ValueError("more after the JSON array")
+
+
+def _skip_space(text: str, at: int) -> int:
+    return JSON_WHITESPACE.match(text, at).end()
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of `data` with their numbers, without a list of them all."""
+    start = 0
+    number = 0
+    while start <= len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        number += 1
+        line = data[start:end]
+        if line.strip():
+            yield number, line
+        start = end + 1
+
+
+def _first_json_line(data: bytes) -> None:
+    """Rejected unless some line parses as JSON: the lines up to the first that does are read."""
+    for _number, line in _lines(data):
         try:
-            document = decode_line(line)
-        except InvalidRequest as error:
-            batch.reject(source, str(error), {})
+            decode_line(line)
+        except InvalidRequest:
             continue
-        parsed_any = True
-        batch.add(document, config, source)
-    if not parsed_any:
-        raise Rejected("no part of it parses as JSON")
+        return
+    raise Rejected("no part of it parses as JSON")
+
+
+def _line_items(data: bytes, name: str) -> Iterator[tuple[str, Any]]:
+    for number, line in _lines(data):
+        try:
+            document: Any = decode_line(line)
+        except InvalidRequest as error:
+            document = error
+        yield f"spool:{name}:{number}", document

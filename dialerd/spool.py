@@ -19,16 +19,16 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .aio import Progress, Worker, wait_event
 from .config import Config
 from .files import PRIVATE_MODE
-from .ledger import Ledger
+from .ledger import Ledger, SpoolChunk, SpoolRecord
 from .logs import log
-from .sources import Batch, Intake, Rejected, parse_spool_file
+from .sources import CHUNK_ITEMS, Batch, Intake, Rejected, spool_chunks
 
 MAX_SPOOL_FILE = 64 * 1024 * 1024
 READ_CHUNK = 1024 * 1024  # reads past a file's size when it grew since its fstat
@@ -300,30 +300,87 @@ def _read_at_most(fd: int, size: int, limit: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-Reading = tuple[Listed, tuple[str, Batch] | Rejected | Swapped | OSError]
+Chunk = tuple[Batch, bool]  # a batch of a file's items, and whether it is the file's last
+
+
+@dataclass(slots=True)
+class Taking:
+    """A file read, and what is left of it to record."""
+
+    listed: Listed
+    digest: str
+    chunks: Iterator[Chunk] | None  # None: recorded whole before (a crash came before its move)
+    start: int  # its items recorded before
+    first: Chunk | None  # its next chunk, when parsed with the read
+
+
+Reading = tuple[Listed, Taking | Rejected | Swapped | OSError]
 
 
 def read_batch(
-    dirs: SpoolDirs, files: list[Listed], config: Config
+    dirs: SpoolDirs, files: list[Listed], config: Config, recorded: dict[str, SpoolRecord]
 ) -> tuple[list[Reading], list[Listed]]:
-    """In a thread: read and parse the first of `files`, up to SPOOL_BATCH files or until
-    SPOOL_BATCH_BYTES are read (so a batch of large files stays small in memory).
+    """In a thread: read the first of `files`, up to SPOOL_BATCH files or until
+    SPOOL_BATCH_BYTES are read (so a batch of large files stays small in memory), and parse
+    the first chunk of each while those parsed hold fewer than CHUNK_ITEMS items in all (a
+    batch of small files then costs one call here; the other chunks are parsed as they are
+    recorded). `recorded`: what the ledger holds of files of these names.
 
-    Returns each file with its (digest, requests) or why it was not read, and the files left.
+    Returns each file with what is left of it to record, or why it was not read, and the
+    files left.
     """
     reads: list[Reading] = []
-    size = 0
+    size = parsed = 0
     for count, listed in enumerate(files[:SPOOL_BATCH], 1):
         try:
             data = read_listed(dirs, listed)
             size += len(data)
-            digest = hashlib.sha256(data).hexdigest()
-            reads.append((listed, (digest, parse_spool_file(data, listed.name, config))))
+            taking = _taking(listed, data, config, recorded.get(listed.name))
+            if taking.chunks is not None and parsed < CHUNK_ITEMS:
+                taking.first = next(taking.chunks)
+                parsed += len(taking.first[0])
+            reads.append((listed, taking))
         except (Rejected, Swapped, OSError) as error:
             reads.append((listed, error))
         if size >= SPOOL_BATCH_BYTES:
             return reads, files[count:]
     return reads, files[SPOOL_BATCH:]
+
+
+def _taking(listed: Listed, data: bytes, config: Config, record: SpoolRecord | None) -> Taking:
+    """What is left to record of a file: the items after those recorded of it before (the
+    ledger's record of its name is of this file when it has its digest); Rejected if it
+    cannot be taken at all."""
+    digest = hashlib.sha256(data).hexdigest()
+    start = 0
+    if record is not None and record.digest == digest:
+        if record.items is None:
+            return Taking(listed, digest, None, 0, None)
+        start = record.items
+    return Taking(listed, digest, spool_chunks(data, listed.name, config, start), start, None)
+
+
+class ItemBudget:
+    """How many items the files of a batch have in ledger calls at once: small files are
+    recorded side by side (their commits share fsyncs), and no chunk waits behind, nor makes,
+    a group commit of more than `limit` items (a send's mark waits for the commit it is in)."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._used = 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def held(self, items: int) -> AsyncIterator[None]:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self._used + items <= self._limit)
+            self._used += items
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self._used -= items
+                self._freed.notify_all()
 
 
 def move(dirs: SpoolDirs, listed: Listed, to: str, note: tuple[str, str] | None) -> str | None:
@@ -489,12 +546,18 @@ class SpoolSource:
 
         Reading, moving and syncing run as one worker call each for the whole batch (a thread
         call per file cost more than the file system work it did); the ledger records the
-        files side by side, so their commits share fsyncs. The moves are made durable with one
+        files side by side, so their commits share fsyncs, a chunk at a time and no more than
+        CHUNK_ITEMS items of them at once, so that no commit holds up the sends' marks for
+        long whatever the files hold. The moves are made durable with one
         sync per directory before the ledger forgets them: a file must never be forgotten while
         a crash could still bring it back to incoming/.
         """
-        reads, rest = await self._worker.run(read_batch, dirs, files, self._intake.config())
-        readable = [(listed, *outcome) for listed, outcome in reads if isinstance(outcome, tuple)]
+        names = [listed.name for listed in files[:SPOOL_BATCH]]
+        recorded = await self._ledger.spool_files(names)
+        reads, rest = await self._worker.run(
+            read_batch, dirs, files, self._intake.config(), recorded
+        )
+        takings = [outcome for _listed, outcome in reads if isinstance(outcome, Taking)]
         rejects, faults = [], []
         for listed, outcome in reads:
             if isinstance(outcome, Rejected):
@@ -504,31 +567,44 @@ class SpoolSource:
             elif isinstance(outcome, OSError) and not isinstance(outcome, FileNotFoundError):
                 faults.append(f"{listed.name}: {outcome.strerror or outcome}")
         self._report("files", f"cannot read {len(faults)}, e.g. {faults[0]}" if faults else None)
-        recorded = await self._ledger.spool_files([listed.name for listed, *_ in readable])
-        to_done = await asyncio.gather(
-            *(
-                self._record(listed, digest, batch, recorded.get(listed.name))
-                for listed, digest, batch in readable
-            )
-        )
+        budget = ItemBudget(CHUNK_ITEMS)
+        taken = await asyncio.gather(*(self._record(taking, budget) for taking in takings))
+        to_done = await self._notes([listed for listed in taken if listed is not None])
         forget, problem = await self._worker.run(self._file_away, dirs, to_done, rejects)
         self._report("moves", problem)
         if forget:
             await self._ledger.forget_spool_files(forget)
         return rest
 
-    async def _record(
-        self, listed: Listed, digest: str, batch: Batch, recorded: tuple[str, str | None] | None
-    ) -> tuple[Listed, str | None]:
-        """Record one file's requests; (file, its errors note) for its move to done/.
+    async def _record(self, taking: Taking, budget: ItemBudget) -> Listed | None:
+        """Record what is left of one file, a chunk at a time (the sends' marks go between
+        them); the file once it is recorded whole, None if a stop came first (it stays in
+        incoming/, and the next start goes on after the chunks recorded)."""
+        if taking.chunks is None:
+            return taking.listed
+        start, chunk = taking.start, taking.first
+        while not self._stopping:
+            # A chunk not parsed yet may hold up to CHUNK_ITEMS: it waits for that much.
+            async with budget.held(CHUNK_ITEMS if chunk is None else len(chunk[0])):
+                if chunk is None:
+                    chunk = await self._worker.run(next, taking.chunks)
+                batch, last = chunk
+                errors = "".join(line + "\n" for line in batch.errors) or None
+                note = SpoolChunk(taking.listed.name, taking.digest, start, errors, last)
+                await self._intake.record(batch, spool_file=note)
+            self.progress.advanced()
+            if last:
+                return taking.listed
+            start, chunk = start + len(batch), None
+        return None
 
-        `recorded`: the (digest, errors) the ledger holds of a file of this name, if any.
-        """
-        if recorded is not None and recorded[0] == digest:
-            return listed, recorded[1]  # recorded before a crash that came before the move
-        errors = "".join(line + "\n" for line in batch.errors) or None
-        await self._intake.record(batch, spool_file=(listed.name, digest, errors))
-        return listed, errors
+    async def _notes(self, taken: list[Listed]) -> list[tuple[Listed, str | None]]:
+        """Files recorded whole, each with its NAME.errors text as the ledger holds it (of
+        every chunk, recorded in this run or one before)."""
+        if not taken:
+            return []
+        recorded = await self._ledger.spool_files([listed.name for listed in taken])
+        return [(listed, recorded[listed.name].errors) for listed in taken]
 
     def _file_away(
         self,

@@ -392,8 +392,8 @@ async def test_a_recorded_file_gone_before_its_move_is_forgotten(tmp_path, monke
     real_read = spool_module.read_batch
     removed = []
 
-    def read_then_removed(dirs, files, config):
-        reads = real_read(dirs, files, config)
+    def read_then_removed(*args):
+        reads = real_read(*args)
         if not removed:
             os.unlink(spool / "incoming" / "same.jsonl")  # its writer, meanwhile
             removed.append(True)
