@@ -174,7 +174,12 @@ class StdinSource:
         """The reading thread: blocking reads work for pipes and regular files alike."""
 
         def hand_over(batch: Batch | None) -> None:
-            asyncio.run_coroutine_threadsafe(batches.put(batch), loop).result()
+            put = batches.put(batch)
+            try:
+                asyncio.run_coroutine_threadsafe(put, loop).result()
+            except RuntimeError:  # the loop closed: the put never ran
+                put.close()
+                raise
 
         fd = sys.stdin.fileno()
         lines = LineSplitter()
