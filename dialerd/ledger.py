@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -16,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,9 +369,10 @@ class Ledger:
         with `spool_file`, how far that file is recorded, in the same transaction."""
         return await self.call(_add, self.run, requests, invalid, spool_file)
 
-    async def spool_files(self, names: list[str]) -> dict[str, SpoolRecord]:
-        """What is recorded of the named spool files, recorded (or partly) but not yet moved."""
-        return await self.call(_spool_files, names)
+    async def spool_files(self, names: list[str], note_lines: int) -> dict[str, SpoolRecord]:
+        """What is recorded of the named spool files, recorded (or partly) but not yet moved;
+        of the lines for each one's NAME.errors, the first `note_lines` and how many more."""
+        return await self.call(_spool_files, names, note_lines)
 
     async def spool_file_names(self) -> list[str]:
         return await self.call(
@@ -517,7 +519,9 @@ def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
             future.set_exception(value)
 
 
-def _spool_files(conn: sqlite3.Connection, names: list[str]) -> dict[str, SpoolRecord]:
+def _spool_files(
+    conn: sqlite3.Connection, names: list[str], note_lines: int
+) -> dict[str, SpoolRecord]:
     recorded = {}
     for name in names:
         row = conn.execute(
@@ -529,9 +533,28 @@ def _spool_files(conn: sqlite3.Connection, names: list[str]) -> dict[str, SpoolR
         chunks = conn.execute(
             "SELECT errors FROM spool_file_errors WHERE name = ? ORDER BY start", (name,)
         )
-        errors = "".join([errors or "", *(chunk for (chunk,) in chunks)]) or None
-        recorded[name] = SpoolRecord(digest, items, errors)
+        texts = itertools.chain([errors] if errors else [], (chunk for (chunk,) in chunks))
+        recorded[name] = SpoolRecord(digest, items, _note(texts, note_lines))
     return recorded
+
+
+def _note(texts: Iterable[str], note_lines: int) -> str | None:
+    """The lines of texts, the first `note_lines` of them, then one saying how many more."""
+    kept, shown, more = [], 0, 0
+    for text in texts:
+        lines = text.count("\n")
+        room = max(0, note_lines - shown)
+        if lines <= room:
+            kept.append(text)
+            shown += lines
+            continue
+        if room:
+            kept.append("\n".join(text.split("\n", room)[:room]) + "\n")
+            shown += room
+        more += lines - room
+    if more:
+        kept.append(f"... and {more} more invalid lines, each with its own invalid result\n")
+    return "".join(kept) or None
 
 
 def _record_spool_chunk(conn: sqlite3.Connection, chunk: SpoolChunk, items: int) -> None:

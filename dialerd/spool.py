@@ -37,6 +37,9 @@ SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event wa
 SPOOL_POLL_S = 0.1  # without inotify
 SPOOL_BATCH = 256  # files taken side by side
 SPOOL_BATCH_BYTES = 16 * 1024 * 1024  # and no more than this read ahead of the ledger
+# NAME.errors lists a file's first million bad lines (~60 MB), then how many more: each has its
+# own `invalid` result, and a note of every bad line of a 64 MiB file would be held whole (~2 GB).
+NOTE_MAX_LINES = 1_000_000
 NAME_MAX = 255  # bytes in a file name, on every file system dialerd may run on
 # Why an entry cannot be moved for good: another user's directory the daemon may not write
 # into ('..'), a mount point.
@@ -553,7 +556,7 @@ class SpoolSource:
         a crash could still bring it back to incoming/.
         """
         names = [listed.name for listed in files[:SPOOL_BATCH]]
-        recorded = await self._ledger.spool_files(names)
+        recorded = await self._ledger.spool_files(names, NOTE_MAX_LINES)
         reads, rest = await self._worker.run(
             read_batch, dirs, files, self._intake.config(), recorded
         )
@@ -603,7 +606,7 @@ class SpoolSource:
         every chunk, recorded in this run or one before)."""
         if not taken:
             return []
-        recorded = await self._ledger.spool_files([listed.name for listed in taken])
+        recorded = await self._ledger.spool_files([listed.name for listed in taken], NOTE_MAX_LINES)
         return [(listed, recorded[listed.name].errors) for listed in taken]
 
     def _file_away(
