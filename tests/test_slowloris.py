@@ -61,6 +61,7 @@ class Slowloris:
     def __init__(self, port: int, count: int):
         self.connected = 0  # connections the kernel completed: held by the server or queued
         self.lasted: list[float] = []  # seconds each connection lasted before the server closed it
+        self.resets = 0  # connections reset by the kernel instead
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         for _ in range(count):
@@ -99,8 +100,12 @@ class Slowloris:
     def _readable(self, sock: socket.socket, opened: float) -> None:
         try:
             data = sock.recv(65536)
-        except OSError:  # reset: closed with our header bytes unread
-            data = b""
+        except OSError:
+            # Reset: one the kernel completed past a full accept queue and dropped after its
+            # SYN-ACK retries (about 8 s), never one the server held.
+            self.resets += 1
+            self._drop(sock)
+            return
         if not data:
             self.lasted.append(time.monotonic() - opened)
             self._drop(sock)
