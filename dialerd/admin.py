@@ -59,9 +59,9 @@ class AdminListener:
     async def start(self) -> str:
         """Serve on listen.host:listen.port (0: any free port); the base URL of the first
         address bound (`urls` has them all)."""
-        # access_log=None: aiohttp's access log would write request headers (User-Agent, Referer,
-        # Authorization).
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        # No access log: the site's connections (listener.py) are built without one, as it would
+        # write request headers (User-Agent, Referer, Authorization).
+        self._runner = web.AppRunner(self.app, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         await CappedSite(self._runner, self._listen, max_connections=MAX_CONNECTIONS).start()
         return self.urls[0]

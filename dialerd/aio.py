@@ -77,12 +77,13 @@ class Worker:
             if future is None:
                 continue
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                future.get_loop().call_soon_threadsafe(_settle, future, outcome)
+                future.get_loop().call_soon_threadsafe(settle, future, outcome)
 
 
-def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
+def settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
+    """Hand a thread's (ok, value) to the future a caller awaits, unless it stopped waiting."""
     if future.done():
-        return  # its caller stopped waiting
+        return
     ok, value = outcome
     if ok:
         future.set_result(value)

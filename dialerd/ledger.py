@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .aio import settle
 from .config import NumberCap, RedialPolicy
 from .files import create_private, keep_private
 from .logs import log
@@ -510,13 +511,8 @@ class Ledger:
 
 
 def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
-    for future, (ok, value) in futures:
-        if future.cancelled():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    for future, outcome in futures:
+        settle(future, outcome)
 
 
 def _spool_files(

@@ -62,7 +62,8 @@ from dialerd.metrics import Metrics
 from dialerd.request import FIELDS, InvalidRequest, Request, build_request, decode_line, loads
 from dialerd.results import RESULT_FIELDS, result_line
 from dialerd.sources import Batch, Intake, Rejected, parse_spool_file
-from dialerd.spool import SpoolSource, escaped_name, name_problem
+from dialerd.spool import SpoolSource
+from dialerd.spooldir import escaped_name, name_problem
 from dialerd.submit import read_input
 
 
