@@ -38,7 +38,7 @@ async def _placed_calls(ledger: Ledger, urls: StatusUrls) -> list[tuple[str, str
         build_request({"to": f"+4477009{index:05d}"}, config, f"bench:{index}")
         for index in range(CALLS)
     ]
-    await ledger.add(requests, [], None)
+    await ledger.add(requests, [], None, 0)
     calls = []
     for seq, request in enumerate(requests, 1):
         token, url = urls.new()

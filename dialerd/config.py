@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .numbers import country_problem, normalise
+
 DEFAULT_PATH = "/etc/dialerd/config.yaml"
 DEFAULT_ENDPOINTS = MappingProxyType(
     {
@@ -114,6 +116,8 @@ class Config:
     dnc_file: Path | None
     max_calls_per_number: NumberCap | None
     shutdown_timeout_s: float
+    default_country: str | None  # ISO 3166-1 alpha-2: where numbers in national format are
+    dedupe_window_s: float  # a request without id repeating one taken this recently is a duplicate
 
     def agent_by_number(self, number: str) -> AgentConfig | None:
         return next((a for a in self.agents.values() if a.number == number), None)
@@ -170,6 +174,18 @@ def _positive(kind: type) -> Callable[[Any], Any]:
         return kind(raw)
 
     return convert
+
+
+def _window(raw: Any) -> float:
+    """Seconds, 0 meaning off."""
+    return 0.0 if raw == 0 and not isinstance(raw, bool) else _positive(float)(raw)
+
+
+def _country(raw: Any) -> str:
+    problem = country_problem(raw)
+    if problem:
+        raise ValueError(problem)
+    return raw.upper()
 
 
 def _string(raw: Any) -> str:
@@ -284,7 +300,9 @@ def _read_api(r: _Reader, node: Any) -> ApiConfig:
     )
 
 
-def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str, AgentConfig]:
+def _read_agents(
+    r: _Reader, node: Any, regions: Mapping[str, str], country: str | None
+) -> dict[str, AgentConfig]:
     agents = {}
     before = len(r.problems)
     for agent_id, body in r.mapping(node, "agents", None).items():
@@ -300,7 +318,7 @@ def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str,
         rate = r.value(fields, key, "rate", _rate)
         if fields.get("rate") is None:  # absent, or `rate:` left empty
             r.fail(f"{key}.rate", "is required (1, 3 or 5)")
-        number = r.value(fields, key, "number", lambda v: _digits(str(v)))
+        number = r.value(fields, key, "number", lambda v: normalise(str(v), country))
         agents[str(agent_id)] = AgentConfig(
             id=str(agent_id),
             region=region or "eu",
@@ -314,13 +332,6 @@ def _read_agents(r: _Reader, node: Any, regions: Mapping[str, str]) -> dict[str,
     for number in {n for n in numbers if numbers.count(n) > 1}:
         r.fail("agents", f"number {number} is given to more than one agent")
     return agents
-
-
-def _digits(raw: str) -> str:
-    digits = re.sub(r"[\s+\-.()]", "", raw)
-    if not digits.isdigit():
-        raise ValueError(f"must be a phone number in digits, not {raw!r}")
-    return digits
 
 
 def _read_callbacks(r: _Reader, node: Any) -> CallbacksConfig | None:
@@ -412,6 +423,8 @@ TOP_KEYS = (
     "dnc_file",
     "max_calls_per_number",
     "shutdown_timeout_s",
+    "default_country",
+    "dedupe_window_s",
 )
 
 
@@ -422,7 +435,8 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         raise ConfigError(["(top): the config must be a YAML mapping"])
     top = r.mapping(document, "", TOP_KEYS)
     api = _read_api(r, top.get("api"))
-    agents = _read_agents(r, top.get("agents"), api.endpoints)
+    country = r.value(top, "", "default_country", _country)
+    agents = _read_agents(r, top.get("agents"), api.endpoints, country)
     default_agent = r.value(top, "", "default_agent", _string)
     if default_agent is None and len(agents) == 1:
         default_agent = next(iter(agents))
@@ -455,6 +469,8 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         dnc_file=r.value(top, "", "dnc_file", lambda v: Path(_string(v))),
         max_calls_per_number=_read_cap(r, top.get("max_calls_per_number")),
         shutdown_timeout_s=r.value(top, "", "shutdown_timeout_s", _positive(float), 30.0),
+        default_country=country,
+        dedupe_window_s=r.value(top, "", "dedupe_window_s", _window, 86400.0),
     )
     if config.spool_dir is not None and _nested(config.spool_dir, config.state_dir):
         r.fail(

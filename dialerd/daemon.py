@@ -165,7 +165,7 @@ class Daemon:
             key, endpoints = self._api_of(new)
             admin_token = read_admin_token(new.admin)
             if not problems:
-                await asyncio.to_thread(self._dnc.use, new.dnc_file)
+                await asyncio.to_thread(self._dnc.use, new.dnc_file, new.default_country)
         except ConfigError as error:
             problems = error.problems
         except OSError as error:
@@ -320,7 +320,7 @@ class Daemon:
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
-        await asyncio.to_thread(self._dnc.use, self.config.dnc_file)
+        await asyncio.to_thread(self._dnc.use, self.config.dnc_file, self.config.default_country)
         self._client = client
         self._dispatcher = Dispatcher(self._wiring(client))
         try:

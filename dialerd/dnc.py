@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 from .logs import log
-from .request import normalise_number
+from .numbers import NotANumber, normalise
 
 CHECK_EVERY_S = 1.0
 
 
-def read_list(path: Path) -> tuple[frozenset[str], list[str]]:
+def read_list(path: Path, default_country: str | None) -> tuple[frozenset[str], list[str]]:
     """The numbers of a do-not-call file, and a problem per bad line ("line N: ...")."""
     numbers, problems = set(), []
     with open(path, encoding="utf-8", errors="replace") as lines:
@@ -26,8 +26,8 @@ def read_list(path: Path) -> tuple[frozenset[str], list[str]]:
             if not entry:
                 continue
             try:
-                numbers.add(normalise_number(entry))
-            except ValueError as error:
+                numbers.add(normalise(entry, default_country))
+            except NotANumber as error:
                 problems.append(f"line {number}: {error}")
     return frozenset(numbers), problems
 
@@ -37,6 +37,7 @@ class DoNotCall:
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self.country: str | None = None  # default_country, for lines in national format
         self.numbers: frozenset[str] = frozenset()
         self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime) last read
         self._fault: str | None = None  # why the file cannot be read, while that lasts
@@ -47,17 +48,17 @@ class DoNotCall:
             return f"{to} is on the do-not-call list ({self.path})"
         return None
 
-    def use(self, path: Path | None) -> None:
+    def use(self, path: Path | None, country: str | None) -> None:
         """Take the list from `path` (None: no list), read now; OSError if it cannot be read,
         since dialing without the list the config names would call people who must not be."""
         if path is not None:
             status = os.stat(path)
-            numbers, problems = read_list(path)
+            numbers, problems = read_list(path, country)
             self._report(path, numbers, problems)
             self.numbers, self._seen = numbers, _identity(status)
         else:
             self.numbers, self._seen = frozenset(), None
-        self.path = path
+        self.path, self.country = path, country
 
     def refresh(self) -> None:
         """Read the file again if it changed; a file that cannot be read keeps the list in force."""
@@ -68,7 +69,7 @@ class DoNotCall:
             seen = _identity(os.stat(self.path))
             if seen == self._seen:
                 return
-            numbers, problems = read_list(self.path)
+            numbers, problems = read_list(self.path, self.country)
         except OSError as error:
             if str(error) != self._fault:
                 self._fault = str(error)

@@ -26,6 +26,7 @@ from .aio import settle
 from .config import NumberCap, RedialPolicy
 from .files import create_private, keep_private
 from .logs import log
+from .numbers import NotANumber, normalise
 from .request import Request, callback_matches
 from .results import result_line
 
@@ -114,6 +115,8 @@ MIGRATIONS = (
         name TEXT NOT NULL, start INTEGER NOT NULL, errors TEXT NOT NULL, PRIMARY KEY (name, start)
     );
     """,
+    # 3: content-derived ids, campaigns, and numbers as the numbers module writes them.
+    lambda conn: _migrate_to_content_ids(conn),
 )
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
@@ -208,7 +211,58 @@ def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, migration in enumerate(MIGRATIONS[version:], version + 1):
-        conn.executescript(f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {number}; COMMIT;")
+        if isinstance(migration, str):
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {number}; COMMIT;"
+            )
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _migrate_to_content_ids(conn: sqlite3.Connection) -> None:
+    """`content_key`: what a request given no id was deduplicated by (its id may be the key with
+    a suffix, when it repeats one taken longer than dedupe_window_s before)."""
+    conn.execute("ALTER TABLE requests ADD COLUMN campaign TEXT")
+    conn.execute("ALTER TABLE requests ADD COLUMN content_key TEXT")
+    conn.execute(
+        "CREATE INDEX requests_content ON requests(content_key, seq) WHERE content_key IS NOT NULL"
+    )
+    _renormalise_numbers(conn)
+
+
+def _renormalise_numbers(conn: sqlite3.Connection) -> None:
+    """An older dialerd kept a trunk 0 written after the country code (+49 030 123456 stored as
+    49030123456): such numbers are rewritten as they are read now, so that the per-number cap
+    counts both forms as one number and the do-not-call list matches them; so are the numbers
+    in the bodies of requests still to be sent."""
+    for table, key in (("requests", "seq"), ("number_calls", "rowid")):
+        rows = conn.execute(f"SELECT {key}, to_number FROM {table}").fetchall()
+        changed = [(new, row) for row, old in rows if (new := _renormalised(old)) != old]
+        conn.executemany(f"UPDATE {table} SET to_number = ? WHERE {key} = ?", changed)
+    open_bodies = conn.execute("SELECT seq, body FROM requests WHERE state != 'final'").fetchall()
+    for seq, text in open_bodies:
+        body = json.loads(text)
+        fields = {name: _renormalised(body[name]) for name in ("to", "from") if name in body}
+        if any(body[name] != number for name, number in fields.items()):
+            body.update(fields)
+            conn.execute(
+                "UPDATE requests SET body = ? WHERE seq = ?",
+                (json.dumps(body, separators=(",", ":")), seq),
+            )
+
+
+def _renormalised(stored: str) -> str:
+    try:
+        return normalise(stored)
+    except NotANumber:  # not a number the rules read now: kept, as it was taken then
+        return stored
 
 
 def _lock(state_dir: Path) -> int:
@@ -365,10 +419,11 @@ class Ledger:
         requests: list[Request],
         invalid: list[dict],
         spool_file: SpoolChunk | None,
+        dedupe_window_s: float,
     ) -> Intake:
-        """Queue valid requests, record invalid ones (and ids seen before) as final results;
-        with `spool_file`, how far that file is recorded, in the same transaction."""
-        return await self.call(_add, self.run, requests, invalid, spool_file)
+        """Queue valid requests, record invalid ones and duplicates as final results; with
+        `spool_file`, how far that file is recorded, in the same transaction."""
+        return await self.call(_add, self.run, requests, invalid, spool_file, dedupe_window_s)
 
     async def spool_files(self, names: list[str], note_lines: int) -> dict[str, SpoolRecord]:
         """What is recorded of the named spool files, recorded (or partly) but not yet moved;
@@ -785,49 +840,104 @@ def _add(
     requests: list[Request],
     invalid: list[dict],
     spool_file: SpoolChunk | None,
+    dedupe_window_s: float,
 ) -> Intake:
     now = time.time()
     agents = set()
     accepted = 0
     for request in requests:
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-            " expires_at, due_at, state, created_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',?)",
-            (
-                request.id,
-                run,
-                request.agent_id,
-                request.to,
-                json.dumps(request.api_body(), separators=(",", ":")),
-                None if request.meta is None else json.dumps(request.meta),
-                request.source,
-                request.expires_at,
-                max(now, request.not_before or now),
-                now,
-            ),
-        )
-        if cursor.rowcount:
+        request_id, repeated = _intake_id(conn, request, now, dedupe_window_s)
+        if repeated is None and _insert(conn, run, request, request_id, now):
             agents.add(request.agent_id)
             accepted += 1
-        else:
-            _reject(
-                conn,
-                now,
-                {
-                    "id": request.id,
-                    "to": request.to,
-                    "agent_id": request.agent_id,
-                    "meta": request.meta,
-                    "source": request.source,
-                    "outcome": "duplicate",
-                    "error": f"id {request.id!r} was already taken by an earlier request",
-                },
-            )
+            continue
+        _reject(
+            conn,
+            now,
+            {
+                "id": request_id,
+                "to": request.to,
+                "agent_id": request.agent_id,
+                "meta": request.meta,
+                "source": request.source,
+                "outcome": "duplicate",
+                "error": repeated or _taken(conn, request_id),
+            },
+        )
     for fields in invalid:
         _reject(conn, now, {"outcome": "invalid", **fields})
     if spool_file is not None:
         _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
+
+
+def _intake_id(
+    conn: sqlite3.Connection, request: Request, now: float, window: float
+) -> tuple[str, str | None]:
+    """The id to record `request` under, and, when it repeats a request given no id within the
+    window, what the duplicate's error says. Repeating one taken before the window, it gets the
+    content's id with a suffix: ids stay unique, and the first keeps its own."""
+    if not request.id_from_content:
+        return request.id, None
+    key = request.id
+    earlier = conn.execute(
+        "SELECT id, created_at, source FROM requests WHERE content_key = ? ORDER BY seq DESC"
+        " LIMIT 1",
+        (key,),
+    ).fetchone()
+    if earlier is None:
+        return key, None
+    earlier_id, taken_at, source = earlier
+    if now - taken_at < window:
+        return earlier_id, (
+            f"repeats request {earlier_id} ({source}, taken {_moment(taken_at)}),"
+            f" within dedupe_window_s ({window:g} s)"
+        )
+    (times,) = conn.execute(
+        "SELECT count(*) FROM requests WHERE content_key = ?", (key,)
+    ).fetchone()
+    return f"{key}.{times + 1}", None
+
+
+def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
+    """Whether `request` was queued: not when its id is taken already."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
+        " expires_at, due_at, state, created_at, campaign, content_key)"
+        " VALUES (?,?,?,?,?,?,?,?,?,'queued',?,?,?)",
+        (
+            request_id,
+            run,
+            request.agent_id,
+            request.to,
+            json.dumps(request.api_body(), separators=(",", ":")),
+            None if request.meta is None else json.dumps(request.meta),
+            request.source,
+            request.expires_at,
+            max(now, request.not_before or now),
+            now,
+            request.campaign,
+            request.id if request.id_from_content else None,
+        ),
+    )
+    return cursor.rowcount == 1
+
+
+def _taken(conn: sqlite3.Connection, request_id: str) -> str:
+    earlier = conn.execute(
+        "SELECT source, created_at FROM requests WHERE id = ?", (request_id,)
+    ).fetchone()
+    if earlier is None:  # pruned: its id is remembered, not where it came from
+        return f"id {request_id!r} was already taken by an earlier request"
+    source, taken_at = earlier
+    return (
+        f"id {request_id!r} was already taken by an earlier request ({source},"
+        f" taken {_moment(taken_at)})"
+    )
+
+
+def _moment(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import re
-import uuid
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
-import phonenumbers
-
 from .config import Config
+from .numbers import NotANumber, normalise
 
 MAX_LINE_BYTES = 64 * 1024
 FIELDS = frozenset(
@@ -26,11 +27,12 @@ FIELDS = frozenset(
         "not_before",
         "expires_at",
         "meta",
+        "campaign",
     }
 )
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-SIP_ADDRESS = re.compile(r"sip:[^@\s]+@[^@\s]+")
-NUMBER_PUNCTUATION = re.compile(r"[\s\-.()]")
+CAMPAIGN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CONTENT_ID_PREFIX = "c-"  # an id made from a request's content (see content_id)
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -55,6 +57,8 @@ class Request:
     expires_at: float | None
     meta: Any
     source: str
+    campaign: str | None = None
+    id_from_content: bool = False  # no `id` given: `id` is content_id(), deduplicated in a window
 
     def api_body(self) -> dict[str, Any]:
         """The make-call body, without status_url (that belongs to each attempt)."""
@@ -72,32 +76,6 @@ class Request:
         return body
 
 
-def normalise_number(raw: Any) -> str:
-    """`to` as the API wants it: digits with country code, or a sip: address kept as given."""
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"must be a phone number or sip: address, not {raw!r}")
-    text = raw.strip()
-    if text.lower().startswith("sip:"):
-        if not SIP_ADDRESS.fullmatch(text):
-            raise ValueError(f"{text!r} is not a sip:user@host address")
-        return text
-    digits = NUMBER_PUNCTUATION.sub("", text).removeprefix("+")
-    if not digits.isdigit() or not digits.isascii():
-        raise ValueError(f"{text!r} is not a number in international notation")
-    if _possible_as_written(digits):
-        return digits
-    try:
-        number = phonenumbers.parse("+" + digits)
-    except phonenumbers.NumberParseException as error:
-        if error.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
-            raise ValueError(f"{text!r} has no known country code") from None
-        raise ValueError(f"{text!r} is not a possible number for its country") from None
-    if not phonenumbers.is_possible_number(number):
-        raise ValueError(f"{text!r} is not a possible number for its country")
-    # As the library reads it: "+44 (0)7700 900123" is 447700900123, its trunk 0 dropped.
-    return f"{number.country_code}{phonenumbers.national_significant_number(number)}"
-
-
 def callback_matches(
     body: dict[str, Any], to: str, agent_id: str, conversation_uuid: str | None
 ) -> bool:
@@ -106,34 +84,15 @@ def callback_matches(
     of the API's answer, when the answer is recorded and gave one. A genuine token with another
     call's body must not redial or end this one."""
     try:
-        same_callee = normalise_number(body["to"]) == to
-    except ValueError:
+        # The API's own digits, so no default_country: that could read them as a national number.
+        same_callee = normalise(body["to"]) == to
+    except NotANumber:
         same_callee = False
     return (
         same_callee
         and body["agent_id"] == agent_id
         and (conversation_uuid is None or body["conversation_uuid"] == conversation_uuid)
     )
-
-
-def _possible_as_written(digits: str) -> bool:
-    """The common case, at a fraction of phonenumbers.parse's cost: country code and national
-    number exactly as written (no trunk prefix to drop) make a possible number."""
-    for length in range(1, 4):
-        country_code = int(digits[:length])
-        if country_code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
-            break
-    else:
-        return False
-    national = digits[length:]
-    if not national:
-        return False
-    number = phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
-    leading_zeros = len(national) - len(national.lstrip("0"))
-    if leading_zeros:  # significant in some countries (Italy): kept as the library keeps them
-        number.italian_leading_zero = True
-        number.number_of_leading_zeros = leading_zeros
-    return phonenumbers.is_possible_number(number)
 
 
 def _session_parameters(raw: Any) -> tuple[tuple[str, Any], ...]:
@@ -178,8 +137,8 @@ def _agent(fields: dict, config: Config) -> tuple[str, str | None]:
         raise InvalidRequest("agent_id, from: give one of them, not both")
     if "from" in fields:
         try:
-            number = normalise_number(fields["from"])
-        except ValueError as error:
+            number = normalise(fields["from"], config.default_country)
+        except NotANumber as error:
             raise InvalidRequest(f"from: {error}") from None
         agent = config.agent_by_number(number)
         if agent is None:
@@ -202,13 +161,38 @@ def _optional(fields: dict, name: str, convert) -> Any:
         raise InvalidRequest(f"{name}: {error}") from None
 
 
-def _request_id(fields: dict) -> str:
-    if "id" not in fields:
-        return uuid.uuid4().hex
-    raw = fields["id"]
+def _request_id(raw: Any) -> str:
     if not isinstance(raw, str) or not REQUEST_ID.fullmatch(raw):
         raise InvalidRequest(f"id: {raw!r} is not 1-128 of A-Za-z0-9._:-")
     return raw
+
+
+def _campaign(raw: Any) -> str:
+    if not isinstance(raw, str) or not CAMPAIGN.fullmatch(raw):
+        raise ValueError(f"{raw!r} is not 1-64 of A-Za-z0-9._:-")
+    return raw
+
+
+def content_id(request: Request) -> str:
+    """The id of a request given none: made from what decides the call (the callee, the agent,
+    what the agent is told, when, and the campaign), so the same request fed again has the same
+    id, whatever its source, meta or expiry."""
+    content = [
+        request.to,
+        request.agent_id,
+        sorted(request.session_parameters, key=itemgetter(0)),
+        request.hangup_on_answer_machine,
+        None if request.not_before is None else exact_moment(request.not_before),
+        request.campaign,
+    ]
+    canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return CONTENT_ID_PREFIX + hashlib.blake2b(canonical.encode(), digest_size=12).hexdigest()
+
+
+def exact_moment(moment: float) -> str:
+    """Epoch seconds as ISO 8601 in UTC, to the microsecond: what a spool line of `submit` says,
+    and what reading it back gives again."""
+    return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _boolean(raw: Any) -> bool:
@@ -234,15 +218,15 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
             raise InvalidRequest(f"unknown field {', '.join(map(repr, unknown))}")
         if "to" not in fields:
             raise InvalidRequest("to: required")
-        to = _optional(fields, "to", normalise_number)
+        to = _optional(fields, "to", lambda raw: normalise(raw, config.default_country))
         agent_id, sender = _agent(fields, config)
         partial["agent_id"] = agent_id
         not_before = _optional(fields, "not_before", parse_moment)
         expires_at = _optional(fields, "expires_at", parse_moment)
         if not_before is not None and expires_at is not None and expires_at <= not_before:
             raise InvalidRequest("expires_at: is not after not_before")
-        return Request(
-            id=_request_id(fields),
+        request = Request(
+            id=_request_id(fields["id"]) if "id" in fields else "",
             to=to,
             agent_id=agent_id,
             sender=sender,
@@ -252,7 +236,12 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
             expires_at=expires_at,
             meta=_optional(fields, "meta", _object),
             source=source,
+            campaign=_optional(fields, "campaign", _campaign),
+            id_from_content="id" not in fields,
         )
+        if request.id_from_content:
+            request = dataclasses.replace(request, id=content_id(request))
+        return request
     except InvalidRequest as error:
         raise InvalidRequest(str(error), partial) from None
 

@@ -95,7 +95,9 @@ class Intake:
         self._on_final = on_final
 
     async def record(self, batch: Batch, spool_file: SpoolChunk | None = None) -> None:
-        intake = await self._ledger.add(batch.requests, batch.invalid, spool_file)
+        intake = await self._ledger.add(
+            batch.requests, batch.invalid, spool_file, self.config().dedupe_window_s
+        )
         if intake.queued_agents:
             self._on_queued(intake.queued_agents)
         if intake.rejected:

@@ -81,7 +81,7 @@ class Bench:
 
     async def queue(self, id_: str, to: str = "447700900123") -> int:
         request = build_request({"id": id_, "to": to, "meta": {"k": id_}}, self.config, "test:1")
-        intake = await self.ledger.add([request], [], None)
+        intake = await self.ledger.add([request], [], None, 0)
         assert intake.accepted == 1
         return self.row(id_)["seq"]
 

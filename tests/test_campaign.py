@@ -40,7 +40,7 @@ CONFIG = build_config(
 
 
 async def queue(ledger: Ledger, id_: str, to: str = NUMBER) -> int:
-    await ledger.add([build_request({"id": id_, "to": to}, CONFIG, "test:1")], [], None)
+    await ledger.add([build_request({"id": id_, "to": to}, CONFIG, "test:1")], [], None, 0)
     due, _ = await ledger.due("agent-a", time.time() + 1, 1000)
     return next(p.seq for p in due if p.id == id_)
 
@@ -97,7 +97,7 @@ async def test_queued_requests_expire_while_they_wait(ledger, tmp_path):
     soon = time.time() + 0.2
     for id_, expires_at in (("soon", soon), ("later", soon + 3600), ("never", None)):
         request = build_request({"id": id_, "to": NUMBER}, CONFIG, "test:1")
-        await ledger.add([_replace_expiry(request, expires_at)], [], None)
+        await ledger.add([_replace_expiry(request, expires_at)], [], None, 0)
     assert await ledger.expire_due(time.time()) == 0
     await asyncio.sleep(0.3)
     assert await ledger.expire_due(time.time()) == 1

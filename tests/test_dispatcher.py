@@ -108,7 +108,7 @@ async def dispatch(
     """Queue the requests, run a lane per agent until all are final (then `linger` more), and
     return the results; the whole run is bounded by `limit` seconds."""
     requests = [build_request(f, config, f"test:{i}") for i, f in enumerate(fields)]
-    intake = await ledger.add(requests, [], None)
+    intake = await ledger.add(requests, [], None, 0)
     assert intake.accepted == len(requests)
     final = asyncio.Event()
     finals = 0
@@ -550,7 +550,7 @@ async def test_a_send_that_raises_in_the_client_holds_the_lane_and_goes_once_it_
     simulator = await simulator_factory({"agent-a": 5})
     config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
     requests = [build_request(f, config, "test") for f in requests_for("agent-a", 2)]
-    await ledger.add(requests, [], None)
+    await ledger.add(requests, [], None, 0)
     metrics = Metrics()
     finals = asyncio.Event()
 

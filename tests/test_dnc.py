@@ -26,7 +26,7 @@ def test_a_list_is_read_in_any_notation_with_comments_and_bad_lines_skipped(tmp_
         "12\n"
         "not a number\n"
     )
-    numbers, problems = read_list(path)
+    numbers, problems = read_list(path, None)
     assert numbers == {"447700900123", "447700900124", "12025550100", "sip:alice@example.com"}
     assert [problem.split(":")[0] for problem in problems] == ["line 7", "line 8"]
 
@@ -35,7 +35,7 @@ def test_the_list_is_read_again_when_it_changes_and_kept_when_it_cannot_be(tmp_p
     path = tmp_path / "dnc.txt"
     path.write_text("447700900123\n")
     dnc = DoNotCall()
-    dnc.use(path)
+    dnc.use(path, None)
     assert dnc.reason("447700900123") and dnc.reason("447700900999") is None
     path.write_text("447700900123\n447700900999\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -44,7 +44,7 @@ def test_the_list_is_read_again_when_it_changes_and_kept_when_it_cannot_be(tmp_p
     path.unlink()
     dnc.refresh()
     assert dnc.reason("447700900999"), "a list that cannot be read keeps the one in force"
-    dnc.use(None)
+    dnc.use(None, None)
     assert dnc.reason("447700900123") is None
 
 

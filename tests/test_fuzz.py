@@ -958,7 +958,7 @@ class Listener:
             build_request({"id": f"fuzz-{n}", "to": TO}, CONFIG, "fuzz")
             for n in range(PLACED_CALLS)
         ]
-        await self.ledger.add(requests, [], None)
+        await self.ledger.add(requests, [], None, 0)
         pending, _next = await self.ledger.due("agent-eu", time.time() + 1, PLACED_CALLS)
         for item in pending:
             token, _url = self.urls.new()

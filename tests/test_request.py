@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dialerd.config import build_config
+from dialerd.numbers import normalise
 from dialerd.request import (
     MAX_LINE_BYTES,
     InvalidRequest,
     Request,
     build_request,
     decode_line,
-    normalise_number,
 )
 
 TO = "447700900123"
@@ -70,7 +70,7 @@ def refused(config=CONFIG, **fields) -> InvalidRequest:
     ],
 )
 def test_numbers_become_digits_only(raw, digits):
-    assert normalise_number(raw) == digits
+    assert normalise(raw) == digits
     assert build(to=raw).to == digits
     assert build(to=raw).api_body()["to"] == digits
 
@@ -80,7 +80,7 @@ def test_a_possible_number_outside_known_ranges_is_still_dialed():
     import phonenumbers
 
     assert not phonenumbers.is_valid_number(phonenumbers.parse("+447700900123"))
-    assert normalise_number("+447700900123") == "447700900123"
+    assert normalise("+447700900123") == "447700900123"
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_a_possible_number_outside_known_ranges_is_still_dialed():
 def test_impossible_numbers_are_invalid(raw):
     # "+49 1" is too short for Germany; it must not be blamed on the country code.
     with pytest.raises(ValueError, match="not a possible number"):
-        normalise_number(raw)
+        normalise(raw)
     assert str(refused(to=raw)).startswith("to: ")
 
 
@@ -122,7 +122,7 @@ def test_unknown_country_codes_are_invalid(raw):
 )
 def test_malformed_numbers_are_invalid(raw):
     with pytest.raises(ValueError):
-        normalise_number(raw)
+        normalise(raw)
     assert str(refused(to=raw)).startswith("to: ")
 
 
@@ -141,7 +141,7 @@ def test_to_is_required():
     ["sip:alice@example.com", "sip:1001@10.0.0.1:5060", "sip:bob@pbx.example.com;transport=tls"],
 )
 def test_sip_addresses_are_kept(raw):
-    assert normalise_number(raw) == raw
+    assert normalise(raw) == raw
     assert build(to=raw).api_body()["to"] == raw
 
 
@@ -159,7 +159,7 @@ def test_sip_addresses_are_kept(raw):
 )
 def test_malformed_sip_is_refused(raw):
     with pytest.raises(ValueError, match="sip"):
-        normalise_number(raw)
+        normalise(raw)
     assert str(refused(to=raw)).startswith("to: ")
 
 
@@ -286,10 +286,44 @@ def test_bad_ids(value):
     assert str(error).startswith("id: ")
 
 
-def test_an_id_is_generated_when_absent():
-    first, second = build(), build()
-    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", first.id)
-    assert first.id != second.id
+def test_an_id_is_made_from_the_content_when_absent():
+    first = build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:00Z")
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", first.id) and first.id_from_content
+    # The same call, written otherwise: parameters in another order, another notation of the
+    # number, the agent by its number, another offset for the same moment.
+    same = build(
+        to="+44 7700 900123",
+        session_parameters=[{"name": "B", "value": 2}, {"name": "A", "value": "1"}],
+        not_before="2026-12-02T11:00:00+01:00",
+        **{"from": "447700900000"},
+    )
+    assert same.id == first.id
+    # What does not decide the call does not count: meta, expiry.
+    assert build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:00Z",
+                 meta={"row": 2}, expires_at="2027-01-01T00:00:00Z").id == first.id  # fmt: skip
+    # What does, does.
+    others = [
+        build(to="447700900124", session_parameters={"A": "1", "B": 2}),
+        build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:01Z"),
+        build(session_parameters={"A": "1", "B": "2"}, not_before="2026-12-02T10:00:00Z"),
+        build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:00Z",
+              agent_id="agent-us"),
+        build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:00Z",
+              hangup_on_answer_machine=False),
+        build(session_parameters={"A": "1", "B": 2}, not_before="2026-12-02T10:00:00Z",
+              campaign="winter"),
+    ]  # fmt: skip
+    assert len({first.id, *(other.id for other in others)}) == 1 + len(others)
+
+
+def test_a_given_id_is_kept():
+    request = build(id="crm-17")
+    assert request.id == "crm-17" and not request.id_from_content
+
+
+@pytest.mark.parametrize("value", ["", "x" * 65, "has space", "é", 5, None])
+def test_bad_campaigns(value):
+    assert str(refused(campaign=value)).startswith("campaign: ")
 
 
 # --- agent_id / from -----------------------------------------------------------------------------
