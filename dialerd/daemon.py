@@ -377,9 +377,10 @@ class Daemon:
         self._dispatcher.wake(agent_ids)
 
     async def _stop_when_stdin_done(self, stdin_task: asyncio.Task) -> None:
-        """stdin as the only source: the run ends once all it gave has a final result."""
+        """stdin as the only source: the run ends once all it gave, and all it found open from
+        an earlier run, has a final result (with no other source, that is every request)."""
         await asyncio.wait({stdin_task})
-        while await self.ledger.open_requests(self.ledger.run):
+        while await self.ledger.open_requests():
             self._final.clear()
             await wait_event(self._final, 1.0)
         self.request_stop("stdin done, every request from it final")

@@ -196,9 +196,9 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
+def _refuse_newer(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
     """A ledger of a schema this code does not know would be misread, and written wrongly."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
     if version > len(MIGRATIONS):
         raise LedgerTooNew(
             f"the ledger {path} has schema version {version}, newer than this dialerd knows "
@@ -537,8 +537,9 @@ class Ledger:
         """Sends marked but never answered (the daemon stopped): `in_doubt`, never resent."""
         return await self.call(_recover_in_flight)
 
-    async def open_requests(self, run: int | None = None) -> int:
-        return await self.call(_open_requests, run)
+    async def open_requests(self) -> int:
+        """Requests without a final outcome yet."""
+        return await self.call(_open_requests)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -1021,12 +1022,8 @@ def _recover_in_flight(conn: sqlite3.Connection) -> int:
     return len(seqs)
 
 
-def _open_requests(conn: sqlite3.Connection, run: int | None) -> int:
-    if run is None:
-        return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]
-    return conn.execute(
-        "SELECT count(*) FROM requests WHERE state != 'final' AND run = ?", (run,)
-    ).fetchone()[0]
+def _open_requests(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]
 
 
 HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
@@ -1138,3 +1135,51 @@ def read_status(state_dir: Path) -> dict | None:
         return status_report(conn, time.time())
     finally:
         conn.close()
+
+
+def foresee(state_dir: Path, requests: list[Request], window: float) -> list[tuple[str, bool]]:
+    """The id each request would be recorded under if taken now, in this order, and whether it
+    would be a duplicate: of a request in the ledger, or of one before it in the list. For
+    `dialerd submit`, which may not write the ledger: the ledger's rows these requests could
+    repeat are copied into a database in memory, and intake's own steps run there.
+    OSError when the ledger cannot be read."""
+    memory = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+    try:
+        create_schema(memory)
+        path = state_dir / "ledger.sqlite3"
+        if path.exists():
+            _copy_repeatable(memory, path, requests)
+        foreseen = []
+        now = time.time()
+        for request in requests:
+            request_id, repeated = _intake_id(memory, request, now, window)
+            fresh = repeated is None and _insert(memory, 0, request, request_id, now)
+            foreseen.append((request_id, not fresh))
+        return foreseen
+    except sqlite3.Error as error:
+        raise OSError(f"cannot read the ledger in {state_dir}: {error}") from None
+    finally:
+        memory.close()
+
+
+def _copy_repeatable(memory: sqlite3.Connection, path: Path, requests: list[Request]) -> None:
+    """The ledger's requests with the ids or content keys of `requests`, copied into `memory`."""
+    memory.execute("ATTACH DATABASE ? AS ledger", (f"{path.as_uri()}?mode=ro",))
+    _refuse_newer(memory, path, "ledger")
+    memory.execute("CREATE TEMP TABLE wanted (key TEXT PRIMARY KEY)")
+    memory.executemany(
+        "INSERT OR IGNORE INTO wanted VALUES (?)", ((request.id,) for request in requests)
+    )
+    columns = {row[1] for row in memory.execute("PRAGMA ledger.table_info(requests)")}
+    content_key = "content_key" if "content_key" in columns else "NULL"
+    copied = (
+        "INSERT OR IGNORE INTO main.requests (id, run, agent_id, to_number, body, source, due_at,"
+        f" state, created_at, content_key) SELECT id, run, agent_id, to_number, body, source,"
+        f" due_at, state, created_at, {content_key} FROM ledger.requests"
+    )
+    # In the ledger's order: the latest of a content key is the one a repeat is measured by.
+    memory.execute(
+        f"{copied} WHERE id IN (SELECT key FROM wanted)"
+        f" OR {content_key} IN (SELECT key FROM wanted) ORDER BY seq"
+    )
+    memory.execute("DETACH DATABASE ledger")

@@ -189,6 +189,15 @@ def content_id(request: Request) -> str:
     return CONTENT_ID_PREFIX + hashlib.blake2b(canonical.encode(), digest_size=12).hexdigest()
 
 
+def with_campaign(request: Request, campaign: str) -> Request:
+    """The request with its campaign set (`submit --campaign`), its id made again when it was
+    made from the content."""
+    request = dataclasses.replace(request, campaign=_campaign(campaign))
+    if request.id_from_content:
+        request = dataclasses.replace(request, id=content_id(request))
+    return request
+
+
 def exact_moment(moment: float) -> str:
     """Epoch seconds as ISO 8601 in UTC, to the microsecond: what a spool line of `submit` says,
     and what reading it back gives again."""

@@ -214,15 +214,19 @@ class Rejected(Exception):
 
 CHUNK_ITEMS = 500  # a spool file's items in one ledger call, at most (requests and invalid): the
 # call holds the ledger about 5 ms, and a send's mark may wait for it
+SOURCE_MAX = 512  # characters of a source an item names for itself
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def spool_chunks(
-    data: bytes, name: str, config: Config, skip: int = 0
+    data: bytes, origin: str, config: Config, skip: int = 0
 ) -> Iterator[tuple[Batch, bool]]:
     """A whole JSON object, a JSON array of objects, or JSON lines, as batches of at most
     CHUNK_ITEMS items in file order, each with whether it is the last; at least one (an empty
     file's is empty). The first `skip` items (recorded before) are passed over.
+
+    Each item's source is `origin` ("spool:NAME") and the line it starts on, unless the item
+    names its own: `dialerd submit` writes where each request came from (SPEC §6).
 
     Rejected, raised here before any batch is made, if the file is none of these. The items
     are made as the batches are taken, so a file of many bad lines costs its bytes in memory
@@ -235,20 +239,21 @@ def spool_chunks(
         raise Rejected(str(error)) from None
     items: Iterator[tuple[str, Any]]
     if _is_array(text):
-        items = _array_items(text, name)
+        items = _array_items(text, origin)
     elif isinstance(document := _document(text), dict):
-        items = iter([(f"spool:{name}", document)])
+        line = text.count("\n", 0, _skip_space(text, 0)) + 1
+        items = iter([(f"{origin}:{line}", document)])
     else:
         del text  # JSON lines are decoded one by one from the bytes
         _first_json_line(data)
-        items = _line_items(data, name)
+        items = _line_items(data, origin)
     return _chunked(itertools.islice(items, skip, None), config)
 
 
-def parse_spool_file(data: bytes, name: str, config: Config) -> Batch:
-    """The whole of a spool file in one batch (for `dialerd submit`); Rejected as spool_chunks."""
+def parse_spool_file(data: bytes, origin: str, config: Config) -> Batch:
+    """The whole of a file in one batch (for `dialerd submit`); Rejected as spool_chunks."""
     whole = Batch()
-    for batch, _last in spool_chunks(data, name, config):
+    for batch, _last in spool_chunks(data, origin, config):
         whole.requests += batch.requests
         whole.invalid += batch.invalid
         whole.errors += batch.errors
@@ -263,6 +268,8 @@ def _chunked(items: Iterator[tuple[str, Any]], config: Config) -> Iterator[tuple
         batch = Batch()
         while ahead is not None and len(batch) < CHUNK_ITEMS:
             source, document = ahead
+            if isinstance(document, dict) and "source" in document:
+                source, document = _given_source(source, document)
             if isinstance(document, InvalidRequest):
                 batch.reject(source, str(document), {})
             else:
@@ -271,6 +278,15 @@ def _chunked(items: Iterator[tuple[str, Any]], config: Config) -> Iterator[tuple
         yield batch, ahead is None
         if ahead is None:
             return
+
+
+def _given_source(where: str, document: dict) -> tuple[str, Any]:
+    """The source an item names for itself, and the item without it; the item as invalid (at
+    `where`) when the name is not a line of printable text."""
+    given = document.pop("source")
+    if isinstance(given, str) and 0 < len(given) <= SOURCE_MAX and given.isprintable():
+        return given, document
+    return where, InvalidRequest(f"source: must be 1-{SOURCE_MAX} printable characters")
 
 
 def _document(text: str) -> Any:
@@ -294,20 +310,21 @@ def _is_array(text: str) -> bool:
 
 
 def _array_items(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    """The elements of a JSON array one at a time (loads would hold them all at once); a
-    ValueError where the text is not one strict JSON array."""
+    """The elements of a JSON array one at a time (loads would hold them all at once), each
+    named by the line it starts on; a ValueError where the text is not one strict JSON array."""
     surrogates = SURROGATE_ESCAPE.search(text) is not None
     at = _skip_space(text, text.index("[") + 1)
+    line, counted_to = 1, 0
     if text.startswith("]", at):
         at = _skip_space(text, at + 1)
     else:
-        index = 0
         while True:
+            line += text.count("\n", counted_to, at)
+            counted_to = at
             value, at = STRICT_JSON.raw_decode(text, at)
             if surrogates:
                 check_surrogates(value)
-            index += 1
-            yield f"spool:{name}#{index}", value
+            yield f"{name}:{line}", value
             at = _skip_space(text, at)
             if text.startswith(",", at):
                 at = _skip_space(text, at + 1)
@@ -350,10 +367,10 @@ def _first_json_line(data: bytes) -> None:
     raise Rejected("no part of it parses as JSON")
 
 
-def _line_items(data: bytes, name: str) -> Iterator[tuple[str, Any]]:
+def _line_items(data: bytes, origin: str) -> Iterator[tuple[str, Any]]:
     for number, line in _lines(data):
         try:
             document: Any = decode_line(line)
         except InvalidRequest as error:
             document = error
-        yield f"spool:{name}:{number}", document
+        yield f"{origin}:{number}", document

@@ -97,7 +97,8 @@ def _taking(listed: Listed, data: bytes, config: Config, record: SpoolRecord | N
         if record.items is None:
             return Taking(listed, digest, None, 0, None)
         start = record.items
-    return Taking(listed, digest, spool_chunks(data, listed.name, config, start), start, None)
+    chunks = spool_chunks(data, f"spool:{listed.name}", config, start)
+    return Taking(listed, digest, chunks, start, None)
 
 
 class ItemBudget:

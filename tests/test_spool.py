@@ -87,11 +87,13 @@ def test_each_file_form_is_taken_and_its_requests_placed(tmp_path, simulator, da
         wait_taken(tmp_path, name)  # within PICKUP_S of its rename
     results = wait_results(tmp_path / "state" / "results.jsonl", 7)
 
+    item_lines = [n for n, line in enumerate(files["array.json"].splitlines(), 1) if line == "  {"]
     assert sorted((r["source"], r["id"], r["outcome"]) for r in results) == [
-        ("spool:array.json#1", "a1", "dialed"), ("spool:array.json#2", "a2", "dialed"),
+        (f"spool:array.json:{item_lines[0]}", "a1", "dialed"),
+        (f"spool:array.json:{item_lines[1]}", "a2", "dialed"),
         ("spool:batch.jsonl:1", "b1", "dialed"), ("spool:batch.jsonl:2", "b2", "dialed"),
-        ("spool:batch.jsonl:3", "b3", "dialed"), ("spool:one.json", "o1", "dialed"),
-        ("spool:pretty.json", "p1", "dialed"),
+        ("spool:batch.jsonl:3", "b3", "dialed"), ("spool:one.json:1", "o1", "dialed"),
+        ("spool:pretty.json:1", "p1", "dialed"),
     ]  # fmt: skip
     for result in results:
         check_result_shape(result)

@@ -197,10 +197,17 @@ FORMS = {
         ],
     ),
     "array": (
-        json.dumps([good(1), "not an object", *(good(n) for n in range(2, 8)), {"to": 1}]).encode(),
-        [f"spool:f#{n}" for n in range(1, 10)],
+        (
+            "[\n"  # an item a line, each named by the line it starts on
+            + ",\n".join(
+                json.dumps(item)
+                for item in [good(1), "not an object", *(good(n) for n in range(2, 8)), {"to": 1}]
+            )
+            + "\n]"
+        ).encode(),
+        [f"spool:f:{n}" for n in range(2, 11)],
     ),
-    "object": (json.dumps(good(1)).encode(), ["spool:f"]),
+    "object": (b"\n" + json.dumps(good(1)).encode(), ["spool:f:2"]),
     "empty array": (b" [ ] \n", []),
 }
 
@@ -217,7 +224,7 @@ def chunk_sources(chunks) -> list[list[str]]:
 def test_chunks_hold_the_items_of_the_file_in_order(small_chunks, form):
     data, expected = FORMS[form]
     for skip in range(len(expected) + 1):
-        chunks = list(spool_chunks(data, "f", CONFIG, skip))
+        chunks = list(spool_chunks(data, "spool:f", CONFIG, skip))
         left = expected[skip:]
         assert [last for _batch, last in chunks] == [False] * (len(chunks) - 1) + [True]
         slices = [left[i : i + small_chunks] for i in range(0, max(len(left), 1), small_chunks)]
@@ -227,7 +234,7 @@ def test_chunks_hold_the_items_of_the_file_in_order(small_chunks, form):
             c == sorted(c, key=expected.index)
             for c in ([r.source for r in batch.requests] for batch, _ in chunks)
         )
-    whole = parse_spool_file(data, "f", CONFIG)
+    whole = parse_spool_file(data, "spool:f", CONFIG)
     assert sorted(chunk_sources([(whole, True)])[0], key=expected.index) == expected
     assert len(whole.errors) == len(whole.invalid)
 
@@ -241,10 +248,10 @@ def test_an_array_is_read_as_loads_reads_it_or_else_as_lines(small_chunks):
         b'[{"to": "447700900001", "meta": {"a": "\\ud800"}}]',
     ):
         with pytest.raises(Rejected):
-            spool_chunks(data, "f", CONFIG)
+            spool_chunks(data, "spool:f", CONFIG)
     data = b'[{"to": "447700900001"}]\n{"to": "447700900002"}\n'
     sources_seen = [
-        r.source for batch, _ in spool_chunks(data, "f", CONFIG) for r in batch.requests
+        r.source for batch, _ in spool_chunks(data, "spool:f", CONFIG) for r in batch.requests
     ]
     assert sources_seen == ["spool:f:2"]  # the array's line is an invalid line of its own
 
@@ -255,7 +262,7 @@ def test_rejection_is_decided_before_any_chunk(monkeypatch):
     monkeypatch.setattr(sources, "_chunked", lambda *a: made.append(True) or real_chunked(*a))
     for data in (b"x\n" * 100_000, b'{"to": "1"}\xff\n', b'{"to": "1"}\n\x00\n', b"\n\n"):
         with pytest.raises(Rejected):
-            spool_chunks(data, "f", CONFIG)  # raised at the call, not at the first chunk
+            spool_chunks(data, "spool:f", CONFIG)  # raised at the call, not at the first chunk
     assert made == []
     chunks = spool_chunks(b"x\n" * 100_000 + json.dumps(good(1)).encode(), "f", CONFIG)
     batch, last = next(chunks)

@@ -1,0 +1,107 @@
+"""Idempotent by default (SPEC §4 `id`, §3 dedupe_window_s): a request without `id` gets one made
+from its content, so the same list fed again calls no one twice; its duplicate names the
+request it repeats; outside the window a deliberate repeat is dialed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections import Counter
+
+from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
+
+from dialerd.config import build_config
+from dialerd.ledger import Ledger, foresee
+from dialerd.request import build_request
+
+NUMBERS = [f"4477009003{n:02d}" for n in range(10)]
+LIST = b"".join(
+    json.dumps({"to": number, "session_parameters": {"ROW": str(row)}}).encode() + b"\n"
+    for row, number in enumerate(NUMBERS, 1)
+)
+
+
+def test_an_interrupted_stdin_run_fed_again_places_every_call_once(tmp_path, simulator, daemons):
+    sim = simulator("--latency", "0.01-0.03")
+    config = sim_config(tmp_path, sim, results=str(tmp_path / "results.jsonl"))
+    first = daemons("-c", str(config), stdin=subprocess.PIPE)
+    first.proc.stdin.write(LIST)
+    first.proc.stdin.flush()
+    wait_for(lambda: len(sim.arrivals()) >= 2, 20, "a few calls of the first run")
+    assert first.stop()[0] == 0  # interrupted with most of the list still queued
+    assert sum(sim.placed().values()) < len(NUMBERS)
+
+    again = run_dialerd("run", "-c", str(config), input=LIST, timeout=60)
+    assert again.returncode == 0, again.stderr.decode()
+    assert sim.placed() == Counter(NUMBERS), "each number once"
+
+    results = read_results(tmp_path / "results.jsonl")
+    duplicates = [r for r in results if r["outcome"] == "duplicate"]
+    dialed = {r["id"]: r for r in results if r["outcome"] == "dialed"}
+    assert len(duplicates) == len(NUMBERS) and len(dialed) == len(NUMBERS)
+    for duplicate in duplicates:
+        original = dialed[duplicate["id"]]  # the duplicate's id is its original's
+        assert original["to"] == duplicate["to"]
+        assert f"repeats request {original['id']} ({original['source']}" in duplicate["error"]
+        assert duplicate["source"] == f"stdin:{NUMBERS.index(duplicate['to']) + 1}"
+
+
+def test_a_repeat_within_one_input_is_a_duplicate_and_one_outside_the_window_is_dialed(
+    tmp_path, simulator
+):
+    sim = simulator("--latency", "0.01-0.03")
+    config = sim_config(tmp_path, sim, dedupe_window_s=1)
+    request = json.dumps({"to": NUMBERS[0], "meta": {"n": 1}}).encode() + b"\n"
+    done = run_dialerd("run", "-c", str(config), input=request * 2)
+    assert done.returncode == 0, done.stderr.decode()
+    original, repeat = sorted(result_lines(done.stdout), key=lambda r: r["source"])
+    assert (original["outcome"], repeat["outcome"]) == ("dialed", "duplicate")
+    assert repeat["id"] == original["id"] and original["id"].startswith("c-")
+
+    taken = time.time()
+    wait_for(lambda: time.time() > taken + 1.5, 5, "the window to pass")  # the clock, not a call
+    done = run_dialerd("run", "-c", str(config), input=request)
+    (deliberate,) = result_lines(done.stdout)
+    assert deliberate["outcome"] == "dialed" and deliberate["id"] == original["id"] + ".2"
+    assert [a["to"] for a in sim.arrivals()] == [NUMBERS[0]] * 2
+
+
+def test_with_the_window_off_every_request_is_dialed(tmp_path, simulator):
+    sim = simulator("--latency", "0.01-0.03")
+    config = sim_config(tmp_path, sim, dedupe_window_s=0)
+    request = json.dumps({"to": NUMBERS[0]}).encode() + b"\n"
+    done = run_dialerd("run", "-c", str(config), input=request * 3)
+    results = sorted(result_lines(done.stdout), key=lambda r: r["source"])
+    assert [r["outcome"] for r in results] == ["dialed"] * 3
+    first = results[0]["id"]
+    assert [r["id"] for r in results] == [first, first + ".2", first + ".3"]
+
+
+CONFIG = build_config({"agents": {"a": {"region": "eu", "rate": 1}}})
+
+
+async def test_foresee_says_what_intake_will_do_without_writing_the_ledger(tmp_path):
+    state = tmp_path / "state"
+
+    def requests(*numbers: str, source: str = "t") -> list:
+        return [build_request({"to": n}, CONFIG, f"{source}:{i}") for i, n in enumerate(numbers)]
+
+    taken = requests(NUMBERS[0], NUMBERS[1]) + [build_request({"id": "x", "to": NUMBERS[2]},
+                                                              CONFIG, "t:9")]  # fmt: skip
+    assert foresee(state, taken, 3600) == [(r.id, False) for r in taken], "no ledger yet"
+    ledger = Ledger(state)
+    await asyncio.to_thread(ledger.open)
+    await ledger.add(taken, [], None, 3600)
+    await asyncio.to_thread(ledger.close)
+    before = (state / "ledger.sqlite3").stat().st_mtime_ns
+
+    fed = requests(NUMBERS[0], NUMBERS[3], NUMBERS[3]) + [
+        build_request({"id": "x", "to": NUMBERS[4]}, CONFIG, "u:9")
+    ]
+    assert foresee(state, fed, 3600) == [
+        (taken[0].id, True), (fed[1].id, False), (fed[1].id, True), ("x", True),
+    ]  # fmt: skip
+    assert foresee(state, fed[:1], 0) == [(taken[0].id + ".2", False)]  # window off
+    assert (state / "ledger.sqlite3").stat().st_mtime_ns == before
