@@ -126,9 +126,9 @@ def record_in_ledger(batch: Batch) -> None:
     the parser produced, and every line it queues for the results is strict JSON."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        conn.executescript(ledger_module.SCHEMA)
+        ledger_module.create_schema(conn)
         conn.execute("BEGIN")
-        intake = ledger_module._add(conn, 1, batch.requests, batch.invalid, None)
+        intake = ledger_module._add(conn, 1, batch.requests, batch.invalid, None, 86400)
         conn.execute("COMMIT")
         lines = conn.execute("SELECT line, outcome FROM outbox").fetchall()
         assert intake.accepted + intake.rejected == len(batch)

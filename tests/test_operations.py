@@ -174,8 +174,9 @@ def test_a_file_recorded_then_moved_before_a_crash_does_not_shadow_a_later_one(
     tmp_path, simulator, daemons
 ):
     sim = simulator(*FAST)
-    config = sim_config(tmp_path, sim, spool={"dir": str(tmp_path / "spool")})
-    requests = [{"to": "+447700900801"}]  # no id: the same bytes again are new requests
+    # No id, and no dedupe window: the same bytes again are new requests.
+    config = sim_config(tmp_path, sim, spool={"dir": str(tmp_path / "spool")}, dedupe_window_s=0)
+    requests = [{"to": "+447700900801"}]
     spool_file(tmp_path, "same.jsonl", requests)
     daemon = daemons("-c", str(config))
     results = tmp_path / "state" / "results.jsonl"

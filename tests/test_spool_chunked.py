@@ -295,14 +295,12 @@ def test_an_older_ledgers_spool_files_read_as_complete(tmp_path):
 
 def test_a_file_recorded_chunk_by_chunk_counts_its_items_and_gathers_its_errors(tmp_path):
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.executescript(ledger_module.SCHEMA)
-    for migration in ledger_module.MIGRATIONS:
-        conn.executescript(migration)
+    ledger_module.create_schema(conn)
     invalid = [{"source": "s", "error": "e"}] * 2
 
     def add(digest: str, start: int, errors: str | None, last: bool) -> SpoolRecord:
         chunk = SpoolChunk("f", digest, start, errors, last)
-        ledger_module._add(conn, 1, [], invalid, chunk)
+        ledger_module._add(conn, 1, [], invalid, chunk, 0)
         return ledger_module._spool_files(conn, ["f"], 10)["f"]
 
     assert add("d1", 0, "one\n", False) == SpoolRecord("d1", 2, "one\n")
