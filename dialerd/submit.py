@@ -60,6 +60,11 @@ class InputOptions:
 class Submission:
     documents: list[dict] = field(default_factory=list)  # valid requests, as submitted
     errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong"
+    column_report: str | None = None  # for CSV: "NAME: columns: COLUMN → DESTINATION, ..."
+
+    def report_lines(self) -> list[str]:
+        """What to tell on stderr before the summary: where the columns go, then each bad row."""
+        return ([self.column_report] if self.column_report else []) + self.errors
 
 
 def parse_mapping(options: list[str]) -> dict[str, str]:
@@ -176,11 +181,14 @@ def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Su
     if not rows:
         return Submission(errors=[f"{name}: no header row"])
     (header_line, header), *rows = rows
+    columns = [cell.strip() for cell in header]
     try:
-        destinations = _destinations(header, options.mapping, name)
+        destinations = _destinations(columns, options.mapping, name)
     except _BadHeader as error:
         return Submission(errors=[f"{name}:{header_line}: {error}"])
-    return _validated(rows, destinations, name, config)
+    submission = _validated(rows, destinations, name, config)
+    submission.column_report = f"{name}: columns: " + ", ".join(map(_route, columns, destinations))
+    return submission
 
 
 def _validated(
@@ -198,9 +206,8 @@ def _validated(
     return submission
 
 
-def _destinations(header: list[str], mapping: Mapping[str, str], name: str) -> list[str]:
+def _destinations(columns: list[str], mapping: Mapping[str, str], name: str) -> list[str]:
     """Where each column's cells go: where --map sends it, else where its name says."""
-    columns = [cell.strip() for cell in header]
     for column in mapping:
         if column not in columns:
             raise MapMismatch(f"--map names column {column!r}, which the header of {name} lacks")
@@ -220,6 +227,12 @@ def _destination_by_name(column: str) -> str:
     if not column:
         return IGNORED  # a column without a name cannot say what its cells are (an export's index)
     return column if column in CSV_FIELDS else PARAMETER + column
+
+
+def _route(column: str, destination: str) -> str:
+    """A column and where it goes, for the report of a CSV's columns."""
+    route = f"{column or '(no name)'} → {destination}"
+    return f"{route} (ignored)" if destination == IGNORED else route
 
 
 def _csv_document(destinations: list[str], cells: list[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`dialerd submit --csv`, `--map` and `--encoding` (SPEC §2, §4): CSV columns to request fields
-and session parameters, CSV's quoting, encodings and BOMs as editors write them, and the progress
-bar on a terminal."""
+and session parameters, CSV's quoting, encodings and BOMs as editors write them, the report of
+where each column goes, and the progress bar on a terminal."""
 
 from __future__ import annotations
 
@@ -295,6 +295,19 @@ def test_every_json_input_takes_the_encoding_and_a_bom(env, tmp_path, capsys, te
     assert spooled(env)[0]["meta"] == {"name": "José"}
 
 
+# --- where the columns go -------------------------------------------------------------------------
+
+
+def test_the_columns_are_told_before_the_bad_rows(env, tmp_path, capsys):
+    path = write(tmp_path, "crm.csv", b"to,Name\nnot a number,Ann\n")
+    code, err = submit(env, path, capsys=capsys)
+    assert code == 65
+    columns, bad_row, summary = err.splitlines()
+    assert columns == f"{path}: columns: to → to, Name → session_parameters.Name"
+    assert bad_row.startswith(f"{path}:2: to: ")
+    assert summary.startswith("dialerd: 1 invalid request(s); nothing submitted")
+
+
 # --- the progress bar -----------------------------------------------------------------------------
 
 
@@ -346,9 +359,11 @@ def test_a_long_input_shows_a_progress_bar_on_a_terminal(env, tmp_path):
 
 
 def test_a_short_input_shows_no_bar_on_a_terminal(env, tmp_path):
-    code, shown = submit_on_a_terminal(env, many_rows(tmp_path, 20))
+    path = many_rows(tmp_path, 20)
+    code, shown = submit_on_a_terminal(env, path)
     assert code == 0, shown
-    (said,) = shown.splitlines()
+    columns, said = shown.splitlines()
+    assert columns == f"{path}: columns: to → to, NAME → session_parameters.NAME"
     assert said.startswith("submitted 20 request(s) as ")
 
 
@@ -362,7 +377,8 @@ def test_no_bar_when_stderr_is_not_a_terminal(env, tmp_path):
         env=dialerd_env(),
     )
     assert done.returncode == 0, done.stderr
-    (said,) = done.stderr.decode().splitlines()
+    columns, said = done.stderr.decode().splitlines()
+    assert columns.startswith(f"{path}: columns: ")
     assert said.startswith(f"submitted {PROGRESS_MIN_ROWS} request(s) as ")
     assert "%|" not in said
 
