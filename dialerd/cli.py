@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a CSV column's cells to FIELD: a request field, session_parameters.NAME, "
         "or - for nowhere (repeatable; implies --csv); other columns go by their names",
     )
+    submit.add_argument(
+        "--encoding",
+        metavar="NAME",
+        help="of every input, any Python codec, e.g. cp1252 (default: UTF-8, with or without BOM)",
+    )
 
     check = commands.add_parser("check", help="validate the config")
     check.add_argument("-c", "--config")
@@ -188,28 +193,18 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_submit(args) -> int:
-    from .submit import MapMismatch, drop_into_spool, parse_mapping, read_input
+    from .submit import drop_into_spool
 
-    try:
-        mapping = parse_mapping(args.map)
-    except ValueError as error:
-        raise Failure(f"submit: {error}", EX_USAGE) from None
+    options = _input_options(args)
     config = _load(args)
     if config.spool_dir is None:
         raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
-    documents, errors = [], []
-    for name in args.files:
-        data = _read_input_file(name)
-        try:
-            submission = read_input(
-                data, "stdin" if name == "-" else name, config, args.csv, mapping
-            )
-        except MapMismatch as error:
-            raise Failure(f"submit: {error}", EX_USAGE) from None
-        documents += submission.documents
-        errors += submission.errors
-    for error in errors:
-        print(error, file=sys.stderr)
+    submissions = _submissions(args.files, config, options)
+    for submission in submissions:
+        for line in submission.report_lines():
+            print(line, file=sys.stderr)
+    documents = [document for submission in submissions for document in submission.documents]
+    errors = [error for submission in submissions for error in submission.errors]
     if errors and not args.skip_invalid:
         raise Failure(
             f"{len(errors)} invalid request(s); nothing submitted "
@@ -228,6 +223,33 @@ def cmd_submit(args) -> int:
         file=sys.stderr,
     )
     return EX_OK
+
+
+def _input_options(args):
+    """How `submit`'s options say to read its inputs; a usage error names the option."""
+    from .submit import InputOptions, parse_encoding, parse_mapping
+
+    try:
+        return InputOptions(
+            as_csv=args.csv, mapping=parse_mapping(args.map), encoding=parse_encoding(args.encoding)
+        )
+    except ValueError as error:
+        raise Failure(f"submit: {error}", EX_USAGE) from None
+
+
+def _submissions(names: list[str], config: Config, options) -> list:
+    """Each input read and validated; a --map naming a column one of them lacks is a usage
+    error."""
+    from .submit import MapMismatch, read_input
+
+    submissions = []
+    for name in names:
+        data = _read_input_file(name)
+        try:
+            submissions.append(read_input(data, "stdin" if name == "-" else name, config, options))
+        except MapMismatch as error:
+            raise Failure(f"submit: {error}", EX_USAGE) from None
+    return submissions
 
 
 def _read_input_file(name: str) -> bytes:

@@ -8,6 +8,7 @@ incoming/. A spool file is taken a chunk (CHUNK_ITEMS items) at a time.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import os
 import re
@@ -201,6 +202,10 @@ class StdinSource:
         for line in lines:
             self.lines_read += 1
             source = f"stdin:{self.lines_read}"
+            if self.lines_read == 1 and line:
+                # A BOM, as editors write it, at the stream's very first bytes only; lines come
+                # whole, so one split across reads is whole here.
+                line = line.removeprefix(codecs.BOM_UTF8)
             if line is None:
                 batch.reject(source, f"line longer than {MAX_LINE_BYTES // 1024} KiB", {})
             elif line.strip():

@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -33,6 +34,7 @@ CSV_FIELDS = (
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
+HALF_SURROGATE = re.compile("[\ud800-\udfff]")
 SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
 
@@ -45,10 +47,24 @@ class _BadHeader(Exception):
     """The header row cannot say where each column's cells go."""
 
 
+@dataclass(frozen=True)
+class InputOptions:
+    """How `submit`'s options say to read every input."""
+
+    as_csv: bool = False  # as CSV, whatever it looks like
+    mapping: Mapping[str, str] = field(default_factory=dict)  # --map: {column: destination}
+    encoding: str | None = None  # None: UTF-8, with or without BOM
+
+
 @dataclass
 class Submission:
     documents: list[dict] = field(default_factory=list)  # valid requests, as submitted
     errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong"
+    column_report: str | None = None  # for CSV: "NAME: columns: COLUMN → DESTINATION, ..."
+
+    def report_lines(self) -> list[str]:
+        """What to tell on stderr before the summary: where the columns go, then each bad row."""
+        return ([self.column_report] if self.column_report else []) + self.errors
 
 
 def parse_mapping(options: list[str]) -> dict[str, str]:
@@ -75,21 +91,63 @@ def _is_destination(text: str) -> bool:
     return text in CSV_FIELDS or text == IGNORED
 
 
+def parse_encoding(name: str | None) -> str | None:
+    """`--encoding` as given; ValueError unless Python decodes text with it."""
+    if name is not None:
+        try:
+            io.TextIOWrapper(io.BytesIO(), encoding=name)  # refuses bytes-to-bytes codecs too
+        except LookupError:
+            raise ValueError(
+                f"--encoding {name!r}: not a text encoding Python knows "
+                "(such as utf-8, cp1252, latin-1)"
+            ) from None
+    return name
+
+
 def read_input(
-    data: bytes,
-    name: str,
-    config: Config,
-    as_csv: bool = False,
-    mapping: Mapping[str, str] | None = None,
+    data: bytes, name: str, config: Config, options: InputOptions | None = None
 ) -> Submission:
     """Requests from JSON lines, a JSON object or array, or CSV with a header row.
 
-    `as_csv`, or a `mapping` of CSV columns (see parse_mapping), reads it as CSV whatever it
-    looks like; MapMismatch when the mapping names a column its header lacks.
+    `options.as_csv`, or a mapping of CSV columns, reads it as CSV whatever it looks like;
+    MapMismatch when the mapping names a column its header lacks.
     """
-    data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM, as spreadsheets and editors write it
-    if as_csv or mapping or _looks_like_csv(data):
-        return _read_csv(data, name, config, mapping or {})
+    options = options or InputOptions()
+    try:
+        text = _decoded(data, options.encoding)
+    except ValueError as error:
+        return Submission(errors=[f"{name}: {error}"])
+    if options.as_csv or options.mapping or _looks_like_csv(text):
+        return _read_csv(text, name, config, options)
+    return _read_json(text.encode("utf-8"), name, config)
+
+
+def _decoded(data: bytes, encoding: str | None) -> str:
+    """The input as text, less a BOM (as spreadsheets and editors write it); ValueError names
+    where it is not text of that encoding."""
+    codec = encoding or "utf-8"
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as error:
+        line = data[: error.start].decode(codec, "replace").count("\n") + 1
+        raise ValueError(_not_text(encoding, f"at byte {error.start + 1}, line {line}")) from None
+    if half := HALF_SURROGATE.search(text):  # some codecs (UTF-7) decode to one: no character
+        line = text.count("\n", 0, half.start()) + 1
+        raise ValueError(_not_text(encoding, f"at line {line}"))
+    return text.removeprefix("\ufeff")
+
+
+def _not_text(encoding: str | None, where: str) -> str:
+    if encoding is None:
+        return f"not UTF-8 {where}: pass its encoding, e.g. --encoding cp1252 for an Excel export"
+    return f"not {encoding} {where}: pass its own encoding with --encoding"
+
+
+def _looks_like_csv(text: str) -> bool:
+    return text.lstrip()[:1] not in ("{", "[", "")
+
+
+def _read_json(data: bytes, name: str, config: Config) -> Submission:
     try:
         batch = parse_spool_file(data, name, config)
     except Rejected as error:
@@ -97,11 +155,6 @@ def read_input(
     submission = Submission(errors=[line.removeprefix("spool:") for line in batch.errors])
     submission.documents = [_document(request) for request in batch.requests]
     return submission
-
-
-def _looks_like_csv(data: bytes) -> bool:
-    first = data.lstrip()[:1]
-    return first not in (b"{", b"[", b"")
 
 
 class _Records:
@@ -119,11 +172,7 @@ class _Records:
             self.line = self._reader.line_num + 1
 
 
-def _read_csv(data: bytes, name: str, config: Config, mapping: Mapping[str, str]) -> Submission:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return Submission(errors=[f"{name}: not UTF-8 (byte {error.start + 1})"])
+def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Submission:
     records = _Records(text)
     try:
         rows = list(records)
@@ -132,11 +181,14 @@ def _read_csv(data: bytes, name: str, config: Config, mapping: Mapping[str, str]
     if not rows:
         return Submission(errors=[f"{name}: no header row"])
     (header_line, header), *rows = rows
+    columns = [cell.strip() for cell in header]
     try:
-        destinations = _destinations(header, mapping, name)
+        destinations = _destinations(columns, options.mapping, name)
     except _BadHeader as error:
         return Submission(errors=[f"{name}:{header_line}: {error}"])
-    return _validated(rows, destinations, name, config)
+    submission = _validated(rows, destinations, name, config)
+    submission.column_report = f"{name}: columns: " + ", ".join(map(_route, columns, destinations))
+    return submission
 
 
 def _validated(
@@ -154,9 +206,8 @@ def _validated(
     return submission
 
 
-def _destinations(header: list[str], mapping: Mapping[str, str], name: str) -> list[str]:
+def _destinations(columns: list[str], mapping: Mapping[str, str], name: str) -> list[str]:
     """Where each column's cells go: where --map sends it, else where its name says."""
-    columns = [cell.strip() for cell in header]
     for column in mapping:
         if column not in columns:
             raise MapMismatch(f"--map names column {column!r}, which the header of {name} lacks")
@@ -176,6 +227,12 @@ def _destination_by_name(column: str) -> str:
     if not column:
         return IGNORED  # a column without a name cannot say what its cells are (an export's index)
     return column if column in CSV_FIELDS else PARAMETER + column
+
+
+def _route(column: str, destination: str) -> str:
+    """A column and where it goes, for the report of a CSV's columns."""
+    route = f"{column or '(no name)'} → {destination}"
+    return f"{route} (ignored)" if destination == IGNORED else route
 
 
 def _csv_document(destinations: list[str], cells: list[str]) -> dict[str, Any]:

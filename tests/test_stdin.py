@@ -15,6 +15,7 @@ from conftest import (
     NUMBER_OF_A,
     REPO,
     check_result_shape,
+    dialerd,
     dialerd_env,
     result_lines,
     run_dialerd,
@@ -162,6 +163,25 @@ def test_bad_lines_each_get_a_result_and_never_stop_the_good_ones(tmp_path, simu
     }  # fmt: skip
     sip = next(a for a in sim.arrivals() if a["to"] == "sip:alice@example.com")
     assert sip["region"] == "us" and sip["body"]["agent_id"] == "agent-b"
+
+
+def test_a_bom_opening_stdin_is_read_even_split_across_reads(tmp_path, simulator):
+    """Editors and PowerShell's pipes start a stream with a UTF-8 BOM; only there is it one."""
+    sim = simulator()
+    config = sim_config(tmp_path, sim)
+    first, second = line(id="bom-1", to="447700900401"), line(id="bom-2", to="447700900402")
+    run = dialerd("run", "-c", str(config), stdin=subprocess.PIPE)
+    for piece in (b"\xef", b"\xbb", b"\xbf" + first + b"\n", b"\xef\xbb\xbf" + second + b"\n"):
+        run.stdin.write(piece)
+        run.stdin.flush()
+        time.sleep(0.3)  # each piece its own read
+    stdout, stderr = run.communicate(timeout=30)
+
+    assert run.returncode == 0, stderr.decode()
+    by_source = {result["source"]: result for result in result_lines(stdout)}
+    assert (by_source["stdin:1"]["id"], by_source["stdin:1"]["outcome"]) == ("bom-1", "dialed")
+    assert by_source["stdin:2"]["outcome"] == "invalid"  # a BOM inside the stream is not one
+    assert sim.placed() == Counter({"447700900401": 1})
 
 
 def test_results_to_a_configured_file_are_appended_not_printed(tmp_path, simulator):

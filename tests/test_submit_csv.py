@@ -1,9 +1,11 @@
-"""`dialerd submit --csv` and `--map` (SPEC §2, §4): CSV columns to request fields and session
-parameters, CSV's quoting, and the progress bar on a terminal."""
+"""`dialerd submit --csv`, `--map` and `--encoding` (SPEC §2, §4): CSV columns to request fields
+and session parameters, CSV's quoting, encodings and BOMs as editors write them, the report of
+where each column goes, and the progress bar on a terminal."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import struct
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import dialerd, dialerd_env
-from test_submit import nothing_spooled, spooled, submit, write
+from test_submit import GOOD, incoming, nothing_spooled, spooled, submit, write
 
 from dialerd.submit import PROGRESS_MIN_ROWS
 
@@ -210,6 +212,102 @@ def test_two_columns_for_one_field_are_bad_data(env, tmp_path, capsys, header, o
     assert nothing_spooled(env)
 
 
+# --- encodings and BOMs ---------------------------------------------------------------------------
+
+EXCEL_EXPORT = "to;Last name;First name\r\n447700900123;Müller;Zoë\r\n"
+
+
+def test_a_file_not_in_utf8_names_the_byte_and_line_and_the_option(env, tmp_path, capsys):
+    data = EXCEL_EXPORT.encode("cp1252")
+    path = write(tmp_path, "export.csv", data)
+    code, err = submit(env, "--skip-invalid", path, capsys=capsys)
+    assert code == 65
+    byte = data.index("ü".encode("cp1252")) + 1
+    assert err.splitlines()[0] == (
+        f"{path}: not UTF-8 at byte {byte}, line 2: "
+        "pass its encoding, e.g. --encoding cp1252 for an Excel export"
+    )
+    assert nothing_spooled(env)
+
+
+def test_a_file_not_in_the_given_encoding(env, tmp_path, capsys):
+    data = b"to,Name\n447700900123,\x81\n"  # 0x81 has no character in cp1252
+    path = write(tmp_path, "export.csv", data)
+    code, err = submit(env, "--encoding", "cp1252", path, capsys=capsys)
+    assert code == 65
+    assert err.splitlines()[0] == (
+        f"{path}: not cp1252 at byte {len(data) - 1}, line 2: pass its own encoding with --encoding"
+    )
+    assert nothing_spooled(env)
+
+
+def test_text_that_decodes_to_half_a_character_is_refused(env, tmp_path, capsys):
+    path = write(tmp_path, "c.csv", b"to,Name\n447700900123,+2D0-\n")  # UTF-7: half a pair
+    code, err = submit(env, "--encoding", "utf-7", path, capsys=capsys)
+    assert code == 65
+    assert err.splitlines()[0] == (
+        f"{path}: not utf-7 at line 2: pass its own encoding with --encoding"
+    )
+    assert nothing_spooled(env)
+
+
+@pytest.mark.parametrize("name", ["no-such-codec", "base64", "rot13", ""])
+def test_an_unknown_encoding_is_a_usage_error(env, tmp_path, capsys, name):
+    path = write(tmp_path, "c.csv", b"to\n447700900123\n")
+    code, err = submit(env, "--encoding", name, path, capsys=capsys)
+    assert code == 64
+    assert err == (
+        f"dialerd: submit: --encoding {name!r}: not a text encoding Python knows "
+        "(such as utf-8, cp1252, latin-1)\n"
+    )
+    assert nothing_spooled(env)
+
+
+JOSE = {"to": "447700900123", "meta": {"name": "José"}}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [json.dumps(JOSE, ensure_ascii=False) + "\n" + json.dumps(GOOD) + "\n",  # JSON lines
+     json.dumps(JOSE, ensure_ascii=False, indent=2),  # a JSON object
+     json.dumps([JOSE, GOOD], ensure_ascii=False)],  # a JSON array
+)  # fmt: skip
+def test_every_json_input_takes_the_encoding_and_a_bom(env, tmp_path, capsys, text):
+    latin = write(tmp_path, "latin.json", text.encode("cp1252"))
+    code, err = submit(env, latin, capsys=capsys)
+    assert code == 65
+    assert f"{latin}: not UTF-8 at byte" in err and "--encoding cp1252" in err
+    utf16 = write(tmp_path, "utf16.json", text.encode("utf-16"))
+    code, err = submit(env, "--encoding", "cp1252", latin, capsys=capsys)
+    assert code == 0, err
+    assert spooled(env)[0]["meta"] == {"name": "José"}
+    assert err.startswith("submitted ")  # no column report: not CSV
+    for path in incoming(env).iterdir():
+        path.unlink()
+    code, err = submit(env, "--encoding", "utf-16", utf16, capsys=capsys)
+    assert code == 0, err
+    assert spooled(env)[0]["meta"] == {"name": "José"}
+    for path in incoming(env).iterdir():
+        path.unlink()
+    with_bom = write(tmp_path, "bom.json", b"\xef\xbb\xbf" + text.encode())
+    code, err = submit(env, with_bom, capsys=capsys)
+    assert code == 0, err
+    assert spooled(env)[0]["meta"] == {"name": "José"}
+
+
+# --- where the columns go -------------------------------------------------------------------------
+
+
+def test_the_columns_are_told_before_the_bad_rows(env, tmp_path, capsys):
+    path = write(tmp_path, "crm.csv", b"to,Name\nnot a number,Ann\n")
+    code, err = submit(env, path, capsys=capsys)
+    assert code == 65
+    columns, bad_row, summary = err.splitlines()
+    assert columns == f"{path}: columns: to → to, Name → session_parameters.Name"
+    assert bad_row.startswith(f"{path}:2: to: ")
+    assert summary.startswith("dialerd: 1 invalid request(s); nothing submitted")
+
+
 # --- the progress bar -----------------------------------------------------------------------------
 
 
@@ -261,9 +359,11 @@ def test_a_long_input_shows_a_progress_bar_on_a_terminal(env, tmp_path):
 
 
 def test_a_short_input_shows_no_bar_on_a_terminal(env, tmp_path):
-    code, shown = submit_on_a_terminal(env, many_rows(tmp_path, 20))
+    path = many_rows(tmp_path, 20)
+    code, shown = submit_on_a_terminal(env, path)
     assert code == 0, shown
-    (said,) = shown.splitlines()
+    columns, said = shown.splitlines()
+    assert columns == f"{path}: columns: to → to, NAME → session_parameters.NAME"
     assert said.startswith("submitted 20 request(s) as ")
 
 
@@ -277,7 +377,8 @@ def test_no_bar_when_stderr_is_not_a_terminal(env, tmp_path):
         env=dialerd_env(),
     )
     assert done.returncode == 0, done.stderr
-    (said,) = done.stderr.decode().splitlines()
+    columns, said = done.stderr.decode().splitlines()
+    assert columns.startswith(f"{path}: columns: ")
     assert said.startswith(f"submitted {PROGRESS_MIN_ROWS} request(s) as ")
     assert "%|" not in said
 
