@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as dt
 import io
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .request import InvalidRequest, build_request
+from .request import InvalidRequest, build_request, exact_moment
 from .sources import Rejected, parse_spool_file
 
 CSV_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
@@ -267,8 +266,10 @@ def _with_progress(rows: list, name: str) -> Iterable:
 
 
 def _document(request) -> dict:
-    """The request as a spool line: normalised, with every field it was given."""
-    document: dict[str, Any] = {"id": request.id, "to": request.to}
+    """The request as a spool line: normalised, with every field it was given. An id made from
+    the content is left out: the daemon makes the same one, and judges it by dedupe_window_s."""
+    document: dict[str, Any] = {} if request.id_from_content else {"id": request.id}
+    document["to"] = request.to
     if request.sender:
         document["from"] = request.sender
     else:
@@ -284,8 +285,9 @@ def _document(request) -> dict:
     for name in ("not_before", "expires_at"):
         moment = getattr(request, name)
         if moment is not None:
-            exact = dt.datetime.fromtimestamp(moment, dt.UTC).isoformat()  # to the microsecond
-            document[name] = exact.replace("+00:00", "Z")
+            document[name] = exact_moment(moment)
+    if request.campaign is not None:
+        document["campaign"] = request.campaign
     if request.meta is not None:
         document["meta"] = request.meta
     return document

@@ -120,8 +120,9 @@ def test_a_json_array_reports_bad_items_by_position(env, tmp_path, capsys):
     data = json.dumps([GOOD, BAD_TO, GOOD, [1]], indent=1)
     code, err = submit(env, write(tmp_path, "many.json", data.encode()), capsys=capsys)
     assert code == 65
-    assert "#2: to: " in err and "#4: " in err
-    assert "#1" not in err and "#3" not in err
+    starts = [n for n, line in enumerate(data.splitlines(), 1) if line in (" {", " [")]
+    assert f":{starts[1]}: to: " in err and f":{starts[3]}: " in err  # each item's first line
+    assert f":{starts[0]}:" not in err and f":{starts[2]}:" not in err
     assert nothing_spooled(env)
 
 
@@ -152,10 +153,11 @@ def test_csv_with_a_header(env, tmp_path, capsys):
         "session_parameters": {"CALLER_NAME": 'Zoë "Z" Ng'},
         "hangup_on_answer_machine": False,
     }
-    # Empty cells are left out: the default agent, a generated id, only the given parameter.
+    # Empty cells are left out: the default agent, an id made by the daemon, only the given
+    # parameter.
     assert third["to"] == "447700900124" and third["agent_id"] == "agent-eu"
     assert third["session_parameters"] == {"Greeting": "Hi"}
-    assert third["id"] not in ("r1", "r2") and third["id"]
+    assert "id" not in third
 
 
 def test_csv_without_bom_and_with_lf(env, tmp_path, capsys):
@@ -320,16 +322,19 @@ def test_a_lone_surrogate_is_bad_data_not_a_crash(env, tmp_path, capsys):
 # --- what goes into the spool --------------------------------------------------------------------
 
 
-def test_ids_are_generated_at_submit_time(env, tmp_path, capsys):
-    code, err = submit(env, write(tmp_path, "x.jsonl", lines(GOOD, GOOD, GOOD)), capsys=capsys)
+def test_ids_made_from_the_content_are_made_again_by_the_daemon(env, tmp_path, capsys):
+    given = {**GOOD, "id": "crm-1"}
+    code, err = submit(env, write(tmp_path, "x.jsonl", lines(GOOD, given)), capsys=capsys)
     assert code == 0, err
-    ids = [d["id"] for d in spooled(env)]
-    assert len(set(ids)) == 3 and all(ids)
-    # The daemon reads the same ids back: a resubmitted spool file is a duplicate, not a redial.
+    assert ["id" in d for d in spooled(env)] == [False, True]
+    # The daemon makes the same id from the content: the same list fed again is a duplicate.
     spool_file = next(incoming(env).iterdir())
     config = load_config(env)
-    batch = parse_spool_file(spool_file.read_bytes(), spool_file.name, config)
-    assert [r.id for r in batch.requests] == ids
+    batch = parse_spool_file(spool_file.read_bytes(), "spool:x", config)
+    ours = read_input(lines(GOOD), "x.jsonl", config).documents
+    assert [r.id for r in batch.requests][1] == "crm-1"
+    assert batch.requests[0].id_from_content and batch.requests[0].id.startswith("c-")
+    assert parse_spool_file(lines(*ours), "spool:y", config).requests[0].id == batch.requests[0].id
     assert batch.invalid == []
 
 
