@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or - for nowhere (repeatable; implies --csv); other columns go by their names",
     )
     submit.add_argument(
+        "--delimiter",
+        metavar="D",
+        help="CSV's delimiter: , ; | or tab (default: Excel's sep= first line, else the one "
+        "that gives the header the most columns)",
+    )
+    submit.add_argument(
         "--encoding",
         metavar="NAME",
         help="of every input, any Python codec, e.g. cp1252 (default: UTF-8, with or without BOM)",
@@ -227,11 +233,14 @@ def cmd_submit(args) -> int:
 
 def _input_options(args):
     """How `submit`'s options say to read its inputs; a usage error names the option."""
-    from .submit import InputOptions, parse_encoding, parse_mapping
+    from .submit import InputOptions, parse_delimiter, parse_encoding, parse_mapping
 
     try:
         return InputOptions(
-            as_csv=args.csv, mapping=parse_mapping(args.map), encoding=parse_encoding(args.encoding)
+            as_csv=args.csv,
+            mapping=parse_mapping(args.map),
+            delimiter=parse_delimiter(args.delimiter),
+            encoding=parse_encoding(args.encoding),
         )
     except ValueError as error:
         raise Failure(f"submit: {error}", EX_USAGE) from None

@@ -34,6 +34,11 @@ CSV_FIELDS = (
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
+DELIMITERS = (",", ";", "\t", "|")  # a CSV's delimiter is one of these; a sniffed tie: the first
+DELIMITER_NAMES = {**{delimiter: delimiter for delimiter in DELIMITERS}, "tab": "\t", "\\t": "\t"}
+# Excel's first line naming the delimiter: a line of its own, before the header.
+SEPARATOR_LINE = re.compile(f"sep=([{re.escape(''.join(DELIMITERS))}])(?:\r\n|\r|\n|\\Z)")
+SNIFFED_CHARS = 64 * 1024  # the start of a CSV that holds its header, to sniff the delimiter in
 HALF_SURROGATE = re.compile("[\ud800-\udfff]")
 SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
@@ -53,6 +58,7 @@ class InputOptions:
 
     as_csv: bool = False  # as CSV, whatever it looks like
     mapping: Mapping[str, str] = field(default_factory=dict)  # --map: {column: destination}
+    delimiter: str | None = None  # None: Excel's sep= line, else sniffed from the header
     encoding: str | None = None  # None: UTF-8, with or without BOM
 
 
@@ -89,6 +95,16 @@ def _is_destination(text: str) -> bool:
     if text.startswith(PARAMETER):
         return text != PARAMETER  # a parameter needs a name
     return text in CSV_FIELDS or text == IGNORED
+
+
+def parse_delimiter(text: str | None) -> str | None:
+    """`--delimiter` as its character (tab written `tab` or `\\t`); ValueError if not one."""
+    if text is None:
+        return None
+    try:
+        return DELIMITER_NAMES[text.lower()]
+    except KeyError:
+        raise ValueError(f"--delimiter {text!r}: expected , ; | or tab") from None
 
 
 def parse_encoding(name: str | None) -> str | None:
@@ -161,19 +177,21 @@ class _Records:
     """Non-blank CSV records, each with the line it starts on: a quoted cell may hold newlines,
     so a record may span several lines, and its first is the one to report."""
 
-    def __init__(self, text: str):
-        self._reader = csv.reader(io.StringIO(text, newline=""))
-        self.line = 1  # where the record being read starts
+    def __init__(self, text: str, delimiter: str, first_line: int = 1):
+        self._reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        self._first_line = first_line  # of the file, where `text` starts
+        self.line = first_line  # where the record being read starts
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         for cells in self._reader:
             if any(cell.strip() for cell in cells):  # a row of empty cells is a blank line
                 yield self.line, cells
-            self.line = self._reader.line_num + 1
+            self.line = self._first_line + self._reader.line_num
 
 
 def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Submission:
-    records = _Records(text)
+    text, first_line, said = _without_separator_line(text)
+    records = _Records(text, options.delimiter or said or _sniffed_delimiter(text), first_line)
     try:
         rows = list(records)
     except csv.Error as error:
@@ -189,6 +207,32 @@ def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Su
     submission = _validated(rows, destinations, name, config)
     submission.column_report = f"{name}: columns: " + ", ".join(map(_route, columns, destinations))
     return submission
+
+
+def _without_separator_line(text: str) -> tuple[str, int, str | None]:
+    """The text less Excel's `sep=X` first line, the file's line it then starts on, and X."""
+    said = SEPARATOR_LINE.match(text)
+    if said is None:
+        return text, 1, None
+    return text[said.end() :], 2, said[1]
+
+
+def _sniffed_delimiter(text: str) -> str:
+    """The delimiter that gives the header the most columns, read as CSV (a quoted cell may hold
+    the others); a tie goes to the first of DELIMITERS, so a one-column header's is ','.
+
+    Not csv.Sniffer: even held to DELIMITERS, it gives up on a one-column header, and it goes
+    by its own preferences before the count of columns ('a,b;c;d' is ',' to it).
+    """
+    start = text[:SNIFFED_CHARS]
+    return max(DELIMITERS, key=lambda delimiter: len(_first_record(start, delimiter)))
+
+
+def _first_record(text: str, delimiter: str) -> list[str]:
+    try:
+        return next(iter(_Records(text, delimiter)), (0, []))[1]
+    except csv.Error:  # not CSV with this delimiter: it gives no columns
+        return []
 
 
 def _validated(

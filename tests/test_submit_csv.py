@@ -1,6 +1,6 @@
-"""`dialerd submit --csv`, `--map` and `--encoding` (SPEC §2, §4): CSV columns to request fields
-and session parameters, CSV's quoting, encodings and BOMs as editors write them, the report of
-where each column goes, and the progress bar on a terminal."""
+"""`dialerd submit --csv`, `--map`, `--delimiter` and `--encoding` (SPEC §2, §4): CSV columns to
+request fields and session parameters, delimiters and encodings as spreadsheets write them, the
+report of where each column goes, and the progress bar on a terminal."""
 
 from __future__ import annotations
 
@@ -212,9 +212,87 @@ def test_two_columns_for_one_field_are_bad_data(env, tmp_path, capsys, header, o
     assert nothing_spooled(env)
 
 
+# --- delimiters -----------------------------------------------------------------------------------
+
+DIANE = {"to": "447700900123", "agent_id": "agent-eu",
+         "session_parameters": {"First name": "Diane", "Last name": "Miller"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_the_delimiter_is_sniffed_from_the_header(env, tmp_path, capsys, delimiter):
+    data = delimiter.join(["to", "First name", "Last name"]) + "\n"
+    data += delimiter.join(["447700900123", "Diane", "Miller"]) + "\n"
+    code, err = submit(env, write(tmp_path, "c.csv", data.encode()), capsys=capsys)
+    assert code == 0, err
+    assert without_ids(spooled(env)) == [DIANE]
+
+
+def test_the_delimiter_giving_the_most_columns_wins_and_quotes_count(env, tmp_path, capsys):
+    # Three commas against two semicolons, but the commas are inside a quoted cell.
+    data = '"Notes, a, b, c";to;Name\n"x, y";447700900123;"Miller; Diane|Ng\tZoë"\n'
+    code, err = submit(env, write(tmp_path, "c.csv", data.encode()), capsys=capsys)
+    assert code == 0, err
+    assert without_ids(spooled(env)) == [
+        {"to": "447700900123", "agent_id": "agent-eu",
+         "session_parameters": {"Notes, a, b, c": "x, y", "Name": "Miller; Diane|Ng\tZoë"}}
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("header", "delimiter"),
+    [("to,Name;x", ","), ("to;Name\tx", ";"), ("to\tName|x", "\t"), ("to", ",")],
+)
+def test_a_tie_goes_to_the_first_of_comma_semicolon_tab_pipe(
+    env, tmp_path, capsys, header, delimiter
+):
+    path = write(tmp_path, "c.csv", f"{header}\n447700900123\n".encode())
+    code, err = submit(env, path, capsys=capsys)
+    assert code == 0, err
+    columns = header.split(delimiter)
+    assert err.splitlines()[0] == f"{path}: columns: " + ", ".join(
+        f"{column} → " + ("to" if column == "to" else f"session_parameters.{column}")
+        for column in columns
+    )
+
+
+def test_a_sep_line_with_semicolons_as_excel_writes_it(env, tmp_path, capsys):
+    data = "sep=;\r\nto;First name;Last name\r\n447700900123;Diane;Miller\r\nbad;x;y\r\n"
+    path = write(tmp_path, "excel.csv", data.encode())
+    code, err = submit(env, "--skip-invalid", path, capsys=capsys)
+    assert code == 0, err
+    assert f"{path}:4: to: " in err
+    assert without_ids(spooled(env)) == [DIANE]
+
+
+def test_the_delimiter_option_overrides_a_sep_line(env, tmp_path, capsys):
+    path = write(tmp_path, "c.csv", b"sep=;\nto|a;b\n447700900123|x;y\n")
+    code, err = submit(env, "--delimiter", "|", path, capsys=capsys)
+    assert code == 0, err
+    assert spooled(env)[0]["session_parameters"] == {"a;b": "x;y"}
+
+
+@pytest.mark.parametrize("option", ["x", ":", "", ",,", "space", "\\n"])
+def test_another_delimiter_is_a_usage_error(env, tmp_path, capsys, option):
+    path = write(tmp_path, "c.csv", b"to\n447700900123\n")
+    code, err = submit(env, "--delimiter", option, path, capsys=capsys)
+    assert code == 64
+    assert err == f"dialerd: submit: --delimiter {option!r}: expected , ; | or tab\n"
+    assert nothing_spooled(env)
+
+
 # --- encodings and BOMs ---------------------------------------------------------------------------
 
 EXCEL_EXPORT = "to;Last name;First name\r\n447700900123;Müller;Zoë\r\n"
+MULLER = {"to": "447700900123", "agent_id": "agent-eu",
+          "session_parameters": {"Last name": "Müller", "First name": "Zoë"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-16", "UTF-8", "utf-8-sig"])
+def test_the_encoding_option_reads_a_csv(env, tmp_path, capsys, encoding):
+    path = write(tmp_path, "export.csv", EXCEL_EXPORT.encode(encoding))
+    code, err = submit(env, "--encoding", encoding, path, capsys=capsys)
+    assert code == 0, err
+    assert without_ids(spooled(env)) == [MULLER]
 
 
 def test_a_file_not_in_utf8_names_the_byte_and_line_and_the_option(env, tmp_path, capsys):
@@ -295,7 +373,36 @@ def test_every_json_input_takes_the_encoding_and_a_bom(env, tmp_path, capsys, te
     assert spooled(env)[0]["meta"] == {"name": "José"}
 
 
+def test_a_bom_and_crlf_in_a_semicolon_csv(env, tmp_path, capsys):
+    data = ("\ufeff" + EXCEL_EXPORT + "bad;x;y\r\n").encode()
+    path = write(tmp_path, "export.csv", data)
+    code, err = submit(env, "--skip-invalid", path, capsys=capsys)
+    assert code == 0, err
+    assert f"{path}:3: to: " in err
+    assert err.startswith(f"{path}: columns: to → to, Last name → session_parameters.Last name")
+    assert without_ids(spooled(env)) == [MULLER]
+
+
 # --- where the columns go -------------------------------------------------------------------------
+
+
+def test_submit_says_once_where_each_column_of_each_csv_goes(env, tmp_path, capsys):
+    crm = write(tmp_path, "crm.csv", b"Phone,First name,Notes,\n+44 7700 900123,Diane,x,1\n")
+    plain = write(
+        tmp_path, "plain.csv", b"Notes;expires_at;Phone\n;2099-01-01T00:00:00Z;447700900124\n"
+    )
+    options = ("--map", "Phone=to", "--map", "Notes=-")
+    code, err = submit(env, *options, crm, plain, capsys=capsys)
+    assert code == 0, err
+    columns_of_crm, columns_of_plain, summary = err.splitlines()
+    assert columns_of_crm == (
+        f"{crm}: columns: Phone → to, First name → session_parameters.First name, "
+        "Notes → - (ignored), (no name) → - (ignored)"
+    )
+    assert columns_of_plain == (
+        f"{plain}: columns: Notes → - (ignored), expires_at → expires_at, Phone → to"
+    )
+    assert summary.startswith("submitted 2 request(s) as ")
 
 
 def test_the_columns_are_told_before_the_bad_rows(env, tmp_path, capsys):
