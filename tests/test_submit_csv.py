@@ -709,6 +709,16 @@ def test_a_long_input_shows_a_progress_bar_on_a_terminal(env, tmp_path):
     assert len(spooled(env)) == PROGRESS_MIN_ROWS
 
 
+def test_a_hundred_thousand_rows_under_the_bar_are_all_spooled(env, tmp_path):
+    count = 100_000
+    path = many_rows(tmp_path, count)
+    code, shown = submit_on_a_terminal(env, path, timeout=120)
+    assert code == 0, shown[-2000:]
+    assert "100%|" in shown and f"{count}/{count}" in shown, shown[-2000:]
+    assert shown.index(f"{path}: columns: ") < shown.index(f"submitted {count} request(s)")
+    assert [d["to"] for d in spooled(env)] == [f"4477009{n:05d}" for n in range(count)]
+
+
 def test_a_short_input_shows_no_bar_on_a_terminal(env, tmp_path):
     path = many_rows(tmp_path, 20)
     code, shown = submit_on_a_terminal(env, path)
