@@ -60,9 +60,14 @@ def _load(args) -> Config:
 
 
 def _config_message(error: ConfigError) -> str:
-    if len(error.problems) == 1:
-        return f"bad config: {error.problems[0]}"
-    return "bad config:\n" + "\n".join(f"  {p}" for p in error.problems)
+    return _listed("bad config", error.problems)
+
+
+def _listed(what: str, problems: list[str]) -> str:
+    """One problem on the line that says what is wrong; more on lines of their own below it."""
+    if len(problems) == 1:
+        return f"{what}: {problems[0]}"
+    return f"{what}:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLUMN=FIELD",
         help="send a CSV column's cells to FIELD: a request field, session_parameters.NAME, "
         "or - for nowhere (repeatable; implies --csv); other columns go by their names",
+    )
+    submit.add_argument(
+        "--delimiter",
+        metavar="D",
+        help="CSV's delimiter: , ; | or tab (default: Excel's sep= first line, else the one "
+        "that gives the header the most columns)",
     )
     submit.add_argument(
         "--encoding",
@@ -203,6 +214,9 @@ def cmd_submit(args) -> int:
     for submission in submissions:
         for line in submission.report_lines():
             print(line, file=sys.stderr)
+    header_faults = [fault for submission in submissions for fault in submission.header_faults]
+    if header_faults:  # not bad rows: --skip-invalid cannot tell which cells are what
+        raise Failure(_listed("bad CSV header, nothing submitted", header_faults), EX_DATAERR)
     documents = [document for submission in submissions for document in submission.documents]
     errors = [error for submission in submissions for error in submission.errors]
     if errors and not args.skip_invalid:
@@ -227,11 +241,14 @@ def cmd_submit(args) -> int:
 
 def _input_options(args):
     """How `submit`'s options say to read its inputs; a usage error names the option."""
-    from .submit import InputOptions, parse_encoding, parse_mapping
+    from .submit import InputOptions, parse_delimiter, parse_encoding, parse_mapping
 
     try:
         return InputOptions(
-            as_csv=args.csv, mapping=parse_mapping(args.map), encoding=parse_encoding(args.encoding)
+            as_csv=args.csv,
+            mapping=parse_mapping(args.map),
+            delimiter=parse_delimiter(args.delimiter),
+            encoding=parse_encoding(args.encoding),
         )
     except ValueError as error:
         raise Failure(f"submit: {error}", EX_USAGE) from None

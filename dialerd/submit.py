@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,7 +22,8 @@ from .request import InvalidRequest, build_request, exact_moment
 from .sources import Rejected, parse_spool_file
 
 CSV_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
-# The request fields a CSV cell can hold; a column of any other name is a session parameter.
+# The request fields a CSV cell can hold, each the column of its name; a column of any other name
+# is a session parameter. The --map choices and the header's checks all derive from this tuple.
 CSV_FIELDS = (
     "to",
     "agent_id",
@@ -33,6 +35,15 @@ CSV_FIELDS = (
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
+DELIMITERS = (",", ";", "\t", "|")  # a CSV's delimiter is one of these; a sniffed tie: the first
+DELIMITER_NAMES = {**{delimiter: delimiter for delimiter in DELIMITERS}, "tab": "\t", "\\t": "\t"}
+# Excel's first line naming the delimiter: a line of its own, before the header.
+SEPARATOR_LINE = re.compile(f"sep=([{re.escape(''.join(DELIMITERS))}])(?:\r\n|\r|\n|\\Z)")
+SNIFFED_CHARS = 64 * 1024  # the start of a CSV that holds its header, to sniff the delimiter in
+NAME_NOISE = re.compile(r"[\s_-]+")  # what a column's name may differ from a field's by, and case
+NAME_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # "PhoneNumber": "Phone", "Number"
+# How a phone column's name may start a word ("Mobile", "TelNo"), the likeliest first.
+PHONE_STEMS = ("msisdn", "mobil", "cell", "phone", "tel", "number")
 HALF_SURROGATE = re.compile("[\ud800-\udfff]")
 SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
@@ -42,23 +53,22 @@ class MapMismatch(Exception):
     """A --map names a column that an input's header lacks: a usage error, not bad data."""
 
 
-class _BadHeader(Exception):
-    """The header row cannot say where each column's cells go."""
-
-
 @dataclass(frozen=True)
 class InputOptions:
     """How `submit`'s options say to read every input."""
 
     as_csv: bool = False  # as CSV, whatever it looks like
     mapping: Mapping[str, str] = field(default_factory=dict)  # --map: {column: destination}
+    delimiter: str | None = None  # None: Excel's sep= line, else sniffed from the header
     encoding: str | None = None  # None: UTF-8, with or without BOM
 
 
 @dataclass
 class Submission:
     documents: list[dict] = field(default_factory=list)  # valid requests, as submitted
-    errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong"
+    errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong", per bad row
+    # "NAME:LINE: what is wrong" with a CSV header: it says no row's meaning, so none is read
+    header_faults: list[str] = field(default_factory=list)
     column_report: str | None = None  # for CSV: "NAME: columns: COLUMN → DESTINATION, ..."
 
     def report_lines(self) -> list[str]:
@@ -88,6 +98,16 @@ def _is_destination(text: str) -> bool:
     if text.startswith(PARAMETER):
         return text != PARAMETER  # a parameter needs a name
     return text in CSV_FIELDS or text == IGNORED
+
+
+def parse_delimiter(text: str | None) -> str | None:
+    """`--delimiter` as its character (tab written `tab` or `\\t`); ValueError if not one."""
+    if text is None:
+        return None
+    try:
+        return DELIMITER_NAMES[text.lower()]
+    except KeyError:
+        raise ValueError(f"--delimiter {text!r}: expected , ; | or tab") from None
 
 
 def parse_encoding(name: str | None) -> str | None:
@@ -160,19 +180,21 @@ class _Records:
     """Non-blank CSV records, each with the line it starts on: a quoted cell may hold newlines,
     so a record may span several lines, and its first is the one to report."""
 
-    def __init__(self, text: str):
-        self._reader = csv.reader(io.StringIO(text, newline=""))
-        self.line = 1  # where the record being read starts
+    def __init__(self, text: str, delimiter: str, first_line: int = 1):
+        self._reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        self._first_line = first_line  # of the file, where `text` starts
+        self.line = first_line  # where the record being read starts
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         for cells in self._reader:
             if any(cell.strip() for cell in cells):  # a row of empty cells is a blank line
                 yield self.line, cells
-            self.line = self._reader.line_num + 1
+            self.line = self._first_line + self._reader.line_num
 
 
 def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Submission:
-    records = _Records(text)
+    text, first_line, said = _without_separator_line(text)
+    records = _Records(text, options.delimiter or said or _sniffed_delimiter(text), first_line)
     try:
         rows = list(records)
     except csv.Error as error:
@@ -181,13 +203,39 @@ def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Su
         return Submission(errors=[f"{name}: no header row"])
     (header_line, header), *rows = rows
     columns = [cell.strip() for cell in header]
-    try:
-        destinations = _destinations(columns, options.mapping, name)
-    except _BadHeader as error:
-        return Submission(errors=[f"{name}:{header_line}: {error}"])
+    destinations = _destinations(columns, options.mapping, name)
+    faults = _header_faults(columns, destinations, options.mapping)
+    if faults:
+        return Submission(header_faults=[f"{name}:{header_line}: {fault}" for fault in faults])
     submission = _validated(rows, destinations, name, config)
     submission.column_report = f"{name}: columns: " + ", ".join(map(_route, columns, destinations))
     return submission
+
+
+def _without_separator_line(text: str) -> tuple[str, int, str | None]:
+    """The text less Excel's `sep=X` first line, the file's line it then starts on, and X."""
+    said = SEPARATOR_LINE.match(text)
+    if said is None:
+        return text, 1, None
+    return text[said.end() :], 2, said[1]
+
+
+def _sniffed_delimiter(text: str) -> str:
+    """The delimiter that gives the header the most columns, read as CSV (a quoted cell may hold
+    the others); a tie goes to the first of DELIMITERS, so a one-column header's is ','.
+
+    Not csv.Sniffer: even held to DELIMITERS, it gives up on a one-column header, and it goes
+    by its own preferences before the count of columns ('a,b;c;d' is ',' to it).
+    """
+    start = text[:SNIFFED_CHARS]
+    return max(DELIMITERS, key=lambda delimiter: len(_first_record(start, delimiter)))
+
+
+def _first_record(text: str, delimiter: str) -> list[str]:
+    try:
+        return next(iter(_Records(text, delimiter)), (0, []))[1]
+    except csv.Error:  # not CSV with this delimiter: it gives no columns
+        return []
 
 
 def _validated(
@@ -210,16 +258,7 @@ def _destinations(columns: list[str], mapping: Mapping[str, str], name: str) -> 
     for column in mapping:
         if column not in columns:
             raise MapMismatch(f"--map names column {column!r}, which the header of {name} lacks")
-    destinations = [mapping.get(column) or _destination_by_name(column) for column in columns]
-    column_of: dict[str, str] = {}
-    for column, destination in zip(columns, destinations, strict=True):
-        if destination in column_of:
-            raise _BadHeader(
-                f"columns {column_of[destination]!r} and {column!r} both give {destination}"
-            )
-        if destination != IGNORED:
-            column_of[destination] = column
-    return destinations
+    return [mapping.get(column) or _destination_by_name(column) for column in columns]
 
 
 def _destination_by_name(column: str) -> str:
@@ -232,6 +271,93 @@ def _route(column: str, destination: str) -> str:
     """A column and where it goes, for the report of a CSV's columns."""
     route = f"{column or '(no name)'} → {destination}"
     return f"{route} (ignored)" if destination == IGNORED else route
+
+
+def _header_faults(
+    columns: list[str], destinations: list[str], mapping: Mapping[str, str]
+) -> list[str]:
+    """What makes the header unfit to read rows by, each with its fix: no column for `to`
+    (unless a column looks like `to`: its own fault says so), a column that looks like a field
+    but would quietly be a session parameter, and two columns for one field."""
+    lookalikes = {
+        column: resembled
+        for column in columns
+        if column not in mapping and (resembled := _field_resembled(column))
+    }
+    faults = []
+    if "to" not in destinations and "to" not in lookalikes.values():
+        faults.append(_missing_to(columns, mapping))
+    faults += [_lookalike(column, resembled) for column, resembled in lookalikes.items()]
+    return faults + _duplicates(columns, destinations)
+
+
+def _field_resembled(column: str) -> str | None:
+    """The field a column's name resembles without being it: the same but for case, spaces,
+    '-', '_' and camelCase ("agentId", "Agent ID"), or a field's first words ("expires")."""
+    if column in CSV_FIELDS:
+        return None
+    spelling = _bare(column)
+    for name in CSV_FIELDS:
+        words = name.split("_")
+        if spelling in ("".join(words[:count]) for count in range(1, len(words) + 1)):
+            return name
+    return None
+
+
+def _bare(name: str) -> str:
+    """A name without case, spaces, '-' and '_': "Agent ID" is "agentid"."""
+    return NAME_NOISE.sub("", name).lower()
+
+
+def _lookalike(column: str, resembled: str) -> str:
+    return (
+        f"column {column!r} looks like {resembled} but would be a session parameter: "
+        f"{_map_option(column, resembled)} makes it {resembled}, "
+        f"{_map_option(column, PARAMETER + column)} keeps it a parameter, or rename it"
+    )
+
+
+def _missing_to(columns: list[str], mapping: Mapping[str, str]) -> str:
+    phone = _likeliest_phone_column([column for column in columns if column not in mapping])
+    if phone is None:
+        fix = "name the column of numbers to, or add --map COLUMN=to"
+    else:
+        fix = f"{_map_option(phone, 'to')} takes the numbers from {phone!r}"
+    return f"no column for to (the header has {', '.join(map(repr, columns))}): {fix}"
+
+
+def _likeliest_phone_column(columns: list[str]) -> str | None:
+    """The column whose name most looks like a phone number's ("Mobile" before "Number")."""
+    phone_like = [column for column in columns if _phone_rank(column) is not None]
+    return min(phone_like, key=_phone_rank, default=None)  # a tie: the first in the header
+
+
+def _phone_rank(column: str) -> int | None:
+    """Where the likeliest of PHONE_STEMS that starts a word of the name stands among them."""
+    words = [word.lower() for word in NAME_WORD.findall(column)]
+    return next(
+        (rank for rank, stem in enumerate(PHONE_STEMS) if any(w.startswith(stem) for w in words)),
+        None,
+    )
+
+
+def _duplicates(columns: list[str], destinations: list[str]) -> list[str]:
+    column_of: dict[str, str] = {}
+    faults = []
+    for column, destination in zip(columns, destinations, strict=True):
+        if destination in column_of:
+            faults.append(
+                f"columns {column_of[destination]!r} and {column!r} both give {destination}: "
+                "remove or rename one, or --map it elsewhere"
+            )
+        elif destination != IGNORED:
+            column_of[destination] = column
+    return faults
+
+
+def _map_option(column: str, destination: str) -> str:
+    """The --map option sending a column there, quoted for a shell as need be."""
+    return "--map " + shlex.quote(f"{column}={destination}")
 
 
 def _csv_document(destinations: list[str], cells: list[str]) -> dict[str, Any]:
