@@ -28,7 +28,7 @@ from .files import create_private, keep_private
 from .logs import log
 from .numbers import NotANumber, normalise
 from .request import Request, callback_matches
-from .results import result_line
+from .results import result_line, utc_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -196,9 +196,9 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _refuse_newer(conn: sqlite3.Connection, path: Path, schema: str = "main") -> None:
+def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
     """A ledger of a schema this code does not know would be misread, and written wrongly."""
-    version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
         raise LedgerTooNew(
             f"the ledger {path} has schema version {version}, newer than this dialerd knows "
@@ -891,7 +891,7 @@ def _intake_id(
     earlier_id, taken_at, source = earlier
     if now - taken_at < window:
         return earlier_id, (
-            f"repeats request {earlier_id} ({source}, taken {_moment(taken_at)}),"
+            f"repeats request {earlier_id} ({source}, taken {utc_text(taken_at)}),"
             f" within dedupe_window_s ({window:g} s)"
         )
     (times,) = conn.execute(
@@ -933,12 +933,8 @@ def _taken(conn: sqlite3.Connection, request_id: str) -> str:
     source, taken_at = earlier
     return (
         f"id {request_id!r} was already taken by an earlier request ({source},"
-        f" taken {_moment(taken_at)})"
+        f" taken {utc_text(taken_at)})"
     )
-
-
-def _moment(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
@@ -1135,51 +1131,3 @@ def read_status(state_dir: Path) -> dict | None:
         return status_report(conn, time.time())
     finally:
         conn.close()
-
-
-def foresee(state_dir: Path, requests: list[Request], window: float) -> list[tuple[str, bool]]:
-    """The id each request would be recorded under if taken now, in this order, and whether it
-    would be a duplicate: of a request in the ledger, or of one before it in the list. For
-    `dialerd submit`, which may not write the ledger: the ledger's rows these requests could
-    repeat are copied into a database in memory, and intake's own steps run there.
-    OSError when the ledger cannot be read."""
-    memory = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
-    try:
-        create_schema(memory)
-        path = state_dir / "ledger.sqlite3"
-        if path.exists():
-            _copy_repeatable(memory, path, requests)
-        foreseen = []
-        now = time.time()
-        for request in requests:
-            request_id, repeated = _intake_id(memory, request, now, window)
-            fresh = repeated is None and _insert(memory, 0, request, request_id, now)
-            foreseen.append((request_id, not fresh))
-        return foreseen
-    except sqlite3.Error as error:
-        raise OSError(f"cannot read the ledger in {state_dir}: {error}") from None
-    finally:
-        memory.close()
-
-
-def _copy_repeatable(memory: sqlite3.Connection, path: Path, requests: list[Request]) -> None:
-    """The ledger's requests with the ids or content keys of `requests`, copied into `memory`."""
-    memory.execute("ATTACH DATABASE ? AS ledger", (f"{path.as_uri()}?mode=ro",))
-    _refuse_newer(memory, path, "ledger")
-    memory.execute("CREATE TEMP TABLE wanted (key TEXT PRIMARY KEY)")
-    memory.executemany(
-        "INSERT OR IGNORE INTO wanted VALUES (?)", ((request.id,) for request in requests)
-    )
-    columns = {row[1] for row in memory.execute("PRAGMA ledger.table_info(requests)")}
-    content_key = "content_key" if "content_key" in columns else "NULL"
-    copied = (
-        "INSERT OR IGNORE INTO main.requests (id, run, agent_id, to_number, body, source, due_at,"
-        f" state, created_at, content_key) SELECT id, run, agent_id, to_number, body, source,"
-        f" due_at, state, created_at, {content_key} FROM ledger.requests"
-    )
-    # In the ledger's order: the latest of a content key is the one a repeat is measured by.
-    memory.execute(
-        f"{copied} WHERE id IN (SELECT key FROM wanted)"
-        f" OR {content_key} IN (SELECT key FROM wanted) ORDER BY seq"
-    )
-    memory.execute("DETACH DATABASE ledger")

@@ -46,9 +46,9 @@ def normalise(raw: Any, default_country: str | None = None) -> str:
     if len(digits) > MAX_DIGITS:
         raise NotANumber(f"{text!r} has more digits than any phone number")
     if digits.startswith("+"):
-        return _international(digits[1:], text)
+        return _digits(_international(digits[1:], text))
     if digits.startswith("00"):
-        return _international(digits[2:], text)
+        return _digits(_international(digits[2:], text))
     if "+" in digits or not digits:
         raise NotANumber(f"{text!r} is not a phone number (a + belongs before the country code)")
     if digits.startswith("0") or text.startswith("("):
@@ -56,7 +56,7 @@ def normalise(raw: Any, default_country: str | None = None) -> str:
     return _bare(digits, text, default_country)
 
 
-def _international(digits: str, text: str) -> str:
+def _international(digits: str, text: str) -> PhoneNumber:
     """Digits after `+` (or `00`): the country code, then the national number."""
     if not digits.isdigit():
         raise NotANumber(f"{text!r} is not a phone number (a + belongs before the country code)")
@@ -72,7 +72,7 @@ def _international(digits: str, text: str) -> str:
     if not phonenumbers.is_possible_number(number):
         region = phonenumbers.region_code_for_country_code(country_code)
         raise NotANumber(f"{text!r} is not a possible number for +{country_code} ({region})")
-    return _digits(number)
+    return number
 
 
 def _national(text: str, default_country: str | None) -> str:
@@ -97,17 +97,15 @@ def _bare(digits: str, text: str, default_country: str | None) -> str:
         international = _international(digits, text)
     except NotANumber as error:
         raise NotANumber(f"{error}: {FIX}") from None
-    _refuse_north_american(digits, text)
-    return international
+    _refuse_north_american(digits, international, text)
+    return _digits(international)
 
 
-def _refuse_north_american(digits: str, text: str) -> None:
+def _refuse_north_american(digits: str, international: PhoneNumber, text: str) -> None:
     """Bare digits that are a valid North American number but no valid number read with a
     country code are refused: its national numbers carry no trunk prefix, so one written
     without its 1 (6125551234) reads as another country's possible number (+61 25551234)."""
-    if len(digits) != NORTH_AMERICAN_DIGITS:
-        return
-    if phonenumbers.is_valid_number(_parse("+" + digits, None, text)):
+    if len(digits) != NORTH_AMERICAN_DIGITS or phonenumbers.is_valid_number(international):
         return
     if phonenumbers.is_valid_number(_parse(digits, NORTH_AMERICA, text)):
         raise NotANumber(

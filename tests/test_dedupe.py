@@ -4,17 +4,12 @@ request it repeats; outside the window a deliberate repeat is dialed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import time
 from collections import Counter
 
 from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
-
-from dialerd.config import build_config
-from dialerd.ledger import Ledger, foresee
-from dialerd.request import build_request
 
 NUMBERS = [f"4477009003{n:02d}" for n in range(10)]
 LIST = b"".join(
@@ -77,31 +72,3 @@ def test_with_the_window_off_every_request_is_dialed(tmp_path, simulator):
     assert [r["outcome"] for r in results] == ["dialed"] * 3
     first = results[0]["id"]
     assert [r["id"] for r in results] == [first, first + ".2", first + ".3"]
-
-
-CONFIG = build_config({"agents": {"a": {"region": "eu", "rate": 1}}})
-
-
-async def test_foresee_says_what_intake_will_do_without_writing_the_ledger(tmp_path):
-    state = tmp_path / "state"
-
-    def requests(*numbers: str, source: str = "t") -> list:
-        return [build_request({"to": n}, CONFIG, f"{source}:{i}") for i, n in enumerate(numbers)]
-
-    taken = requests(NUMBERS[0], NUMBERS[1]) + [build_request({"id": "x", "to": NUMBERS[2]},
-                                                              CONFIG, "t:9")]  # fmt: skip
-    assert foresee(state, taken, 3600) == [(r.id, False) for r in taken], "no ledger yet"
-    ledger = Ledger(state)
-    await asyncio.to_thread(ledger.open)
-    await ledger.add(taken, [], None, 3600)
-    await asyncio.to_thread(ledger.close)
-    before = (state / "ledger.sqlite3").stat().st_mtime_ns
-
-    fed = requests(NUMBERS[0], NUMBERS[3], NUMBERS[3]) + [
-        build_request({"id": "x", "to": NUMBERS[4]}, CONFIG, "u:9")
-    ]
-    assert foresee(state, fed, 3600) == [
-        (taken[0].id, True), (fed[1].id, False), (fed[1].id, True), ("x", True),
-    ]  # fmt: skip
-    assert foresee(state, fed[:1], 0) == [(taken[0].id + ".2", False)]  # window off
-    assert (state / "ledger.sqlite3").stat().st_mtime_ns == before
