@@ -115,13 +115,37 @@ def _refuse_north_american(digits: str, international: PhoneNumber, text: str) -
 
 
 def _may_be_national(digits: str, region: str) -> bool:
-    """Whether `digits` could be a valid national number of `region`: of one of its lengths, or
-    starting with its trunk prefix (which the library strips). Most bare digits are numbers
-    with a country code and need no second reading."""
+    """Whether `digits` could be a valid national number of `region`: of one of its lengths,
+    starting with its trunk prefix (which the library strips), or its country code followed by
+    a trunk prefix (which the library reads as the number with its code: 44 000000 in Jersey).
+    Most bare digits are numbers with a country code and need no second reading."""
+    lengths, country_code, prefix = _national_reading(region)
+    if len(digits) in lengths or (prefix is not None and prefix.match(digits)):
+        return True
+    return (
+        prefix is not None
+        and digits.startswith(country_code)
+        and bool(prefix.match(digits[len(country_code) :]))
+    )
+
+
+@functools.cache
+def _national_reading(region: str) -> tuple[frozenset[int], str, re.Pattern | None]:
+    """The national number lengths of a region's country code (a number read in Tristan da Cunha
+    may be one of Saint Helena's), that code, and the region's trunk prefix pattern."""
     metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
     prefix = metadata.national_prefix_for_parsing
-    return len(digits) in metadata.general_desc.possible_length or bool(
-        prefix and re.match(prefix, digits)
+    sharing = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[metadata.country_code]
+    lengths = frozenset().union(
+        *(
+            phonenumbers.PhoneMetadata.metadata_for_region(r).general_desc.possible_length
+            for r in sharing
+        )
+    )
+    return (
+        lengths,
+        str(metadata.country_code),
+        re.compile(prefix) if prefix else None,
     )
 
 

@@ -149,6 +149,8 @@ def test_international_numbers_are_what_phonenumbers_makes_of_them(digits):
 @given(digits=digit_strings, region=st.sampled_from(REGIONS))
 @example(digits="2015550123", region="US")
 @example(digits="6125551234", region="GB")
+@example(digits="44000000", region="JE")  # the country code, then a number Jersey completes
+@example(digits="20000", region="TA")  # a number of another region with the same code
 def test_bare_and_national_digits_follow_the_rules_in_their_order(digits, region):
     if digits.startswith("00"):
         return  # international, as above
