@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="of every input, any Python codec, e.g. cp1252 (default: UTF-8, with or without BOM)",
     )
+    submit.add_argument("--campaign", metavar="C", help="the campaign of every request")
+    submit.add_argument(
+        "--ids-out",
+        metavar="FILE",
+        type=Path,
+        help="write a CSV of file, row and id for each request submitted",
+    )
 
     check = commands.add_parser("check", help="validate the config")
     check.add_argument("-c", "--config")
@@ -204,7 +211,7 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_submit(args) -> int:
-    from .submit import drop_into_spool
+    from .submit import drop_into_spool, spool_document
 
     options = _input_options(args)
     config = _load(args)
@@ -217,7 +224,7 @@ def cmd_submit(args) -> int:
     header_faults = [fault for submission in submissions for fault in submission.header_faults]
     if header_faults:  # not bad rows: --skip-invalid cannot tell which cells are what
         raise Failure(_listed("bad CSV header, nothing submitted", header_faults), EX_DATAERR)
-    documents = [document for submission in submissions for document in submission.documents]
+    requests = [request for submission in submissions for _line, request in submission.rows]
     errors = [error for submission in submissions for error in submission.errors]
     if errors and not args.skip_invalid:
         raise Failure(
@@ -225,23 +232,69 @@ def cmd_submit(args) -> int:
             "(--skip-invalid submits the valid ones)",
             EX_DATAERR,
         )
-    if not documents:
+    if not requests:
         raise Failure("no valid request to submit", EX_DATAERR)
+    foreseen = _foreseen(config, requests)
+    if args.ids_out is not None:
+        # The ids the daemon records (a repeat after dedupe_window_s gets one of its own).
+        ids = [request.id for request in requests] if foreseen is None else [i for i, _ in foreseen]
+        _write_ids(args.ids_out, args.files, submissions, ids)
     try:
-        path = drop_into_spool(config.spool_dir, documents)
+        path = drop_into_spool(config.spool_dir, map(spool_document, requests))
     except OSError as error:
+        if args.ids_out is not None:  # it names requests that were not submitted
+            args.ids_out.unlink(missing_ok=True)
         raise Failure(f"cannot write to the spool: {error}", EX_CANTCREAT) from None
-    print(
-        f"submitted {len(documents)} request(s) as {path.name}"
-        + (f"; skipped {len(errors)} invalid" if errors else ""),
-        file=sys.stderr,
-    )
+    print(_submitted(path.name, len(requests), len(errors), foreseen), file=sys.stderr)
     return EX_OK
+
+
+def _foreseen(config: Config, requests: list) -> list[tuple[str, bool]] | None:
+    """Each request's id in the ledger-to-be and whether it repeats one taken already; None,
+    said on stderr, when the ledger cannot tell (a submitter may not read it)."""
+    from .ledger import foresee_intake
+
+    try:
+        return foresee_intake(config.state_dir, requests, config.dedupe_window_s)
+    except (OSError, sqlite3.Error, ValueError) as error:
+        print(f"cannot tell which requests were taken already: {error}", file=sys.stderr)
+        return None
+
+
+def _write_ids(path: Path, names: list[str], submissions: list, ids: list[str]) -> None:
+    """--ids-out, before anything is dropped: no request submitted without its id written."""
+    from .submit import write_ids
+
+    places = [
+        ("stdin" if name == "-" else name, line)
+        for name, submission in zip(names, submissions, strict=True)
+        for line, _request in submission.rows
+    ]
+    try:
+        write_ids(path, [(*place, id) for place, id in zip(places, ids, strict=True)])
+    except OSError as error:
+        raise Failure(f"cannot write --ids-out {path}: {error.strerror}", EX_CANTCREAT) from None
+
+
+def _submitted(spool_name: str, count: int, skipped: int, foreseen) -> str:
+    said = f"submitted {count} request(s) as {spool_name}"
+    if skipped:
+        said += f"; skipped {skipped} invalid"
+    if foreseen is not None:
+        taken = sum(repeated for _id, repeated in foreseen)
+        said += f"; {taken} taken already (duplicates: not dialed again)"
+    return said
 
 
 def _input_options(args):
     """How `submit`'s options say to read its inputs; a usage error names the option."""
-    from .submit import InputOptions, parse_delimiter, parse_encoding, parse_mapping
+    from .submit import (
+        InputOptions,
+        parse_campaign,
+        parse_delimiter,
+        parse_encoding,
+        parse_mapping,
+    )
 
     try:
         return InputOptions(
@@ -249,6 +302,7 @@ def _input_options(args):
             mapping=parse_mapping(args.map),
             delimiter=parse_delimiter(args.delimiter),
             encoding=parse_encoding(args.encoding),
+            campaign=parse_campaign(args.campaign),
         )
     except ValueError as error:
         raise Failure(f"submit: {error}", EX_USAGE) from None

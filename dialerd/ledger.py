@@ -847,8 +847,8 @@ def _add(
     agents = set()
     accepted = 0
     for request in requests:
-        request_id, repeated = _intake_id(conn, request, now, dedupe_window_s)
-        if repeated is None and _insert(conn, run, request, request_id, now):
+        request_id, repeated = _take(conn, run, request, now, dedupe_window_s)
+        if repeated is None:
             agents.add(request.agent_id)
             accepted += 1
             continue
@@ -862,7 +862,7 @@ def _add(
                 "meta": request.meta,
                 "source": request.source,
                 "outcome": "duplicate",
-                "error": repeated or _taken(conn, request_id),
+                "error": repeated,
             },
         )
     for fields in invalid:
@@ -870,6 +870,17 @@ def _add(
     if spool_file is not None:
         _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
+
+
+def _take(
+    conn: sqlite3.Connection, run: int, request: Request, now: float, window: float
+) -> tuple[str, str | None]:
+    """The id `request` is recorded under, queued, or, when it repeats an earlier request, the
+    id it repeats and the duplicate's error."""
+    request_id, repeated = _intake_id(conn, request, now, window)
+    if repeated is None and _insert(conn, run, request, request_id, now):
+        return request_id, None
+    return request_id, repeated or _taken(conn, request_id)
 
 
 def _intake_id(
@@ -1119,6 +1130,45 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
 
 def _not_in_doubt(outcome: str | None) -> str:
     return f"is {outcome}, not in_doubt" if outcome else "is not final yet"
+
+
+def foresee_intake(
+    state_dir: Path, requests: list[Request], dedupe_window_s: float
+) -> list[tuple[str, bool]]:
+    """For each request, as the ledger stands, the id the daemon will record it under and
+    whether it is a duplicate of one taken before it (or before it in `requests`); written to
+    nothing. The ledger's rows that the requests may repeat are copied into a ledger in memory
+    and the requests taken there, by the daemon's own code. sqlite3.Error or OSError when the
+    ledger cannot be read, ValueError when it is of another version."""
+    path = state_dir / "ledger.sqlite3"
+    ledger = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+    try:
+        create_schema(ledger)
+        if path.exists():
+            _copy_repeatable(ledger, path, [request.id for request in requests])
+        now = time.time()
+        ledger.execute("BEGIN")
+        taken = [_take(ledger, 0, request, now, dedupe_window_s) for request in requests]
+        return [(request_id, repeated is not None) for request_id, repeated in taken]
+    finally:
+        ledger.close()
+
+
+def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
+    """Into `ledger`, the requests of the ledger at `path` whose id or content key is a key."""
+    ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))
+    (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
+    if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
+        raise ValueError(
+            f"the ledger {path} has schema version {version}, not this dialerd's {len(MIGRATIONS)}"
+        )
+    ledger.execute("CREATE TEMP TABLE keys (key TEXT PRIMARY KEY)")
+    ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
+    ledger.execute(
+        "INSERT INTO main.requests SELECT * FROM stored.requests"
+        " WHERE id IN (SELECT key FROM keys) OR content_key IN (SELECT key FROM keys)"
+    )
+    ledger.execute("DETACH stored")
 
 
 def read_status(state_dir: Path) -> dict | None:

@@ -187,14 +187,15 @@ class StdinSource:
         fd = sys.stdin.fileno()
         lines = LineSplitter()
         try:
-            while chunk := os.read(fd, READ_CHUNK):
-                hand_over(self._parse(lines.feed(chunk)))
-            hand_over(self._parse(lines.end()))
-        except OSError as error:
-            log.error("cannot read stdin", error=str(error))
+            try:
+                while chunk := os.read(fd, READ_CHUNK):
+                    hand_over(self._parse(lines.feed(chunk)))
+                hand_over(self._parse(lines.end()))
+            except OSError as error:
+                log.error("cannot read stdin", error=str(error))
+            hand_over(None)
         except RuntimeError:
-            return  # the loop closed while reading: the daemon is gone
-        hand_over(None)
+            pass  # the loop closed while reading or at the end: the daemon is gone
 
     def _parse(self, lines: list[bytes | None]) -> Batch:
         batch = Batch()
@@ -224,14 +225,15 @@ JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def spool_chunks(
-    data: bytes, origin: str, config: Config, skip: int = 0
+    data: bytes, origin: str, config: Config, skip: int = 0, own_sources: bool = True
 ) -> Iterator[tuple[Batch, bool]]:
     """A whole JSON object, a JSON array of objects, or JSON lines, as batches of at most
     CHUNK_ITEMS items in file order, each with whether it is the last; at least one (an empty
     file's is empty). The first `skip` items (recorded before) are passed over.
 
     Each item's source is `origin` ("spool:NAME") and the line it starts on, unless the item
-    names its own: `dialerd submit` writes where each request came from (SPEC §6).
+    names its own (`dialerd submit` writes where each request came from, SPEC §6) and
+    `own_sources` lets it: for `submit`'s inputs, `source` is no field.
 
     Rejected, raised here before any batch is made, if the file is none of these. The items
     are made as the batches are taken, so a file of many bad lines costs its bytes in memory
@@ -252,20 +254,23 @@ def spool_chunks(
         del text  # JSON lines are decoded one by one from the bytes
         _first_json_line(data)
         items = _line_items(data, origin)
-    return _chunked(itertools.islice(items, skip, None), config)
+    return _chunked(itertools.islice(items, skip, None), config, own_sources)
 
 
 def parse_spool_file(data: bytes, origin: str, config: Config) -> Batch:
-    """The whole of a file in one batch (for `dialerd submit`); Rejected as spool_chunks."""
+    """The whole of an input of `dialerd submit` in one batch, each request's source `origin`
+    and its line; Rejected as spool_chunks."""
     whole = Batch()
-    for batch, _last in spool_chunks(data, origin, config):
+    for batch, _last in spool_chunks(data, origin, config, own_sources=False):
         whole.requests += batch.requests
         whole.invalid += batch.invalid
         whole.errors += batch.errors
     return whole
 
 
-def _chunked(items: Iterator[tuple[str, Any]], config: Config) -> Iterator[tuple[Batch, bool]]:
+def _chunked(
+    items: Iterator[tuple[str, Any]], config: Config, own_sources: bool
+) -> Iterator[tuple[Batch, bool]]:
     """`items` (source, document or InvalidRequest) as batches; one item read ahead tells the
     last batch."""
     ahead = next(items, None)
@@ -273,7 +278,7 @@ def _chunked(items: Iterator[tuple[str, Any]], config: Config) -> Iterator[tuple
         batch = Batch()
         while ahead is not None and len(batch) < CHUNK_ITEMS:
             source, document = ahead
-            if isinstance(document, dict) and "source" in document:
+            if own_sources and isinstance(document, dict) and "source" in document:
                 source, document = _given_source(source, document)
             if isinstance(document, InvalidRequest):
                 batch.reject(source, str(document), {})

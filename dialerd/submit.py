@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .request import InvalidRequest, build_request, exact_moment
+from .request import CAMPAIGN, InvalidRequest, Request, build_request, exact_moment, with_campaign
 from .sources import Rejected, parse_spool_file
 
 CSV_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
@@ -32,6 +32,7 @@ CSV_FIELDS = (
     "not_before",
     "expires_at",
     "hangup_on_answer_machine",
+    "campaign",
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
@@ -47,6 +48,7 @@ PHONE_STEMS = ("msisdn", "mobil", "cell", "phone", "tel", "number")
 HALF_SURROGATE = re.compile("[\ud800-\udfff]")
 SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
+LABEL_MAX = 400  # characters of an input's name in its requests' sources (the daemon takes 512)
 
 
 class MapMismatch(Exception):
@@ -61,11 +63,12 @@ class InputOptions:
     mapping: Mapping[str, str] = field(default_factory=dict)  # --map: {column: destination}
     delimiter: str | None = None  # None: Excel's sep= line, else sniffed from the header
     encoding: str | None = None  # None: UTF-8, with or without BOM
+    campaign: str | None = None  # --campaign: every request's
 
 
 @dataclass
 class Submission:
-    documents: list[dict] = field(default_factory=list)  # valid requests, as submitted
+    rows: list[tuple[int, Request]] = field(default_factory=list)  # valid requests, by line
     errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong", per bad row
     # "NAME:LINE: what is wrong" with a CSV header: it says no row's meaning, so none is read
     header_faults: list[str] = field(default_factory=list)
@@ -74,6 +77,16 @@ class Submission:
     def report_lines(self) -> list[str]:
         """What to tell on stderr before the summary: where the columns go, then each bad row."""
         return ([self.column_report] if self.column_report else []) + self.errors
+
+    def add(self, name: str, line: int, request: Request, campaign: str | None) -> None:
+        """A valid request, of `--campaign` when one is given: one of another is a bad row."""
+        if campaign is not None and request.campaign != campaign:
+            if request.campaign is not None:
+                error = f"campaign: {request.campaign!r}, but --campaign says {campaign!r}"
+                self.errors.append(f"{name}:{line}: {error}")
+                return
+            request = with_campaign(request, campaign)
+        self.rows.append((line, request))
 
 
 def parse_mapping(options: list[str]) -> dict[str, str]:
@@ -110,6 +123,13 @@ def parse_delimiter(text: str | None) -> str | None:
         raise ValueError(f"--delimiter {text!r}: expected , ; | or tab") from None
 
 
+def parse_campaign(text: str | None) -> str | None:
+    """`--campaign` as given; ValueError unless it is a campaign's name."""
+    if text is not None and not CAMPAIGN.fullmatch(text):
+        raise ValueError(f"--campaign {text!r}: expected 1-64 of A-Za-z0-9._:-")
+    return text
+
+
 def parse_encoding(name: str | None) -> str | None:
     """`--encoding` as given; ValueError unless Python decodes text with it."""
     if name is not None:
@@ -138,7 +158,14 @@ def read_input(
         return Submission(errors=[f"{name}: {error}"])
     if options.as_csv or options.mapping or _looks_like_csv(text):
         return _read_csv(text, name, config, options)
-    return _read_json(text.encode("utf-8"), name, config)
+    return _read_json(text.encode("utf-8"), name, config, options.campaign)
+
+
+def source_label(name: str) -> str:
+    """What the sources of an input's requests start with: `submit:` and the input file's name
+    (SPEC §6), each character that is not printable as '?', so that the daemon takes it."""
+    base = "".join(c if c.isprintable() else "?" for c in Path(name).name)
+    return f"submit:{base[:LABEL_MAX]}"
 
 
 def _decoded(data: bytes, encoding: str | None) -> str:
@@ -166,13 +193,15 @@ def _looks_like_csv(text: str) -> bool:
     return text.lstrip()[:1] not in ("{", "[", "")
 
 
-def _read_json(data: bytes, name: str, config: Config) -> Submission:
+def _read_json(data: bytes, name: str, config: Config, campaign: str | None) -> Submission:
+    label = source_label(name)
     try:
-        batch = parse_spool_file(data, name, config)
+        batch = parse_spool_file(data, label, config)
     except Rejected as error:
         return Submission(errors=[f"{name}: {error}"])
-    submission = Submission(errors=[line.removeprefix("spool:") for line in batch.errors])
-    submission.documents = [_document(request) for request in batch.requests]
+    submission = Submission(errors=[name + error.removeprefix(label) for error in batch.errors])
+    for request in batch.requests:
+        submission.add(name, int(request.source.rpartition(":")[2]), request, campaign)
     return submission
 
 
@@ -207,7 +236,7 @@ def _read_csv(text: str, name: str, config: Config, options: InputOptions) -> Su
     faults = _header_faults(columns, destinations, options.mapping)
     if faults:
         return Submission(header_faults=[f"{name}:{header_line}: {fault}" for fault in faults])
-    submission = _validated(rows, destinations, name, config)
+    submission = _validated(rows, destinations, name, config, options.campaign)
     submission.column_report = f"{name}: columns: " + ", ".join(map(_route, columns, destinations))
     return submission
 
@@ -239,17 +268,22 @@ def _first_record(text: str, delimiter: str) -> list[str]:
 
 
 def _validated(
-    rows: list[tuple[int, list[str]]], destinations: list[str], name: str, config: Config
+    rows: list[tuple[int, list[str]]],
+    destinations: list[str],
+    name: str,
+    config: Config,
+    campaign: str | None,
 ) -> Submission:
     submission = Submission()
+    label = source_label(name)
     for line, cells in _with_progress(rows, name):
-        where = f"{name}:{line}"
         try:
-            request = build_request(_csv_document(destinations, cells), config, where)
+            document = _csv_document(destinations, cells)
+            request = build_request(document, config, f"{label}:{line}")
         except InvalidRequest as error:
-            submission.errors.append(f"{where}: {error}")
+            submission.errors.append(f"{name}:{line}: {error}")
         else:
-            submission.documents.append(_document(request))
+            submission.add(name, line, request, campaign)
     return submission
 
 
@@ -391,9 +425,10 @@ def _with_progress(rows: list, name: str) -> Iterable:
     return tqdm(rows, desc=Path(name).name, unit=" rows", file=sys.stderr)
 
 
-def _document(request) -> dict:
-    """The request as a spool line: normalised, with every field it was given. An id made from
-    the content is left out: the daemon makes the same one, and judges it by dedupe_window_s."""
+def spool_document(request: Request) -> dict:
+    """The request as a spool line: normalised, with every field it was given, and where it
+    came from. An id made from the content is left out: the daemon makes the same one, and
+    judges it by dedupe_window_s."""
     document: dict[str, Any] = {} if request.id_from_content else {"id": request.id}
     document["to"] = request.to
     if request.sender:
@@ -416,10 +451,20 @@ def _document(request) -> dict:
         document["campaign"] = request.campaign
     if request.meta is not None:
         document["meta"] = request.meta
+    document["source"] = request.source
     return document
 
 
-def drop_into_spool(spool_dir: Path, documents: list[dict]) -> Path:
+def write_ids(path: Path, ids: Iterable[tuple[str, int, str]]) -> None:
+    """`--ids-out`: a CSV of each submitted request's input, the line its row starts on, and
+    its id, so that its result can be joined back to the row."""
+    with path.open("w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(("file", "row", "id"))
+        writer.writerows(ids)
+
+
+def drop_into_spool(spool_dir: Path, documents: Iterable[dict]) -> Path:
     """Write .NAME.part in incoming/, sync it, and rename it to NAME there: the daemon sees the
     whole file or none (it ignores names starting with '.').
 

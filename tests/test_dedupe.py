@@ -4,10 +4,12 @@ request it repeats; outside the window a deliberate repeat is dialed."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
 
@@ -72,3 +74,50 @@ def test_with_the_window_off_every_request_is_dialed(tmp_path, simulator):
     assert [r["outcome"] for r in results] == ["dialed"] * 3
     first = results[0]["id"]
     assert [r["id"] for r in results] == [first, first + ".2", first + ".3"]
+
+
+def test_a_csv_submitted_twice_places_every_call_once_and_leads_back_to_its_rows(
+    tmp_path, simulator, daemons
+):
+    sim = simulator("--latency", "0.01-0.03")
+    results = tmp_path / "results.jsonl"
+    config = sim_config(tmp_path, sim, results=str(results), spool={"dir": str(tmp_path / "spool")})
+    export = tmp_path / "crm-export.csv"
+    export.write_text("Phone,Name\n" + "".join(f"{n},Row {r}\n" for r, n in enumerate(NUMBERS, 2)))
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+
+    def submit(ids_out: Path) -> str:
+        done = run_dialerd(
+            "submit", "-c", str(config), "--map", "Phone=to", "--ids-out", str(ids_out),
+            str(export), timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stderr.decode().splitlines()[-1]
+
+    assert submit(tmp_path / "first.csv").endswith(
+        "; 0 taken already (duplicates: not dialed again)"
+    )
+    wait_for(lambda: len(read_results(results)) == len(NUMBERS), 30, "the first submission")
+    said = submit(tmp_path / "again.csv")
+    assert said.endswith(f"; {len(NUMBERS)} taken already (duplicates: not dialed again)")
+    wait_for(lambda: len(read_results(results)) == 2 * len(NUMBERS), 30, "the second one")
+    assert daemon.stop()[0] == 0
+    assert sim.placed() == Counter(NUMBERS), "each number once"
+
+    first, again = (ids(tmp_path / name) for name in ("first.csv", "again.csv"))
+    assert first == again  # each row's id, the same both times
+    by_outcome: dict[str, dict] = {"dialed": {}, "duplicate": {}}
+    for result in read_results(results):
+        by_outcome[result["outcome"]][result["source"]] = result
+    rows = [f"submit:crm-export.csv:{row}" for row in range(2, len(NUMBERS) + 2)]
+    assert sorted(by_outcome["dialed"]) == sorted(by_outcome["duplicate"]) == sorted(rows)
+    for row, source in enumerate(rows, 2):
+        dialed, duplicate = by_outcome["dialed"][source], by_outcome["duplicate"][source]
+        assert dialed["id"] == duplicate["id"] == first[(str(export), str(row))]
+        assert f"repeats request {dialed['id']} ({source}, taken " in duplicate["error"]
+
+
+def ids(path: Path) -> dict[tuple[str, str], str]:
+    with path.open(newline="") as file:
+        return {(row["file"], row["row"]): row["id"] for row in csv.DictReader(file)}

@@ -61,10 +61,10 @@ from dialerd.ledger import Ledger
 from dialerd.metrics import Metrics
 from dialerd.request import FIELDS, InvalidRequest, Request, build_request, decode_line, loads
 from dialerd.results import RESULT_FIELDS, result_line
-from dialerd.sources import Batch, Intake, Rejected, parse_spool_file
+from dialerd.sources import Batch, Intake, Rejected, parse_spool_file, spool_chunks
 from dialerd.spool import SpoolSource
 from dialerd.spooldir import escaped_name, name_problem
-from dialerd.submit import read_input
+from dialerd.submit import read_input, spool_document
 
 
 def fuzz(examples: int) -> settings:
@@ -563,6 +563,15 @@ def spool_text(documents: list[dict]) -> bytes:
     )
 
 
+def read_as_the_daemon(documents: list[dict], config) -> Batch:
+    """The spool file `submit` writes of these documents, read as the daemon reads it."""
+    whole = Batch()
+    for batch, _last in spool_chunks(spool_text(documents), "spool:submit.jsonl", config):
+        whole.requests += batch.requests
+        whole.errors += batch.errors
+    return whole
+
+
 @fuzz(300)
 @given(SUBMIT_INPUT, CONFIG_NAMES)
 @example(
@@ -582,16 +591,18 @@ def test_what_submit_accepts_the_daemon_accepts_unchanged(data, which):
     accepts, the daemon must read from the spool file it writes as the same requests."""
     config = CONFIGS[which]
     submission = read_input(data, "input.csv", config)
-    event(f"documents: {min(len(submission.documents), 2)}, errors: {bool(submission.errors)}")
+    documents = [spool_document(request) for _line, request in submission.rows]
+    event(f"documents: {min(len(documents), 2)}, errors: {bool(submission.errors)}")
     assert all(isinstance(error, str) and error for error in submission.errors)
-    if not submission.documents:
+    if not documents:
         return
-    for document in submission.documents:
+    for document in documents:
         json.dumps(document, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    batch = parse_spool_file(spool_text(submission.documents), "submit.jsonl", config)
+    batch = read_as_the_daemon(documents, config)
     assert batch.errors == [], batch.errors
-    assert len(batch.requests) == len(submission.documents)
-    for document, request in zip(submission.documents, batch.requests, strict=True):
+    assert len(batch.requests) == len(documents)
+    for document, request in zip(documents, batch.requests, strict=True):
+        assert request.source == document.pop("source")
         again = build_request(document, config, "again")
         assert request.id == document.get("id", request.id) == again.id
         assert request.api_body() == again.api_body()
@@ -622,8 +633,8 @@ def test_a_submitted_request_is_sent_as_submitted(document, which):
     event("valid")
     submission = read_input(encode(document), "input.json", config)
     assert submission.errors == []
-    (written,) = submission.documents
-    batch = parse_spool_file(spool_text([written]), "submit.jsonl", config)
+    ((_line, written),) = submission.rows
+    batch = read_as_the_daemon([spool_document(written)], config)
     assert batch.errors == []
     (request,) = batch.requests
     assert request.api_body() == original.api_body()

@@ -16,7 +16,7 @@ from conftest import run_dialerd, write_config
 import dialerd.submit as submit_module
 from dialerd.cli import main
 from dialerd.config import load_config
-from dialerd.sources import parse_spool_file
+from dialerd.sources import Batch, parse_spool_file, spool_chunks
 from dialerd.submit import drop_into_spool, read_input
 
 GOOD = {"to": "+44 7700 900123"}
@@ -46,12 +46,30 @@ def incoming(env: Path) -> Path:
 
 
 def spooled(env: Path) -> list[dict]:
-    """The requests of the one file submit left in incoming/ (and nothing else is there)."""
+    """The requests of the one file submit left in incoming/ (and nothing else is there), less
+    the sources submit writes (see spooled_sources)."""
+    documents = spooled_lines(env)
+    for document in documents:
+        del document["source"]
+    return documents
+
+
+def spooled_sources(env: Path) -> list[str]:
+    return [document["source"] for document in spooled_lines(env)]
+
+
+def spooled_lines(env: Path) -> list[dict]:
     names = sorted(p.name for p in incoming(env).iterdir())
     assert len(names) == 1, names
     assert not names[0].startswith(".")
     text = (incoming(env) / names[0]).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines()]
+
+
+def read_as_the_daemon(spool_file: Path, config) -> Batch:
+    (batch, _last), *more = spool_chunks(spool_file.read_bytes(), "spool:x", config)
+    assert more == []
+    return batch
 
 
 def nothing_spooled(env: Path) -> bool:
@@ -330,11 +348,11 @@ def test_ids_made_from_the_content_are_made_again_by_the_daemon(env, tmp_path, c
     # The daemon makes the same id from the content: the same list fed again is a duplicate.
     spool_file = next(incoming(env).iterdir())
     config = load_config(env)
-    batch = parse_spool_file(spool_file.read_bytes(), "spool:x", config)
-    ours = read_input(lines(GOOD), "x.jsonl", config).documents
+    batch = read_as_the_daemon(spool_file, config)
+    ((_line, ours),) = read_input(lines(GOOD), "y.jsonl", config).rows
     assert [r.id for r in batch.requests][1] == "crm-1"
     assert batch.requests[0].id_from_content and batch.requests[0].id.startswith("c-")
-    assert parse_spool_file(lines(*ours), "spool:y", config).requests[0].id == batch.requests[0].id
+    assert ours.id == batch.requests[0].id
     assert batch.invalid == []
 
 
@@ -365,8 +383,7 @@ def test_the_spool_file_reads_back_as_the_same_requests(env, tmp_path, capsys):
     assert first["not_before"] == "2026-11-24T12:00:00Z"
     assert first["expires_at"] == "2026-11-24T18:00:00Z"
     assert first["meta"] == {"row": 1, "nested": {"x": None}}
-    spool_file = next(incoming(env).iterdir())
-    batch = parse_spool_file(spool_file.read_bytes(), spool_file.name, config)
+    batch = read_as_the_daemon(next(incoming(env).iterdir()), config)
     assert [r.api_body() for r in batch.requests] == original
     assert [(r.not_before, r.expires_at, r.meta) for r in batch.requests] == [
         (utc(2026, 11, 24, 12), utc(2026, 11, 24, 18), {"row": 1, "nested": {"x": None}}),
@@ -451,10 +468,10 @@ def test_read_input_detects_the_format(env):
     as_lines = read_input(lines(GOOD, GOOD), "l", config)
     as_array = read_input(json.dumps([GOOD]).encode(), "a", config)
     as_csv = read_input(b"to\n447700900123\n", "c", config)
-    assert (len(as_lines.documents), len(as_array.documents), len(as_csv.documents)) == (2, 1, 1)
+    assert (len(as_lines.rows), len(as_array.rows), len(as_csv.rows)) == (2, 1, 1)
     assert as_lines.errors == as_array.errors == as_csv.errors == []
     bad = read_input(lines(GOOD, BAD_TO), "l", config)
-    assert len(bad.documents) == 1
+    assert [line for line, _request in bad.rows] == [1]
     assert len(bad.errors) == 1 and bad.errors[0].startswith("l:2: to: ")
 
 

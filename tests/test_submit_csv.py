@@ -382,6 +382,7 @@ CELLS = {
     "not_before": "2026-11-24T12:00:00Z",
     "expires_at": "2099-01-01T00:00:00Z",
     "hangup_on_answer_machine": "yes",
+    "campaign": "spring-2027",
 }
 
 
