@@ -2,12 +2,13 @@
 
 import sys
 
-from . import callbacks, fidelity, memory, scale, spool, startup
+from . import callbacks, fidelity, lists, memory, scale, spool, startup
 
 BENCHMARKS = {
     "fidelity": fidelity,
     "callbacks": callbacks,
     "memory": memory,
+    "lists": lists,
     "spool": spool,
     "scale": scale,
     "startup": startup,

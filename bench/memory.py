@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -26,28 +27,36 @@ SIZES = (100_000, 1_000_000)
 DEADLINE_S = 600
 
 
-def _lines(path: Path, count: int) -> None:
+def given_id(index: int) -> dict:
+    """A request as an operator's script writes it: its own id, the number in E.164."""
+    return {"id": f"r{index}", "to": f"+4477{index:08d}"}
+
+
+def _lines(path: Path, count: int, request: Callable[[int], dict]) -> None:
     with open(path, "w") as lines:
         for index in range(count):
-            lines.write(json.dumps({"id": f"r{index}", "to": f"+4477{index:08d}"}) + "\n")
+            lines.write(json.dumps(request(index)) + "\n")
 
 
 def state_dir(workdir: Path, count: int) -> Path:
     return workdir / f"state-{count}"
 
 
-def ingest(workdir: Path, count: int) -> tuple[float, float]:
-    """Seconds to commit every line, and peak RSS in MB; the ledger is left in
-    state_dir(workdir, count)."""
+def ingest(
+    workdir: Path, count: int, request: Callable[[int], dict] = given_id, **top: object
+) -> tuple[float, float]:
+    """Seconds to commit `count` lines of `request(index)`, and peak RSS in MB, with `top`
+    keys in the config; the ledger is left in state_dir(workdir, count)."""
     config = workdir / f"config-{count}.yaml"
     config.write_text(yaml.safe_dump({
         "api": {"key_env": "VGAI_KEY"},
         "agents": {"a": {"region": "eu", "rate": 5}},
         "state_dir": str(state_dir(workdir, count)),
         "results": str(workdir / f"results-{count}.jsonl"),
+        **top,
     }))  # fmt: skip
     requests = workdir / f"requests-{count}.jsonl"
-    _lines(requests, count)
+    _lines(requests, count, request)
     log = workdir / f"log-{count}.jsonl"
     with open(requests, "rb") as stdin, open(log, "wb") as stderr:
         process = subprocess.Popen(

@@ -60,6 +60,10 @@ class Request:
     campaign: str | None = None
     id_from_content: bool = False  # no `id` given: `id` is content_id(), deduplicated in a window
 
+    def __post_init__(self) -> None:
+        if self.id_from_content and not self.id:  # made here, once: replace() costs a third
+            object.__setattr__(self, "id", content_id(self))  # of building a request
+
     def api_body(self) -> dict[str, Any]:
         """The make-call body, without status_url (that belongs to each attempt)."""
         body: dict[str, Any] = {"to": self.to}
@@ -192,10 +196,8 @@ def content_id(request: Request) -> str:
 def with_campaign(request: Request, campaign: str) -> Request:
     """The request with its campaign set (`submit --campaign`), its id made again when it was
     made from the content."""
-    request = dataclasses.replace(request, campaign=_campaign(campaign))
-    if request.id_from_content:
-        request = dataclasses.replace(request, id=content_id(request))
-    return request
+    made_again = {"id": ""} if request.id_from_content else {}
+    return dataclasses.replace(request, campaign=_campaign(campaign), **made_again)
 
 
 def exact_moment(moment: float) -> str:
@@ -234,7 +236,7 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
         expires_at = _optional(fields, "expires_at", parse_moment)
         if not_before is not None and expires_at is not None and expires_at <= not_before:
             raise InvalidRequest("expires_at: is not after not_before")
-        request = Request(
+        return Request(
             id=_request_id(fields["id"]) if "id" in fields else "",
             to=to,
             agent_id=agent_id,
@@ -248,9 +250,6 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
             campaign=_optional(fields, "campaign", _campaign),
             id_from_content="id" not in fields,
         )
-        if request.id_from_content:
-            request = dataclasses.replace(request, id=content_id(request))
-        return request
     except InvalidRequest as error:
         raise InvalidRequest(str(error), partial) from None
 
