@@ -211,9 +211,10 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
 
 
 def cmd_submit(args) -> int:
-    from .submit import drop_into_spool, spool_document
+    from .submit import drop_into_spool, summary, write_ids
 
     options = _input_options(args)
+    _refuse_overwriting_an_input(args.ids_out, args.files)
     config = _load(args)
     if config.spool_dir is None:
         raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
@@ -224,7 +225,7 @@ def cmd_submit(args) -> int:
     header_faults = [fault for submission in submissions for fault in submission.header_faults]
     if header_faults:  # not bad rows: --skip-invalid cannot tell which cells are what
         raise Failure(_listed("bad CSV header, nothing submitted", header_faults), EX_DATAERR)
-    requests = [request for submission in submissions for _line, request in submission.rows]
+    rows = [row for submission in submissions for row in submission.rows]
     errors = [error for submission in submissions for error in submission.errors]
     if errors and not args.skip_invalid:
         raise Failure(
@@ -232,20 +233,25 @@ def cmd_submit(args) -> int:
             "(--skip-invalid submits the valid ones)",
             EX_DATAERR,
         )
-    if not requests:
+    if not rows:
         raise Failure("no valid request to submit", EX_DATAERR)
-    foreseen = _foreseen(config, requests)
-    if args.ids_out is not None:
+    foreseen = _foreseen(config, [row.request for row in rows])
+    if args.ids_out is not None:  # before the drop: no request submitted without its id told
         # The ids the daemon records (a repeat after dedupe_window_s gets one of its own).
-        ids = [request.id for request in requests] if foreseen is None else [i for i, _ in foreseen]
-        _write_ids(args.ids_out, args.files, submissions, ids)
+        ids = [row.request.id for row in rows] if foreseen is None else [i for i, _ in foreseen]
+        try:
+            write_ids(args.ids_out, submissions, ids)
+        except OSError as error:
+            raise Failure(
+                f"cannot write --ids-out {args.ids_out}: {error.strerror or error}", EX_CANTCREAT
+            ) from None
     try:
-        path = drop_into_spool(config.spool_dir, map(spool_document, requests))
+        paths = drop_into_spool(config.spool_dir, [row.spool_line for row in rows])
     except OSError as error:
         if args.ids_out is not None:  # it names requests that were not submitted
             args.ids_out.unlink(missing_ok=True)
         raise Failure(f"cannot write to the spool: {error}", EX_CANTCREAT) from None
-    print(_submitted(path.name, len(requests), len(errors), foreseen), file=sys.stderr)
+    print(summary(paths, len(rows), len(errors), foreseen), file=sys.stderr)
     return EX_OK
 
 
@@ -256,34 +262,17 @@ def _foreseen(config: Config, requests: list) -> list[tuple[str, bool]] | None:
 
     try:
         return foresee_intake(config.state_dir, requests, config.dedupe_window_s)
-    except (OSError, sqlite3.Error, ValueError) as error:
+    except (OSError, sqlite3.Error) as error:
         print(f"cannot tell which requests were taken already: {error}", file=sys.stderr)
         return None
 
 
-def _write_ids(path: Path, names: list[str], submissions: list, ids: list[str]) -> None:
-    """--ids-out, before anything is dropped: no request submitted without its id written."""
-    from .submit import write_ids
-
-    places = [
-        ("stdin" if name == "-" else name, line)
-        for name, submission in zip(names, submissions, strict=True)
-        for line, _request in submission.rows
-    ]
-    try:
-        write_ids(path, [(*place, id) for place, id in zip(places, ids, strict=True)])
-    except OSError as error:
-        raise Failure(f"cannot write --ids-out {path}: {error.strerror}", EX_CANTCREAT) from None
-
-
-def _submitted(spool_name: str, count: int, skipped: int, foreseen) -> str:
-    said = f"submitted {count} request(s) as {spool_name}"
-    if skipped:
-        said += f"; skipped {skipped} invalid"
-    if foreseen is not None:
-        taken = sum(repeated for _id, repeated in foreseen)
-        said += f"; {taken} taken already (duplicates: not dialed again)"
-    return said
+def _refuse_overwriting_an_input(ids_out: Path | None, names: list[str]) -> None:
+    if ids_out is None or not ids_out.exists():
+        return
+    for name in names:
+        if name != "-" and os.path.exists(name) and os.path.samefile(ids_out, name):
+            raise Failure(f"submit: --ids-out {ids_out} is one of the inputs", EX_USAGE)
 
 
 def _input_options(args):
@@ -311,13 +300,13 @@ def _input_options(args):
 def _submissions(names: list[str], config: Config, options) -> list:
     """Each input read and validated; a --map naming a column one of them lacks is a usage
     error."""
-    from .submit import MapMismatch, read_input
+    from .submit import MapMismatch, input_name, read_input
 
     submissions = []
     for name in names:
         data = _read_input_file(name)
         try:
-            submissions.append(read_input(data, "stdin" if name == "-" else name, config, options))
+            submissions.append(read_input(data, input_name(name), config, options))
         except MapMismatch as error:
             raise Failure(f"submit: {error}", EX_USAGE) from None
     return submissions

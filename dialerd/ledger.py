@@ -888,7 +888,8 @@ def _intake_id(
 ) -> tuple[str, str | None]:
     """The id to record `request` under, and, when it repeats a request given no id within the
     window, what the duplicate's error says. Repeating one taken before the window, it gets the
-    content's id with a suffix: ids stay unique, and the first keeps its own."""
+    content's id with the first free suffix: the first keeps its own. (No request given an id
+    holds one of this form: request.py refuses them.)"""
     if not request.id_from_content:
         return request.id, None
     key = request.id
@@ -908,7 +909,10 @@ def _intake_id(
     (times,) = conn.execute(
         "SELECT count(*) FROM requests WHERE content_key = ?", (key,)
     ).fetchone()
-    return f"{key}.{times + 1}", None
+    suffix = times + 1  # free unless earlier repeats were forgotten
+    while conn.execute("SELECT 1 FROM requests WHERE id = ?", (f"{key}.{suffix}",)).fetchone():
+        suffix += 1
+    return f"{key}.{suffix}", None
 
 
 def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
@@ -1136,10 +1140,11 @@ def foresee_intake(
     state_dir: Path, requests: list[Request], dedupe_window_s: float
 ) -> list[tuple[str, bool]]:
     """For each request, as the ledger stands, the id the daemon will record it under and
-    whether it is a duplicate of one taken before it (or before it in `requests`); written to
-    nothing. The ledger's rows that the requests may repeat are copied into a ledger in memory
-    and the requests taken there, by the daemon's own code. sqlite3.Error or OSError when the
-    ledger cannot be read, ValueError when it is of another version."""
+    whether it is a duplicate of one taken before it (or before it in `requests`). The ledger's
+    rows that the requests may repeat are copied into a ledger in memory and the requests taken
+    there, by the daemon's own code; the ledger is only read (SQLite may make its -wal and -shm
+    when no daemon has them open). sqlite3.Error or OSError when it cannot be read, or is of
+    another version."""
     path = state_dir / "ledger.sqlite3"
     ledger = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
     try:
@@ -1159,13 +1164,14 @@ def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) ->
     ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))
     (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
     if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
-        raise ValueError(
+        raise OSError(
             f"the ledger {path} has schema version {version}, not this dialerd's {len(MIGRATIONS)}"
         )
     ledger.execute("CREATE TEMP TABLE keys (key TEXT PRIMARY KEY)")
     ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
+    columns = ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
     ledger.execute(
-        "INSERT INTO main.requests SELECT * FROM stored.requests"
+        f"INSERT INTO main.requests ({columns}) SELECT {columns} FROM stored.requests"
         " WHERE id IN (SELECT key FROM keys) OR content_key IN (SELECT key FROM keys)"
     )
     ledger.execute("DETACH stored")

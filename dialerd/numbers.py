@@ -22,6 +22,7 @@ PUNCTUATION = re.compile(r"[\s\-.()]")
 SIP_ADDRESS = re.compile(r"sip:[^@\s]+@[^@\s]+")
 REGIONS = frozenset(phonenumbers.SUPPORTED_REGIONS)
 MAX_DIGITS = 20  # a country code and the longest national number phonenumbers knows (17)
+MAX_WRITTEN = 64  # characters of a number as written, punctuation included; messages quote it
 NORTH_AMERICA = "US"  # reads every number of the North American plan (+1)
 NORTH_AMERICAN_DIGITS = 10
 FIX = "write it with + and its country code, or set default_country"
@@ -36,9 +37,11 @@ def normalise(raw: Any, default_country: str | None = None) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise NotANumber(f"must be a phone number or sip: address, not {raw!r}")
     text = raw.strip()
+    if len(text) > MAX_WRITTEN and text[:4].lower() != "sip:":
+        raise NotANumber(f"{text[:20]!r}... is longer than any phone number as written")
     if text[:4].lower() == "sip:":
         if not SIP_ADDRESS.fullmatch(text):
-            raise NotANumber(f"{text!r} is not a sip:user@host address")
+            raise NotANumber(f"{text[:80]!r} is not a sip:user@host address")
         return text
     if not WRITTEN.fullmatch(text) or not text.isascii():
         raise NotANumber(f"{text!r} is not a phone number (digits, spaces and + - . ( ) only)")
@@ -153,7 +156,7 @@ def _split_country_code(digits: str) -> tuple[int | None, str]:
     if digits.startswith("0"):
         return None, digits  # no country code starts with 0
     for length in range(1, 4):
-        if int(digits[:length] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        if int(digits[:length]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
             return int(digits[:length]), digits[length:]
     return None, digits
 
@@ -190,6 +193,12 @@ def _parse(written: str, region: str | None, text: str) -> PhoneNumber:
 
 def _digits(number: PhoneNumber) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
+
+
+def written(number: str) -> str:
+    """A number as normalise() gives it, written to read back as itself whatever the reader's
+    default_country (bare digits may be a national number of it): with its +."""
+    return number if number[:4].lower() == "sip:" else "+" + number
 
 
 def country_problem(raw: Any) -> str | None:

@@ -33,6 +33,11 @@ FIELDS = frozenset(
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CAMPAIGN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CONTENT_ID_PREFIX = "c-"  # an id made from a request's content (see content_id)
+CONTENT_ID_DIGEST_BYTES = 12
+# Ids of this form are made from content only: one given could take a content's id from it.
+CONTENT_ID = re.compile(
+    rf"{CONTENT_ID_PREFIX}[0-9a-f]{{{2 * CONTENT_ID_DIGEST_BYTES}}}(?:\.[0-9]+)?"
+)
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -130,9 +135,13 @@ def parse_moment(raw: Any) -> float:
         raise ValueError(f"{raw!r} has no UTC offset (add Z or +HH:MM)")
     try:
         moment.astimezone(dt.UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is in the year 0 in UTC
+        timestamp = moment.timestamp()
+        # As epoch seconds it must still be a moment: 9999-12-31T23:59:59.999999Z rounds to
+        # the year 10000, which exact_moment() could not write.
+        dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00:00+14:00 is in the year 0 in UTC
         raise ValueError(f"{raw!r} is out of range (years 1 to 9999 in UTC)") from None
-    return moment.timestamp()
+    return timestamp
 
 
 def _agent(fields: dict, config: Config) -> tuple[str, str | None]:
@@ -168,6 +177,11 @@ def _optional(fields: dict, name: str, convert) -> Any:
 def _request_id(raw: Any) -> str:
     if not isinstance(raw, str) or not REQUEST_ID.fullmatch(raw):
         raise InvalidRequest(f"id: {raw!r} is not 1-128 of A-Za-z0-9._:-")
+    if CONTENT_ID.fullmatch(raw):
+        raise InvalidRequest(
+            f"id: {raw!r} is of the form of an id made from a request's content: "
+            "give another, or none"
+        )
     return raw
 
 
@@ -190,7 +204,8 @@ def content_id(request: Request) -> str:
         request.campaign,
     ]
     canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
-    return CONTENT_ID_PREFIX + hashlib.blake2b(canonical.encode(), digest_size=12).hexdigest()
+    digest = hashlib.blake2b(canonical.encode(), digest_size=CONTENT_ID_DIGEST_BYTES)
+    return CONTENT_ID_PREFIX + digest.hexdigest()
 
 
 def with_campaign(request: Request, campaign: str) -> Request:

@@ -66,6 +66,9 @@ class Batch:
             self.requests.append(build_request(document, config, source))
         except InvalidRequest as error:
             self.reject(source, str(error), error.partial)
+        except Exception as error:  # a fault of ours: the request is refused, the source goes on
+            log.exception("a request could not be validated", source=source)
+            self.reject(source, f"could not be validated ({type(error).__name__}: {error})", {})
 
     def add_line(self, line: bytes, config: Config, source: str) -> None:
         try:
@@ -221,6 +224,7 @@ class Rejected(Exception):
 CHUNK_ITEMS = 500  # a spool file's items in one ledger call, at most (requests and invalid): the
 # call holds the ledger about 5 ms, and a send's mark may wait for it
 SOURCE_MAX = 512  # characters of a source an item names for itself
+SUBMITTED = "submit:"  # what the source an item names for itself starts with
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -292,11 +296,19 @@ def _chunked(
 
 def _given_source(where: str, document: dict) -> tuple[str, Any]:
     """The source an item names for itself, and the item without it; the item as invalid (at
-    `where`) when the name is not a line of printable text."""
+    `where`) when the name is not `submit:` and a line of printable text: no spool file can
+    pass its requests off as stdin's or another spool file's."""
     given = document.pop("source")
-    if isinstance(given, str) and 0 < len(given) <= SOURCE_MAX and given.isprintable():
+    if (
+        isinstance(given, str)
+        and given.startswith(SUBMITTED)
+        and len(SUBMITTED) < len(given) <= SOURCE_MAX
+        and given.isprintable()
+    ):
         return given, document
-    return where, InvalidRequest(f"source: must be 1-{SOURCE_MAX} printable characters")
+    return where, InvalidRequest(
+        f"source: must be {SUBMITTED} and more, in all at most {SOURCE_MAX} printable characters"
+    )
 
 
 def _document(text: str) -> Any:

@@ -18,8 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .request import CAMPAIGN, InvalidRequest, Request, build_request, exact_moment, with_campaign
-from .sources import Rejected, parse_spool_file
+from .numbers import written
+from .request import (
+    CAMPAIGN,
+    MAX_LINE_BYTES,
+    InvalidRequest,
+    Request,
+    build_request,
+    exact_moment,
+    with_campaign,
+)
+from .sources import SOURCE_MAX, SUBMITTED, Rejected, parse_spool_file
+from .spooldir import MAX_SPOOL_FILE
 
 CSV_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 # The request fields a CSV cell can hold, each the column of its name; a column of any other name
@@ -48,7 +58,7 @@ PHONE_STEMS = ("msisdn", "mobil", "cell", "phone", "tel", "number")
 HALF_SURROGATE = re.compile("[\ud800-\udfff]")
 SPOOL_FILE_MODE = 0o604  # see drop_into_spool
 PROGRESS_MIN_ROWS = 5000  # fewer rows are validated before a bar would be worth drawing
-LABEL_MAX = 400  # characters of an input's name in its requests' sources (the daemon takes 512)
+LABEL_MAX = SOURCE_MAX - 100  # characters of an input's name in a source, room for its line
 
 
 class MapMismatch(Exception):
@@ -66,9 +76,19 @@ class InputOptions:
     campaign: str | None = None  # --campaign: every request's
 
 
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A valid request of an input."""
+
+    line: int  # the input's line where it starts
+    request: Request
+    spool_line: bytes  # as the spool file holds it, newline included
+
+
 @dataclass
 class Submission:
-    rows: list[tuple[int, Request]] = field(default_factory=list)  # valid requests, by line
+    name: str = ""  # the input's, as input_name() gives it
+    rows: list[Row] = field(default_factory=list)  # valid requests, in input order
     errors: list[str] = field(default_factory=list)  # "NAME:LINE: what is wrong", per bad row
     # "NAME:LINE: what is wrong" with a CSV header: it says no row's meaning, so none is read
     header_faults: list[str] = field(default_factory=list)
@@ -79,14 +99,22 @@ class Submission:
         return ([self.column_report] if self.column_report else []) + self.errors
 
     def add(self, name: str, line: int, request: Request, campaign: str | None) -> None:
-        """A valid request, of `--campaign` when one is given: one of another is a bad row."""
+        """A valid request, of `--campaign` when one is given: one of another is a bad row, as
+        is one too long for the daemon to read from the spool."""
         if campaign is not None and request.campaign != campaign:
             if request.campaign is not None:
                 error = f"campaign: {request.campaign!r}, but --campaign says {campaign!r}"
                 self.errors.append(f"{name}:{line}: {error}")
                 return
             request = with_campaign(request, campaign)
-        self.rows.append((line, request))
+        spool_line = json.dumps(spool_document(request), ensure_ascii=False).encode() + b"\n"
+        if len(spool_line) > MAX_LINE_BYTES:
+            self.errors.append(
+                f"{name}:{line}: {len(spool_line):,} bytes as a spool line, over the "
+                f"{MAX_LINE_BYTES // 1024} KiB the daemon reads"
+            )
+            return
+        self.rows.append(Row(line, request, spool_line))
 
 
 def parse_mapping(options: list[str]) -> dict[str, str]:
@@ -155,17 +183,26 @@ def read_input(
     try:
         text = _decoded(data, options.encoding)
     except ValueError as error:
-        return Submission(errors=[f"{name}: {error}"])
-    if options.as_csv or options.mapping or _looks_like_csv(text):
-        return _read_csv(text, name, config, options)
-    return _read_json(text.encode("utf-8"), name, config, options.campaign)
+        submission = Submission(errors=[f"{name}: {error}"])
+    else:
+        if options.as_csv or options.mapping or _looks_like_csv(text):
+            submission = _read_csv(text, name, config, options)
+        else:
+            submission = _read_json(text.encode("utf-8"), name, config, options.campaign)
+    submission.name = name
+    return submission
+
+
+def input_name(name: str) -> str:
+    """An input as errors and --ids-out name it: its path as given, or stdin for '-'."""
+    return "stdin" if name == "-" else name
 
 
 def source_label(name: str) -> str:
     """What the sources of an input's requests start with: `submit:` and the input file's name
     (SPEC §6), each character that is not printable as '?', so that the daemon takes it."""
     base = "".join(c if c.isprintable() else "?" for c in Path(name).name)
-    return f"submit:{base[:LABEL_MAX]}"
+    return f"{SUBMITTED}{base[:LABEL_MAX]}"
 
 
 def _decoded(data: bytes, encoding: str | None) -> str:
@@ -426,13 +463,14 @@ def _with_progress(rows: list, name: str) -> Iterable:
 
 
 def spool_document(request: Request) -> dict:
-    """The request as a spool line: normalised, with every field it was given, and where it
-    came from. An id made from the content is left out: the daemon makes the same one, and
-    judges it by dedupe_window_s."""
+    """The request as a spool line: with every field it was given, as the daemon reads it again
+    (numbers with their +, whatever its default_country), and where it came from. An id made
+    from the content is left out: the daemon makes the same one, and judges it by
+    dedupe_window_s."""
     document: dict[str, Any] = {} if request.id_from_content else {"id": request.id}
-    document["to"] = request.to
+    document["to"] = written(request.to)
     if request.sender:
-        document["from"] = request.sender
+        document["from"] = written(request.sender)
     else:
         document["agent_id"] = request.agent_id
     if request.session_parameters:
@@ -455,42 +493,81 @@ def spool_document(request: Request) -> dict:
     return document
 
 
-def write_ids(path: Path, ids: Iterable[tuple[str, int, str]]) -> None:
+def write_ids(path: Path, submissions: list[Submission], ids: list[str]) -> None:
     """`--ids-out`: a CSV of each submitted request's input, the line its row starts on, and
-    its id, so that its result can be joined back to the row."""
-    with path.open("w", encoding="utf-8", newline="") as file:
+    its id (`ids`, a row's each), so that its result can be joined back to the row. A path
+    that is not UTF-8 is written as its own bytes."""
+    places = [(s.name, row.line) for s in submissions for row in s.rows]
+    with path.open("w", encoding="utf-8", errors="surrogateescape", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(("file", "row", "id"))
-        writer.writerows(ids)
+        writer.writerows((*place, id) for place, id in zip(places, ids, strict=True))
 
 
-def drop_into_spool(spool_dir: Path, documents: Iterable[dict]) -> Path:
-    """Write .NAME.part in incoming/, sync it, and rename it to NAME there: the daemon sees the
-    whole file or none (it ignores names starting with '.').
+def summary(
+    spool_files: list[Path], count: int, skipped: int, foreseen: list[tuple[str, bool]] | None
+) -> str:
+    """submit's last line: what it dropped, what it skipped, and how many are duplicates."""
+    said = f"submitted {count} request(s) as {', '.join(path.name for path in spool_files)}"
+    if skipped:
+        said += f"; skipped {skipped} invalid"
+    if foreseen is not None:
+        duplicates = sum(repeated for _id, repeated in foreseen)
+        said += f"; {duplicates} taken already or given twice: duplicates, not dialed again"
+    return said
 
-    The file is for the daemon alone: in incoming/'s group (the submitters'), mode 0604, so
+
+def drop_into_spool(
+    spool_dir: Path, lines: list[bytes], max_file_bytes: int = MAX_SPOOL_FILE
+) -> list[Path]:
+    """The spool lines as files in incoming/, each no larger than the daemon takes: each
+    written as .NAME.part and synced, then all renamed to their NAMEs, so that the daemon sees
+    each whole or not at all (it ignores names starting with '.'), and a failed write (a full
+    disk) leaves none behind.
+
+    A file is for the daemon alone: in incoming/'s group (the submitters'), mode 0604, so
     that other submitters, of that group, get its group's permissions (none), while the daemon,
     of neither its user nor its group, reads it as "other" (and incoming/, 1730, lets no one
     else in). Its name is unguessable as well, and incoming/ cannot be listed by submitters.
     """
     incoming = spool_dir / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)  # the daemon makes it too, with its modes
-    name = f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(16)}.jsonl"
-    partial = incoming / f".{name}.part"
-    fd = os.open(
-        partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
+    partials: list[Path] = []
     try:
-        with contextlib.suppress(PermissionError):  # not of its group: the daemon's own user
-            os.fchown(fd, -1, incoming.stat().st_gid)
-        os.fchmod(fd, SPOOL_FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            for document in documents:
-                file.write(json.dumps(document, ensure_ascii=False) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.rename(partial, incoming / name)
+        for chunk in _file_chunks(lines, max_file_bytes):
+            name = f"submit-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(16)}.jsonl"
+            partials.append(incoming / f".{name}.part")
+            _write_synced(partials[-1], chunk, incoming.stat().st_gid)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
         raise
-    return incoming / name
+    finals = [partial.with_name(partial.name[1 : -len(".part")]) for partial in partials]
+    for partial, final in zip(partials, finals, strict=True):
+        os.rename(partial, final)
+    return finals
+
+
+def _file_chunks(lines: list[bytes], max_file_bytes: int) -> Iterator[list[bytes]]:
+    """The lines in runs of at most max_file_bytes (each line is far smaller)."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > max_file_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield chunk
+
+
+def _write_synced(path: Path, lines: list[bytes], group: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        with contextlib.suppress(PermissionError):  # not of its group: the daemon's own user
+            os.fchown(fd, -1, group)
+        os.fchmod(fd, SPOOL_FILE_MODE)
+        file.writelines(lines)
+        file.flush()
+        os.fsync(fd)

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
+from test_request import CONFIG
+
+from dialerd.ledger import _take, create_schema
+from dialerd.request import build_request
 
 NUMBERS = [f"4477009003{n:02d}" for n in range(10)]
 LIST = b"".join(
@@ -96,11 +101,13 @@ def test_a_csv_submitted_twice_places_every_call_once_and_leads_back_to_its_rows
         return done.stderr.decode().splitlines()[-1]
 
     assert submit(tmp_path / "first.csv").endswith(
-        "; 0 taken already (duplicates: not dialed again)"
+        "; 0 taken already or given twice: duplicates, not dialed again"
     )
     wait_for(lambda: len(read_results(results)) == len(NUMBERS), 30, "the first submission")
     said = submit(tmp_path / "again.csv")
-    assert said.endswith(f"; {len(NUMBERS)} taken already (duplicates: not dialed again)")
+    assert said.endswith(
+        f"; {len(NUMBERS)} taken already or given twice: duplicates, not dialed again"
+    )
     wait_for(lambda: len(read_results(results)) == 2 * len(NUMBERS), 30, "the second one")
     assert daemon.stop()[0] == 0
     assert sim.placed() == Counter(NUMBERS), "each number once"
@@ -121,3 +128,18 @@ def test_a_csv_submitted_twice_places_every_call_once_and_leads_back_to_its_rows
 def ids(path: Path) -> dict[tuple[str, str], str]:
     with path.open(newline="") as file:
         return {(row["file"], row["row"]): row["id"] for row in csv.DictReader(file)}
+
+
+def test_a_repeat_after_the_window_takes_the_first_free_suffix():
+    """Counting the earlier repeats gives the next suffix, unless some were forgotten (pruned
+    by age): then the count names one still held, and the next free one is taken."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    create_schema(conn)
+    request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
+    key = request.id
+    assert _take(conn, 1, request, 0, 10) == (key, None)
+    assert _take(conn, 1, request, 100, 10) == (f"{key}.2", None)
+    conn.execute("DELETE FROM requests WHERE id = ?", (key,))  # the oldest forgotten
+    assert _take(conn, 1, request, 200, 10) == (f"{key}.3", None)
+    duplicate_id, error = _take(conn, 1, request, 205, 10)
+    assert duplicate_id == f"{key}.3" and error.startswith(f"repeats request {key}.3 (stdin:1")

@@ -682,3 +682,10 @@ def test_any_request_as_a_json_line_is_a_request_or_invalid(value, ascii_only):
         return
     check_accepted(request)
     assert request.id == value.get("id", request.id)
+
+
+@pytest.mark.parametrize("raw", ["4" * 100_000, "+44 " + " " * 100_000 + "7700900123", "(" * 70])
+def test_a_number_written_longer_than_any_is_refused_in_a_short_message(raw):
+    error = refused(to=raw)
+    assert "longer than any phone number" in str(error)
+    assert len(str(error)) < 120

@@ -25,6 +25,7 @@ from test_spool_attacks import (
     stopped_in_time,
 )
 
+import dialerd.sources as sources_module
 from dialerd import ledger as ledger_module
 from dialerd import sources
 from dialerd.ledger import Ledger, SpoolChunk, SpoolRecord
@@ -356,3 +357,41 @@ def test_a_note_lists_the_first_bad_lines_and_counts_the_rest():
     )
     assert ledger_module._note(chunks, 2).startswith("a\nb\n... and 4 more")
     assert ledger_module._note([], 5) is None
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["stdin:1", "spool:other.jsonl:4", "submit:", "submit:x\n:1", "submit:" + "x" * 512, 7],
+)
+def test_an_item_may_name_only_a_submitted_source_for_itself(given):
+    """Submitters may not trust each other: a spool line may say which submitted row it is,
+    never pass itself off as stdin's or another spool file's."""
+    data = json.dumps({"to": "447700900123", "source": given}).encode() + b"\n"
+    ((batch, _last),) = spool_chunks(data, "spool:f", CONFIG)
+    assert batch.requests == []
+    assert batch.errors == [
+        "spool:f:1: source: must be submit: and more, in all at most 512 printable characters"
+    ]
+
+
+def test_a_submitted_source_is_kept():
+    data = json.dumps({"to": "447700900123", "source": "submit:crm.csv:17"}).encode()
+    ((batch, _last),) = spool_chunks(data, "spool:f", CONFIG)
+    assert [r.source for r in batch.requests] == ["submit:crm.csv:17"]
+
+
+def test_a_fault_of_ours_in_one_item_refuses_that_item_only(monkeypatch):
+    """An exception no validation meant to raise is a bug; it must not stop the source (a
+    spool scan, the stdin reader) nor lose the items beside it."""
+    real = sources_module.build_request
+
+    def faulty(document, config, source):
+        if document.get("to") == "447700900124":
+            raise RuntimeError("a bug")
+        return real(document, config, source)
+
+    monkeypatch.setattr(sources_module, "build_request", faulty)
+    data = b"".join(json.dumps({"to": f"44770090012{n}"}).encode() + b"\n" for n in (3, 4, 5))
+    ((batch, _last),) = spool_chunks(data, "spool:f", CONFIG)
+    assert [r.to for r in batch.requests] == ["447700900123", "447700900125"]
+    assert batch.errors == ["spool:f:2: could not be validated (RuntimeError: a bug)"]

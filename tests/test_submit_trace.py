@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
+import os
 import sqlite3
 from pathlib import Path
 
+import phonenumbers
 import pytest
+from conftest import run_dialerd
+from phonenumbers import PhoneNumberFormat
+from test_numbers import EXAMPLES
 from test_submit import (
     GOOD,
     incoming,
@@ -22,9 +28,11 @@ from test_submit import (
 )
 
 import dialerd.submit as submit_module
-from dialerd.config import load_config
+from dialerd.config import build_config, load_config
 from dialerd.ledger import Ledger, foresee_intake
-from dialerd.request import build_request
+from dialerd.request import MAX_LINE_BYTES, build_request
+from dialerd.sources import spool_chunks
+from dialerd.submit import drop_into_spool, read_input
 
 CRM = b"to,Name\n447700900123,Ann\n\n447700900124,Bob\n447700900125,Cy\n"  # a blank line 3
 
@@ -214,14 +222,14 @@ def test_submit_says_how_many_rows_were_taken_already(env, tmp_path, capsys):
     assert err.splitlines()[-1].endswith(
         "submitted 4 request(s) as "
         + next(incoming(env).iterdir()).name
-        + "; 2 taken already (duplicates: not dialed again)"
+        + "; 2 taken already or given twice: duplicates, not dialed again"
     )
 
 
 def test_nothing_taken_with_no_ledger_yet(env, tmp_path, capsys):
     code, err = submit(env, write(tmp_path, "crm.csv", CRM), capsys=capsys)
     assert code == 0, err
-    assert err.endswith("; 0 taken already (duplicates: not dialed again)\n")
+    assert err.endswith("; 0 taken already or given twice: duplicates, not dialed again\n")
     assert not (env.parent / "state" / "ledger.sqlite3").exists()  # submit made none
 
 
@@ -233,7 +241,7 @@ def test_a_ledger_submit_cannot_read_is_said_and_the_rows_submitted(env, tmp_pat
     assert code == 0, err
     assert "cannot tell which requests were taken already: " in err
     assert len(spooled(env)) == 3
-    assert "taken already (" not in err.splitlines()[-1]
+    assert "taken already or given twice" not in err
 
 
 def test_a_repeat_after_the_window_is_foreseen_under_its_own_id(env, tmp_path):
@@ -254,3 +262,92 @@ def test_a_repeat_after_the_window_is_foreseen_under_its_own_id(env, tmp_path):
     stored = sqlite3.connect(config.state_dir / "ledger.sqlite3")
     assert stored.execute("SELECT count(*) FROM requests").fetchone() == (1,)  # written to nothing
     stored.close()
+
+
+# --- what submit writes, the daemon reads as submit read it ----------------------------------
+
+
+@pytest.mark.parametrize("country", [None, "DE", "IT", "IN", "BR", "US", "GB"])
+def test_every_example_number_reads_back_as_itself_under_any_default_country(country):
+    """Digits without their + are a national number of many a country: 447700900123 in DE
+    is +49 447700900123. So every number goes into the spool with its +."""
+    agents = {"a": {"region": "eu", "rate": 5, "number": "+376 712345"}}
+    config = build_config({"agents": agents, "default_agent": "a", "default_country": country})
+    examples = [
+        phonenumbers.format_number(number, PhoneNumberFormat.E164) for _region, number in EXAMPLES
+    ]
+    data = "".join(json.dumps({"to": to}) + "\n" for to in examples)
+    data += json.dumps({"to": examples[0], "from": "+376712345"}) + "\n"
+    submission = read_input(data.encode(), "x.jsonl", config)
+    assert submission.errors == []
+    spool_file = b"".join(row.spool_line for row in submission.rows)
+    (batch, _last), *more = spool_chunks(spool_file, "spool:x", config)
+    assert batch.errors == [] and more == []
+    assert [r.to for r in batch.requests] == [row.request.to for row in submission.rows]
+    assert [r.id for r in batch.requests] == [row.request.id for row in submission.rows]
+    assert batch.requests[-1].sender == "376712345"
+
+
+def test_a_row_too_long_for_a_spool_line_is_a_bad_row(env, tmp_path, capsys):
+    cell = "x" * (MAX_LINE_BYTES - 200)
+    name = "n" * 250 + ".csv"  # its source makes the line longer still
+    data = f"to,Note\n447700900123,{cell}\n447700900124,short\n".encode()
+    code, err = submit(env, "--skip-invalid", write(tmp_path, name, data), capsys=capsys)
+    assert code == 0, err
+    assert f"{name}:2: 65," in err and "bytes as a spool line, over the 64 KiB" in err
+    assert [d["to"] for d in spooled(env)] == ["447700900124"]
+
+
+def test_a_submission_too_large_for_one_spool_file_is_dropped_as_several(env):
+    config = load_config(env)
+    lines_ = [json.dumps({"to": f"+4477009{n:05d}"}).encode() + b"\n" for n in range(100)]
+    paths = drop_into_spool(config.spool_dir, lines_, max_file_bytes=10 * len(lines_[0]))
+    assert len(paths) == 10
+    assert sorted(b"".join(path.read_bytes() for path in paths).splitlines(keepends=True)) == (
+        sorted(lines_)
+    )
+    assert all(path.stat().st_size <= 10 * len(lines_[0]) for path in paths)
+    assert not [p for p in incoming(env).iterdir() if p.name.startswith(".")]
+
+
+def test_a_moment_that_rounds_out_of_range_is_a_bad_row_not_a_crash(env, tmp_path, capsys):
+    data = lines(GOOD, {"to": "447700900124", "not_before": "9999-12-31T23:59:59.999999Z"})
+    path = write(tmp_path, "x.jsonl", data)
+    code, err = submit(env, path, capsys=capsys)
+    assert code == 65
+    assert f"{path}:2: not_before: '9999-12-31T23:59:59.999999Z' is out of range" in err
+    assert nothing_spooled(env)
+
+
+def test_a_path_that_is_not_utf8_is_written_to_ids_out_as_its_bytes(env, tmp_path):
+    path = os.fsencode(tmp_path) + b"/crm-\xff.csv"
+    with open(path, "wb") as file:
+        file.write(b"to\n447700900123\n")
+    out = tmp_path / "ids.csv"
+    done = run_dialerd("submit", "-c", str(env), "--ids-out", str(out), os.fsdecode(path))
+    assert done.returncode == 0, done.stderr
+    (row,) = csv.DictReader(out.read_bytes().decode("utf-8", "surrogateescape").splitlines())
+    assert os.fsencode(row["file"]) == path
+    assert spooled_sources(env) == ["submit:crm-?.csv:2"]
+
+
+def test_ids_out_that_is_an_input_is_a_usage_error(env, tmp_path, capsys):
+    path = write(tmp_path, "crm.csv", CRM)
+    code, err = submit(env, "--ids-out", path, path, capsys=capsys)
+    assert code == 64
+    assert f"--ids-out {path} is one of the inputs" in err
+    assert (tmp_path / "crm.csv").read_bytes() == CRM and nothing_spooled(env)
+
+
+def test_an_id_of_the_content_form_cannot_be_given(env, tmp_path, capsys):
+    """Given, it could take the id a request's content makes, and make that request a false
+    duplicate, or block its repeats after the window for ever."""
+    config = load_config(env)
+    made = build_request(GOOD, config, "x").id
+    data = lines({**GOOD, "id": made}, {**GOOD, "id": f"{made}.2"}, {**GOOD, "id": "c-mine"})
+    path = write(tmp_path, "x.jsonl", data)
+    code, err = submit(env, "--skip-invalid", path, capsys=capsys)
+    assert code == 0, err
+    for line, given in ((1, made), (2, f"{made}.2")):
+        assert f"{path}:{line}: id: {given!r} is of the form of an id made from a request" in err
+    assert [d["id"] for d in spooled(env)] == ["c-mine"]
