@@ -115,8 +115,8 @@ MIGRATIONS = (
         name TEXT NOT NULL, start INTEGER NOT NULL, errors TEXT NOT NULL, PRIMARY KEY (name, start)
     );
     """,
-    # 3: content-derived ids, campaigns, and numbers as the numbers module writes them.
-    lambda conn: _migrate_to_content_ids(conn),
+    # 3: campaigns, and numbers as the numbers module writes them.
+    lambda conn: _migrate_to_campaigns(conn),
 )
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
@@ -226,14 +226,8 @@ def create_schema(conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
 
 
-def _migrate_to_content_ids(conn: sqlite3.Connection) -> None:
-    """`content_key`: what a request given no id was deduplicated by (its id may be the key with
-    a suffix, when it repeats one taken longer than dedupe_window_s before)."""
+def _migrate_to_campaigns(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE requests ADD COLUMN campaign TEXT")
-    conn.execute("ALTER TABLE requests ADD COLUMN content_key TEXT")
-    conn.execute(
-        "CREATE INDEX requests_content ON requests(content_key, seq) WHERE content_key IS NOT NULL"
-    )
     _renormalise_numbers(conn)
 
 
@@ -894,9 +888,9 @@ def _intake_id(
         return request.id, None
     key = request.id
     earlier = conn.execute(
-        "SELECT id, created_at, source FROM requests WHERE content_key = ? ORDER BY seq DESC"
-        " LIMIT 1",
-        (key,),
+        "SELECT id, created_at, source FROM requests WHERE id >= ? AND id < ?"
+        " ORDER BY seq DESC LIMIT 1",
+        _made_from(key),
     ).fetchone()
     if earlier is None:
         return key, None
@@ -907,7 +901,7 @@ def _intake_id(
             f" within dedupe_window_s ({window:g} s)"
         )
     (times,) = conn.execute(
-        "SELECT count(*) FROM requests WHERE content_key = ?", (key,)
+        "SELECT count(*) FROM requests WHERE id >= ? AND id < ?", _made_from(key)
     ).fetchone()
     suffix = times + 1  # free unless earlier repeats were forgotten
     while conn.execute("SELECT 1 FROM requests WHERE id = ?", (f"{key}.{suffix}",)).fetchone():
@@ -915,12 +909,19 @@ def _intake_id(
     return f"{key}.{suffix}", None
 
 
+def _made_from(key: str) -> tuple[str, str]:
+    """The range of the ids made from one request's content, as the id index reads it fast: the
+    key, then the key with a suffix ('.' sorts just before '/'). request.py refuses any given
+    id that starts as one made from content does, so none but these is in it."""
+    return key, key + "/"
+
+
 def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
     """Whether `request` was queued: not when its id is taken already."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-        " expires_at, due_at, state, created_at, campaign, content_key)"
-        " VALUES (?,?,?,?,?,?,?,?,?,'queued',?,?,?)",
+        " expires_at, due_at, state, created_at, campaign)"
+        " VALUES (?,?,?,?,?,?,?,?,?,'queued',?,?)",
         (
             request_id,
             run,
@@ -933,7 +934,6 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
             max(now, request.not_before or now),
             now,
             request.campaign,
-            request.id if request.id_from_content else None,
         ),
     )
     return cursor.rowcount == 1
@@ -1160,7 +1160,8 @@ def foresee_intake(
 
 
 def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
-    """Into `ledger`, the requests of the ledger at `path` whose id or content key is a key."""
+    """Into `ledger`, the requests of the ledger at `path` whose id is a key, or made from the
+    same content as it (and maybe a few more: they change nothing)."""
     ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))
     (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
     if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
@@ -1171,8 +1172,8 @@ def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) ->
     ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
     columns = ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
     ledger.execute(
-        f"INSERT INTO main.requests ({columns}) SELECT {columns} FROM stored.requests"
-        " WHERE id IN (SELECT key FROM keys) OR content_key IN (SELECT key FROM keys)"
+        f"INSERT OR IGNORE INTO main.requests ({columns}) SELECT {columns}"
+        " FROM keys CROSS JOIN stored.requests AS r ON r.id >= key AND r.id < key || '/'"
     )
     ledger.execute("DETACH stored")
 

@@ -34,10 +34,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CAMPAIGN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CONTENT_ID_PREFIX = "c-"  # an id made from a request's content (see content_id)
 CONTENT_ID_DIGEST_BYTES = 12
-# Ids of this form are made from content only: one given could take a content's id from it.
-CONTENT_ID = re.compile(
-    rf"{CONTENT_ID_PREFIX}[0-9a-f]{{{2 * CONTENT_ID_DIGEST_BYTES}}}(?:\.[0-9]+)?"
-)
+# Ids that start so are made from content only: one given could take a content's id from it.
+CONTENT_ID = re.compile(rf"{CONTENT_ID_PREFIX}[0-9a-f]{{{2 * CONTENT_ID_DIGEST_BYTES}}}")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -177,10 +175,9 @@ def _optional(fields: dict, name: str, convert) -> Any:
 def _request_id(raw: Any) -> str:
     if not isinstance(raw, str) or not REQUEST_ID.fullmatch(raw):
         raise InvalidRequest(f"id: {raw!r} is not 1-128 of A-Za-z0-9._:-")
-    if CONTENT_ID.fullmatch(raw):
+    if CONTENT_ID.match(raw):
         raise InvalidRequest(
-            f"id: {raw!r} is of the form of an id made from a request's content: "
-            "give another, or none"
+            f"id: {raw!r} starts as an id made from a request's content does: give another, or none"
         )
     return raw
 
