@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .numbers import country_problem, normalise
+from .numbers import country_problem, normalise, other_reading
 
 DEFAULT_PATH = "/etc/dialerd/config.yaml"
 DEFAULT_ENDPOINTS = MappingProxyType(
@@ -300,6 +300,18 @@ def _read_api(r: _Reader, node: Any) -> ApiConfig:
     )
 
 
+def _agent_number(raw: str, country: str | None) -> str:
+    """An agent's number, which must read one way: requests' `from` is matched against it."""
+    number = normalise(raw, country)
+    other = other_reading(raw, number, country)
+    if other is not None:
+        raise ValueError(
+            f"{raw!r} reads as +{number} (a national number of {country}) and as +{other}: "
+            "write it with + and its country code"
+        )
+    return number
+
+
 def _read_agents(
     r: _Reader, node: Any, regions: Mapping[str, str], country: str | None
 ) -> dict[str, AgentConfig]:
@@ -318,7 +330,7 @@ def _read_agents(
         rate = r.value(fields, key, "rate", _rate)
         if fields.get("rate") is None:  # absent, or `rate:` left empty
             r.fail(f"{key}.rate", "is required (1, 3 or 5)")
-        number = r.value(fields, key, "number", lambda v: normalise(str(v), country))
+        number = r.value(fields, key, "number", lambda v: _agent_number(str(v), country))
         agents[str(agent_id)] = AgentConfig(
             id=str(agent_id),
             region=region or "eu",

@@ -1,8 +1,9 @@
 """The do-not-call list: numbers never to dial, checked right before each send.
 
 One number per line, written as `to` may be (normalised the same way); blank lines and `#`
-comments are ignored; a bad line is reported and skipped. The file is read again when it changes
-(checked every second) and on SIGHUP.
+comments are ignored; a bad line is reported and skipped. Bare digits that are a national number
+of default_country and another country's number as well block both. The file is read again when
+it changes (checked every second) and on SIGHUP.
 """
 
 from __future__ import annotations
@@ -12,23 +13,33 @@ import os
 from pathlib import Path
 
 from .logs import log
-from .numbers import NotANumber, normalise
+from .numbers import NotANumber, normalise, other_reading
 
 CHECK_EVERY_S = 1.0
+PROBLEMS_LOGGED = 20  # lines to fix logged one by one each time the list is read; then a count
 
 
 def read_list(path: Path, default_country: str | None) -> tuple[frozenset[str], list[str]]:
-    """The numbers of a do-not-call file, and a problem per bad line ("line N: ...")."""
+    """The numbers of a do-not-call file, and a problem per bad line ("line N: ..."), or per
+    line of bare digits that read two ways (both are blocked: no one is called by mistake)."""
     numbers, problems = set(), []
     with open(path, encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
+        for line_number, line in enumerate(lines, 1):
             entry = line.split("#", 1)[0].strip()
             if not entry:
                 continue
             try:
-                numbers.add(normalise(entry, default_country))
+                number = normalise(entry, default_country)
             except NotANumber as error:
-                problems.append(f"line {number}: {error}")
+                problems.append(f"line {line_number}: {error}; skipped")
+                continue
+            numbers.add(number)
+            if other := other_reading(entry, number, default_country):
+                numbers.add(other)
+                problems.append(
+                    f"line {line_number}: {entry!r} reads as +{number} (a national number of "
+                    f"{default_country}) and as +{other}: both are blocked; write it with +"
+                )
     return frozenset(numbers), problems
 
 
@@ -82,8 +93,11 @@ class DoNotCall:
 
     @staticmethod
     def _report(path: Path, numbers: frozenset[str], problems: list[str]) -> None:
-        for problem in problems:
-            log.warning("do-not-call list: line skipped", path=str(path), problem=problem)
+        for problem in problems[:PROBLEMS_LOGGED]:
+            log.warning("do-not-call list: a line to fix", path=str(path), problem=problem)
+        if len(problems) > PROBLEMS_LOGGED:
+            log.warning("do-not-call list: more lines to fix", path=str(path),
+                        more=len(problems) - PROBLEMS_LOGGED)  # fmt: skip
         log.info("do-not-call list read", path=str(path), numbers=len(numbers))
 
     async def watch(self) -> None:

@@ -195,6 +195,23 @@ def _digits(number: PhoneNumber) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
 
 
+def other_reading(raw: str, read: str, default_country: str | None) -> str | None:
+    """The valid number that bare digits are when read with their country code, when
+    normalise() read them (as `read`) as a national number of `default_country`:
+    2015550123 is +1 201 555 0123 in the US, and +20 15550123 as well. None when `raw` reads
+    one way only."""
+    text = raw.strip()
+    digits = PUNCTUATION.sub("", text)
+    if default_country is None or not digits.isdigit() or digits[0] == "0" or text[0] == "(":
+        return None
+    try:
+        international = _international(digits, text)
+    except NotANumber:
+        return None
+    other = _digits(international)
+    return other if other != read and phonenumbers.is_valid_number(international) else None
+
+
 def written(number: str) -> str:
     """A number as normalise() gives it, written to read back as itself whatever the reader's
     default_country (bare digits may be a national number of it): with its +."""

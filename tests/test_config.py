@@ -390,6 +390,23 @@ def test_agent_numbers_are_normalised_and_unique():
     assert keys_of(problems) == ["agents.a.number"]
 
 
+def test_an_agent_number_that_reads_two_ways_is_refused():
+    """Bare digits that are a national number of default_country and another country's valid
+    number: requests' `from` would be matched against a number the operator may not mean."""
+    agents = {"a": {"region": "eu", "rate": 1, "number": "447400123456"}}
+    assert problems_of(minimal(agents=agents, default_country="DE")) == [
+        "agents.a.number: '447400123456' reads as +49447400123456 (a national number of DE)"
+        " and as +447400123456: write it with + and its country code"
+    ]
+    for country in (None, "GB"):  # one reading only
+        config = build_config(minimal(agents=agents, default_country=country))
+        assert config.agents["a"].number == "447400123456"
+    agents["a"]["number"] = "+447400123456"
+    assert build_config(minimal(agents=agents, default_country="DE")).agents["a"].number == (
+        "447400123456"
+    )
+
+
 @pytest.mark.parametrize("agent_id", ["has space", "x" * 129, "slash/no", "tab\there"])
 def test_bad_agent_ids(agent_id):
     problems = problems_of(minimal(agents={agent_id: {"region": "eu", "rate": 1}}))

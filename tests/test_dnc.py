@@ -31,6 +31,22 @@ def test_a_list_is_read_in_any_notation_with_comments_and_bad_lines_skipped(tmp_
     assert [problem.split(":")[0] for problem in problems] == ["line 7", "line 8"]
 
 
+def test_bare_digits_that_read_two_ways_block_both_numbers(tmp_path):
+    """447400123456 is +44 7400 123456, and, read as a national number of DE, +49 447400123456:
+    a do-not-call list blocks both rather than guess, and says which lines to fix."""
+    path = tmp_path / "dnc.txt"
+    path.write_text("447400123456\n+447400123457\n030 123456\n")
+    numbers, problems = read_list(path, "DE")
+    assert numbers == {"49447400123456", "447400123456", "447400123457", "4930123456"}
+    assert problems == [
+        "line 1: '447400123456' reads as +49447400123456 (a national number of DE) and as "
+        "+447400123456: both are blocked; write it with +"
+    ]
+    dnc = DoNotCall()
+    dnc.use(path, "DE")
+    assert dnc.reason("447400123456") and dnc.reason("49447400123456")
+
+
 def test_the_list_is_read_again_when_it_changes_and_kept_when_it_cannot_be(tmp_path):
     path = tmp_path / "dnc.txt"
     path.write_text("447700900123\n")
