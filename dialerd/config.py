@@ -83,6 +83,10 @@ class RedialPolicy:
     attempts: int
     delay_s: float
 
+    def redial_at(self, attempts: int, unreached_at: float) -> float | None:
+        """When to call again a callee not reached after `attempts` calls; None: no more."""
+        return unreached_at + self.delay_s if attempts < self.attempts else None
+
 
 @dataclass(frozen=True)
 class CallingHours:

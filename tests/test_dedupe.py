@@ -15,7 +15,8 @@ from pathlib import Path
 from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
 from test_request import CONFIG
 
-from dialerd.ledger import _take, create_schema
+from dialerd.ledger import create_schema
+from dialerd.ledger.intake import take
 from dialerd.request import build_request
 
 NUMBERS = [f"4477009003{n:02d}" for n in range(10)]
@@ -137,9 +138,9 @@ def test_a_repeat_after_the_window_takes_the_first_free_suffix():
     create_schema(conn)
     request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
     key = request.id
-    assert _take(conn, 1, request, 0, 10) == (key, None)
-    assert _take(conn, 1, request, 100, 10) == (f"{key}.2", None)
+    assert take(conn, 1, request, 0, 10) == (key, None)
+    assert take(conn, 1, request, 100, 10) == (f"{key}.2", None)
     conn.execute("DELETE FROM requests WHERE id = ?", (key,))  # the oldest forgotten
-    assert _take(conn, 1, request, 200, 10) == (f"{key}.3", None)
-    duplicate_id, error = _take(conn, 1, request, 205, 10)
+    assert take(conn, 1, request, 200, 10) == (f"{key}.3", None)
+    duplicate_id, error = take(conn, 1, request, 205, 10)
     assert duplicate_id == f"{key}.3" and error.startswith(f"repeats request {key}.3 (stdin:1")

@@ -58,6 +58,7 @@ from dialerd.config import (
     load_config,
 )
 from dialerd.ledger import Ledger
+from dialerd.ledger import intake as intake_module
 from dialerd.metrics import Metrics
 from dialerd.request import FIELDS, InvalidRequest, Request, build_request, decode_line, loads
 from dialerd.results import RESULT_FIELDS, result_line
@@ -128,7 +129,7 @@ def record_in_ledger(batch: Batch) -> None:
     try:
         ledger_module.create_schema(conn)
         conn.execute("BEGIN")
-        intake = ledger_module._add(conn, 1, batch.requests, batch.invalid, None, 86400)
+        intake = intake_module.add(conn, 1, batch.requests, batch.invalid, None, 86400)
         conn.execute("COMMIT")
         lines = conn.execute("SELECT line, outcome FROM outbox").fetchall()
         assert intake.accepted + intake.rejected == len(batch)

@@ -29,6 +29,7 @@ import dialerd.sources as sources_module
 from dialerd import ledger as ledger_module
 from dialerd import sources
 from dialerd.ledger import Ledger, SpoolChunk, SpoolRecord
+from dialerd.ledger import intake as intake_module
 from dialerd.results import ResultsWriter
 from dialerd.sources import CHUNK_ITEMS, Intake, Rejected, parse_spool_file, spool_chunks
 
@@ -288,7 +289,7 @@ def test_an_older_ledgers_spool_files_read_as_complete(tmp_path):
         conn = ledger_module.connect(ledger.path, read_only=True)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(ledger_module.MIGRATIONS)
         conn.close()
-        recorded = ledger_module._spool_files(ledger._conn, ["old.jsonl"], 10)
+        recorded = intake_module.spool_files(ledger._conn, ["old.jsonl"], 10)
     finally:
         ledger.close()
     assert recorded == {"old.jsonl": SpoolRecord("d1", None, "spool:old.jsonl:2: bad\n")}
@@ -301,16 +302,16 @@ def test_a_file_recorded_chunk_by_chunk_counts_its_items_and_gathers_its_errors(
 
     def add(digest: str, start: int, errors: str | None, last: bool) -> SpoolRecord:
         chunk = SpoolChunk("f", digest, start, errors, last)
-        ledger_module._add(conn, 1, [], invalid, chunk, 0)
-        return ledger_module._spool_files(conn, ["f"], 10)["f"]
+        intake_module.add(conn, 1, [], invalid, chunk, 0)
+        return intake_module.spool_files(conn, ["f"], 10)["f"]
 
     assert add("d1", 0, "one\n", False) == SpoolRecord("d1", 2, "one\n")
     assert add("d1", 2, None, False) == SpoolRecord("d1", 4, "one\n")
     assert add("d1", 4, "three\n", True) == SpoolRecord("d1", None, "one\nthree\n")
     # Another file of the name (the first one was taken away before its move): afresh.
     assert add("d2", 0, None, False) == SpoolRecord("d2", 2, None)
-    ledger_module._forget_spool_files(conn, ["f"])
-    assert ledger_module._spool_files(conn, ["f"], 10) == {}
+    intake_module.forget_spool_files(conn, ["f"])
+    assert intake_module.spool_files(conn, ["f"], 10) == {}
     assert conn.execute("SELECT count(*) FROM spool_file_errors").fetchone()[0] == 0
 
 
@@ -351,12 +352,12 @@ async def test_a_batch_of_files_of_many_bad_lines_never_makes_one_giant_commit(
 
 def test_a_note_lists_the_first_bad_lines_and_counts_the_rest():
     chunks = ["a\nb\n", "c\nd\ne\n", "f\n"]
-    assert ledger_module._note(chunks, 10) == "a\nb\nc\nd\ne\nf\n"
-    assert ledger_module._note(chunks, 3) == (
+    assert intake_module._note(chunks, 10) == "a\nb\nc\nd\ne\nf\n"
+    assert intake_module._note(chunks, 3) == (
         "a\nb\nc\n... and 3 more invalid lines, each with its own invalid result\n"
     )
-    assert ledger_module._note(chunks, 2).startswith("a\nb\n... and 4 more")
-    assert ledger_module._note([], 5) is None
+    assert intake_module._note(chunks, 2).startswith("a\nb\n... and 4 more")
+    assert intake_module._note([], 5) is None
 
 
 @pytest.mark.parametrize(

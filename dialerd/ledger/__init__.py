@@ -1,0 +1,45 @@
+"""The ledger: every request and its fate in SQLite, written from one thread in group commits.
+
+- `schema`: the tables, the migrations from older versions, opening the file;
+- `lock`: one daemon per state_dir;
+- `writer`: the thread that runs every call in group commits;
+- `states`: states, outcomes, and the one table of moves between states;
+- `intake`: requests recorded (queued, or final at once), spool files, submit's foresight;
+- `sends`: a request's way out (due, marked, retried, held, finished);
+- `placed`: placed calls and what their callbacks do;
+- `status`, `requeue`: what operators read and do, whether or not a daemon runs;
+- `store`: the `Ledger` the daemon's tasks call.
+"""
+
+from .intake import Intake, SpoolChunk, SpoolRecord, foresee_intake
+from .lock import LedgerLocked
+from .requeue import requeue
+from .schema import MIGRATIONS, SCHEMA, LedgerTooNew, connect, create_schema
+from .sends import EXPIRED_ERROR, RESPONSE_KEPT, Pending
+from .states import Outcome, State
+from .status import HELD_REASONS, empty_agent_status, read_status, status_report
+from .store import Ledger
+
+__all__ = [
+    "EXPIRED_ERROR",
+    "HELD_REASONS",
+    "MIGRATIONS",
+    "RESPONSE_KEPT",
+    "SCHEMA",
+    "Intake",
+    "Ledger",
+    "LedgerLocked",
+    "LedgerTooNew",
+    "Outcome",
+    "Pending",
+    "SpoolChunk",
+    "SpoolRecord",
+    "State",
+    "connect",
+    "create_schema",
+    "empty_agent_status",
+    "foresee_intake",
+    "read_status",
+    "requeue",
+    "status_report",
+]

@@ -1,0 +1,289 @@
+"""Requests into the ledger: queued, or final at once (invalid, duplicate), with how far a
+spool file is recorded; and what submit foresees of them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..request import Request
+from ..results import result_line, utc_text
+from .schema import MIGRATIONS, create_schema
+from .states import Outcome, State
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolChunk:
+    """The spool file a batch of intake is a chunk of."""
+
+    name: str
+    digest: str
+    start: int  # the file's items recorded before this chunk
+    errors: str | None  # this chunk's lines for NAME.errors
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    """What the ledger holds of a spool file taken, or being taken, into it."""
+
+    digest: str
+    items: int | None  # items recorded so far; None: all of them
+    errors: str | None  # the lines for NAME.errors recorded so far
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What one intake batch did: requests queued per agent, and results it produced at once."""
+
+    queued_agents: frozenset[str]
+    accepted: int
+    rejected: int
+
+
+def add(
+    conn: sqlite3.Connection,
+    run: int,
+    requests: list[Request],
+    invalid: list[dict],
+    spool_file: SpoolChunk | None,
+    dedupe_window_s: float,
+) -> Intake:
+    now = time.time()
+    agents = set()
+    accepted = 0
+    for request in requests:
+        request_id, repeated = take(conn, run, request, now, dedupe_window_s)
+        if repeated is None:
+            agents.add(request.agent_id)
+            accepted += 1
+            continue
+        _reject(
+            conn,
+            now,
+            {
+                "id": request_id,
+                "to": request.to,
+                "agent_id": request.agent_id,
+                "meta": request.meta,
+                "source": request.source,
+                "outcome": Outcome.DUPLICATE,
+                "error": repeated,
+            },
+        )
+    for fields in invalid:
+        _reject(conn, now, {"outcome": Outcome.INVALID, **fields})
+    if spool_file is not None:
+        _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
+    return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
+
+
+def take(
+    conn: sqlite3.Connection, run: int, request: Request, now: float, window: float
+) -> tuple[str, str | None]:
+    """The id `request` is recorded under, queued, or, when it repeats an earlier request, the
+    id it repeats and the duplicate's error."""
+    request_id, repeated = _intake_id(conn, request, now, window)
+    if repeated is None and _insert(conn, run, request, request_id, now):
+        return request_id, None
+    return request_id, repeated or _taken(conn, request_id)
+
+
+def _intake_id(
+    conn: sqlite3.Connection, request: Request, now: float, window: float
+) -> tuple[str, str | None]:
+    """The id to record `request` under, and, when it repeats a request given no id within the
+    window, what the duplicate's error says. Repeating one taken before the window, it gets the
+    content's id with the first free suffix: the first keeps its own. (No request given an id
+    holds one of this form: request.py refuses them.)"""
+    if not request.id_from_content:
+        return request.id, None
+    key = request.id
+    earlier = conn.execute(
+        "SELECT id, created_at, source FROM requests WHERE id >= ? AND id < ?"
+        " ORDER BY seq DESC LIMIT 1",
+        _made_from(key),
+    ).fetchone()
+    if earlier is None:
+        return key, None
+    earlier_id, taken_at, source = earlier
+    if now - taken_at < window:
+        return earlier_id, (
+            f"repeats request {earlier_id} ({source}, taken {utc_text(taken_at)}),"
+            f" within dedupe_window_s ({window:g} s)"
+        )
+    (times,) = conn.execute(
+        "SELECT count(*) FROM requests WHERE id >= ? AND id < ?", _made_from(key)
+    ).fetchone()
+    suffix = times + 1  # free unless earlier repeats were forgotten
+    while conn.execute("SELECT 1 FROM requests WHERE id = ?", (f"{key}.{suffix}",)).fetchone():
+        suffix += 1
+    return f"{key}.{suffix}", None
+
+
+def _made_from(key: str) -> tuple[str, str]:
+    """The range of the ids made from one request's content, as the id index reads it fast: the
+    key, then the key with a suffix ('.' sorts just before '/'). request.py refuses any given
+    id that starts as one made from content does, so none but these is in it."""
+    return key, key + "/"
+
+
+def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
+    """Whether `request` was queued: not when its id is taken already."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
+        " expires_at, due_at, state, created_at, campaign)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?)",
+        (
+            request_id,
+            run,
+            request.agent_id,
+            request.to,
+            json.dumps(request.api_body(), separators=(",", ":")),
+            None if request.meta is None else json.dumps(request.meta),
+            request.source,
+            request.expires_at,
+            max(now, request.not_before or now),
+            now,
+            request.campaign,
+        ),
+    )
+    return cursor.rowcount == 1
+
+
+def _taken(conn: sqlite3.Connection, request_id: str) -> str:
+    earlier = conn.execute(
+        "SELECT source, created_at FROM requests WHERE id = ?", (request_id,)
+    ).fetchone()
+    if earlier is None:  # pruned: its id is remembered, not where it came from
+        return f"id {request_id!r} was already taken by an earlier request"
+    source, taken_at = earlier
+    return (
+        f"id {request_id!r} was already taken by an earlier request ({source},"
+        f" taken {utc_text(taken_at)})"
+    )
+
+
+def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
+    request_id = fields.get("id")  # an invalid request's `id` may be any JSON value
+    conn.execute(
+        "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
+        (
+            request_id if isinstance(request_id, str) else None,
+            fields["outcome"],
+            fields["error"],
+            fields["source"],
+            now,
+        ),
+    )
+    conn.execute(
+        "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
+        (result_line(at=now, **fields), fields["outcome"]),
+    )
+
+
+def spool_files(
+    conn: sqlite3.Connection, names: list[str], note_lines: int
+) -> dict[str, SpoolRecord]:
+    recorded = {}
+    for name in names:
+        row = conn.execute(
+            "SELECT digest, items, errors FROM spool_files WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            continue
+        digest, items, errors = row
+        chunks = conn.execute(
+            "SELECT errors FROM spool_file_errors WHERE name = ? ORDER BY start", (name,)
+        )
+        texts = itertools.chain([errors] if errors else [], (chunk for (chunk,) in chunks))
+        recorded[name] = SpoolRecord(digest, items, _note(texts, note_lines))
+    return recorded
+
+
+def _note(texts: Iterable[str], note_lines: int) -> str | None:
+    """The lines of texts, the first `note_lines` of them, then one saying how many more."""
+    kept, shown, more = [], 0, 0
+    for text in texts:
+        lines = text.count("\n")
+        room = max(0, note_lines - shown)
+        if lines <= room:
+            kept.append(text)
+            shown += lines
+            continue
+        if room:
+            kept.append("\n".join(text.split("\n", room)[:room]) + "\n")
+            shown += room
+        more += lines - room
+    if more:
+        kept.append(f"... and {more} more invalid lines, each with its own invalid result\n")
+    return "".join(kept) or None
+
+
+def _record_spool_chunk(conn: sqlite3.Connection, chunk: SpoolChunk, items: int) -> None:
+    """The file's row says how far it is recorded, with this chunk's `items`; its first chunk
+    starts the file's errors afresh (a row of its name may be of an earlier file)."""
+    if chunk.start == 0:
+        conn.execute("DELETE FROM spool_file_errors WHERE name = ?", (chunk.name,))
+    conn.execute(
+        "INSERT OR REPLACE INTO spool_files (name, digest, errors, items) VALUES (?, ?, NULL, ?)",
+        (chunk.name, chunk.digest, None if chunk.last else chunk.start + items),
+    )
+    if chunk.errors:
+        conn.execute(
+            "INSERT INTO spool_file_errors (name, start, errors) VALUES (?, ?, ?)",
+            (chunk.name, chunk.start, chunk.errors),
+        )
+
+
+def forget_spool_files(conn: sqlite3.Connection, names: list[str]) -> None:
+    rows = [(name,) for name in names]
+    conn.executemany("DELETE FROM spool_files WHERE name = ?", rows)
+    conn.executemany("DELETE FROM spool_file_errors WHERE name = ?", rows)
+
+
+def foresee_intake(
+    state_dir: Path, requests: list[Request], dedupe_window_s: float
+) -> list[tuple[str, bool]]:
+    """For each request, as the ledger stands, the id the daemon will record it under and
+    whether it is a duplicate of one taken before it (or before it in `requests`). The ledger's
+    rows that the requests may repeat are copied into a ledger in memory and the requests taken
+    there, by the daemon's own code; the ledger is only read (SQLite may make its -wal and -shm
+    when no daemon has them open). sqlite3.Error or OSError when it cannot be read, or is of
+    another version."""
+    path = state_dir / "ledger.sqlite3"
+    ledger = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+    try:
+        create_schema(ledger)
+        if path.exists():
+            _copy_repeatable(ledger, path, [request.id for request in requests])
+        now = time.time()
+        ledger.execute("BEGIN")
+        taken = [take(ledger, 0, request, now, dedupe_window_s) for request in requests]
+        return [(request_id, repeated is not None) for request_id, repeated in taken]
+    finally:
+        ledger.close()
+
+
+def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
+    """Into `ledger`, the requests of the ledger at `path` whose id is a key, or made from the
+    same content as it (and maybe a few more: they change nothing)."""
+    ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))
+    (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
+    if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
+        raise OSError(
+            f"the ledger {path} has schema version {version}, not this dialerd's {len(MIGRATIONS)}"
+        )
+    ledger.execute("CREATE TEMP TABLE keys (key TEXT PRIMARY KEY)")
+    ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
+    columns = ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
+    ledger.execute(
+        f"INSERT OR IGNORE INTO main.requests ({columns}) SELECT {columns}"
+        " FROM keys CROSS JOIN stored.requests AS r ON r.id >= key AND r.id < key || '/'"
+    )
+    ledger.execute("DETACH stored")

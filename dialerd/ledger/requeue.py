@@ -1,0 +1,56 @@
+"""`dialerd requeue`: an operator's deliberate resend of sends whose answers were lost."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .schema import connect
+from .states import Move, Outcome, move
+
+
+def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """Queue `in_doubt` requests again (all of them when `ids` is None): the operator's
+    deliberate resend, recorded in the ledger. Works whether or not a daemon runs.
+
+    Returns the ids requeued, and why each other id was not.
+    """
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        raise FileNotFoundError(f"no ledger in {state_dir}")
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if ids is None:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM requests WHERE outcome = ?", (Outcome.IN_DOUBT,)
+                )
+            ]
+        requeued, refused = [], {}
+        for request_id in ids:
+            row = conn.execute(
+                "SELECT seq, outcome, error FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None or row[1] != Outcome.IN_DOUBT:
+                refused[request_id] = "no such request" if row is None else _not_in_doubt(row[1])
+                continue
+            seq, _outcome, error = row
+            move(
+                conn, seq, Move.REQUEUE,
+                outcome=None, finished_at=None, error=None, retries=0, due_at=time.time(),
+            )  # fmt: skip
+            conn.execute(
+                "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
+                (request_id, error, time.time()),
+            )
+            requeued.append(request_id)
+        conn.execute("COMMIT")
+        return requeued, refused
+    finally:
+        conn.close()
+
+
+def _not_in_doubt(outcome: str | None) -> str:
+    return f"is {outcome}, not in_doubt" if outcome else "is not final yet"

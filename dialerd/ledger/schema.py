@@ -1,0 +1,187 @@
+"""The ledger's tables, the migrations from older versions, and opening the file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from ..numbers import NotANumber, normalise
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    run INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    to_number TEXT NOT NULL,
+    body TEXT NOT NULL,
+    meta TEXT,
+    source TEXT NOT NULL,
+    expires_at REAL,
+    due_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    token TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    conversation_uuid TEXT,
+    status TEXT,
+    error TEXT,
+    response TEXT,
+    outcome TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_due ON requests(agent_id, due_at, seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS requests_open ON requests(run, state) WHERE state != 'final';
+CREATE INDEX IF NOT EXISTS requests_outcome ON requests(agent_id, outcome);
+CREATE TABLE IF NOT EXISTS rejects (
+    seq INTEGER PRIMARY KEY, id TEXT, outcome TEXT NOT NULL, error TEXT, source TEXT, at REAL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY, line TEXT NOT NULL, outcome TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spool_files (
+    name TEXT PRIMARY KEY, digest TEXT NOT NULL, errors TEXT
+);
+CREATE TABLE IF NOT EXISTS agent_sends (agent_id TEXT PRIMARY KEY, last_sent_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, pid INTEGER, started_at REAL);
+CREATE TABLE IF NOT EXISTS calls (
+    token TEXT PRIMARY KEY, seq INTEGER NOT NULL, attempt INTEGER NOT NULL, sent_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS callbacks (
+    seq INTEGER PRIMARY KEY,
+    token TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    effect TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS callbacks_token ON callbacks(token);
+CREATE TABLE IF NOT EXISTS requeues (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, previous_error TEXT, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'placed';
+"""
+# Changes to the schema since the first version, applied in turn to a ledger of an older version
+# (its PRAGMA user_version counts those already applied); a new ledger gets them all.
+
+MIGRATIONS = (
+    # 1: calling hours and the per-number cap. `held` says why a queued request waits past its
+    # own due time; `number_calls` holds every send of a number (placed = 0 while unanswered).
+    """
+    ALTER TABLE requests ADD COLUMN held TEXT;
+    CREATE TABLE number_calls (
+        seq INTEGER NOT NULL, to_number TEXT NOT NULL, at REAL NOT NULL, placed INTEGER NOT NULL
+    );
+    CREATE INDEX number_calls_by_number ON number_calls(to_number, at);
+    CREATE INDEX number_calls_by_seq ON number_calls(seq) WHERE placed = 0;
+    CREATE INDEX number_calls_by_age ON number_calls(at);
+    CREATE INDEX requests_expiring ON requests(expires_at)
+        WHERE state = 'queued' AND expires_at IS NOT NULL;
+    CREATE INDEX requests_held ON requests(agent_id, held)
+        WHERE state = 'queued' AND held IS NOT NULL;
+    """,
+    # 2: spool files taken a chunk at a time. `items` counts the file's items recorded so far
+    # (NULL: all of them, as every row an older version wrote); each chunk's lines for
+    # NAME.errors are a row of their own (appending them to one value would write the whole
+    # note again at every chunk).
+    """
+    ALTER TABLE spool_files ADD COLUMN items INTEGER;
+    CREATE TABLE spool_file_errors (
+        name TEXT NOT NULL, start INTEGER NOT NULL, errors TEXT NOT NULL, PRIMARY KEY (name, start)
+    );
+    """,
+    # 3: campaigns, and numbers as the numbers module writes them.
+    lambda conn: _migrate_to_campaigns(conn),
+)
+
+
+class LedgerTooNew(OSError):
+    """The ledger was made by a newer dialerd, whose schema this one does not know. An OSError,
+    as for any ledger that cannot be opened: `run` and `requeue` exit 73 for it."""
+
+
+def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to the ledger at `path`; LedgerTooNew, before anything is written to it,
+    if a newer dialerd made it."""
+    if read_only:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        _refuse_newer(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    if not read_only:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the send it marks goes out, power loss included.
+        conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
+    """A ledger of a schema this code does not know would be misread, and written wrongly."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise LedgerTooNew(
+            f"the ledger {path} has schema version {version}, newer than this dialerd knows "
+            f"({len(MIGRATIONS)}): run the dialerd that wrote it, or a newer one"
+        )
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """The tables of this version, made or brought up to date, each migration in one commit."""
+    conn.executescript(SCHEMA)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+        if isinstance(migration, str):
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {number}; COMMIT;"
+            )
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def _migrate_to_campaigns(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE requests ADD COLUMN campaign TEXT")
+    _renormalise_numbers(conn)
+
+
+def _renormalise_numbers(conn: sqlite3.Connection) -> None:
+    """An older dialerd kept a trunk 0 written after the country code (+49 030 123456 stored as
+    49030123456): such numbers are rewritten as they are read now, so that the per-number cap
+    counts both forms as one number and the do-not-call list matches them; so are the numbers
+    in the bodies of requests still to be sent."""
+    for table, key in (("requests", "seq"), ("number_calls", "rowid")):
+        rows = conn.execute(f"SELECT {key}, to_number FROM {table}").fetchall()
+        changed = [(new, row) for row, old in rows if (new := _renormalised(old)) != old]
+        conn.executemany(f"UPDATE {table} SET to_number = ? WHERE {key} = ?", changed)
+    open_bodies = conn.execute("SELECT seq, body FROM requests WHERE state != 'final'").fetchall()
+    for seq, text in open_bodies:
+        body = json.loads(text)
+        fields = {name: _renormalised(body[name]) for name in ("to", "from") if name in body}
+        if any(body[name] != number for name, number in fields.items()):
+            body.update(fields)
+            conn.execute(
+                "UPDATE requests SET body = ? WHERE seq = ?",
+                (json.dumps(body, separators=(",", ":")), seq),
+            )
+
+
+def _renormalised(stored: str) -> str:
+    try:
+        return normalise(stored)
+    except NotANumber:  # not a number the rules read now: kept, as it was taken then
+        return stored

@@ -1,0 +1,181 @@
+"""A request on its way out: taken from its lane's queue, marked before its POST, retried,
+held by the rules, or finished with its result line."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import NumberCap
+from ..results import result_line
+from .states import Add, Move, Outcome, State, move, move_returning
+
+RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
+
+
+EXPIRED_ERROR = "expires_at passed before sending"
+
+
+IN_DOUBT_ERROR = "the daemon stopped while this send was in flight; requeue it to send again"
+
+
+FINISH_COLUMNS = ("attempts", "http_status", "conversation_uuid", "status", "error", "response")
+FINISHED_ROW = (  # what a result line says of a request
+    "id, to_number, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A queued request as the dispatcher needs it."""
+
+    seq: int
+    id: str
+    agent_id: str
+    body: dict[str, Any]
+    attempts: int
+    retries: int
+    expires_at: float | None
+
+
+def due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
+    rows = conn.execute(
+        "SELECT seq, id, body, attempts, retries, expires_at FROM requests"
+        f" WHERE state = '{State.QUEUED}' AND agent_id = ? AND due_at <= ?"
+        " ORDER BY due_at, seq LIMIT ?",
+        (agent_id, now, limit),
+    ).fetchall()
+    pending = [
+        Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires)
+        for seq, id_, body, attempts, retries, expires in rows
+    ]
+    next_due = conn.execute(
+        f"SELECT min(due_at) FROM requests WHERE state = '{State.QUEUED}' AND agent_id = ?"
+        " AND due_at > ?",
+        (agent_id, now),
+    ).fetchone()[0]
+    return pending, next_due
+
+
+def mark_sending(
+    conn: sqlite3.Connection,
+    seq: int,
+    token: str | None,
+    attempt: int,
+    now: float,
+    cap: NumberCap | None,
+) -> tuple[bool, float | None]:
+    row = conn.execute(
+        f"SELECT to_number FROM requests WHERE seq = ? AND state = '{State.QUEUED}'", (seq,)
+    ).fetchone()
+    if row is None:
+        return False, None
+    to = row[0]
+    allowed_at = None if cap is None else _cap_allows_at(conn, to, now, cap)
+    if allowed_at is not None:
+        return False, allowed_at
+    if not move(conn, seq, Move.SEND, sent_at=now, token=token, held=None):
+        return False, None
+    conn.execute(
+        "INSERT INTO number_calls (seq, to_number, at, placed) VALUES (?, ?, ?, 0)", (seq, to, now)
+    )
+    conn.execute(
+        "INSERT INTO agent_sends (agent_id, last_sent_at) SELECT agent_id, ? FROM requests"
+        " WHERE seq = ? ON CONFLICT (agent_id) DO UPDATE SET last_sent_at = excluded.last_sent_at",
+        (now, seq),
+    )
+    if token is not None:
+        conn.execute(
+            "INSERT INTO calls (token, seq, attempt, sent_at) VALUES (?, ?, ?, ?)",
+            (token, seq, attempt, now),
+        )
+    return True, None
+
+
+def _cap_allows_at(conn: sqlite3.Connection, to: str, now: float, cap: NumberCap) -> float | None:
+    """None if `to` may be called now under the cap, else the moment it may: when enough of the
+    calls in the window (placed, or sent and not yet answered) have left it."""
+    times = [
+        r[0]
+        for r in conn.execute(
+            "SELECT at FROM number_calls WHERE to_number = ? AND at > ? ORDER BY at",
+            (to, now - cap.per_s),
+        )
+    ]
+    if len(times) < cap.count:
+        return None
+    return times[len(times) - cap.count] + cap.per_s
+
+
+def settle_number_call(conn: sqlite3.Connection, seq: int, placed: bool) -> None:
+    """The request's unanswered send to its number was placed (it counts), or was not."""
+    if placed:
+        conn.execute("UPDATE number_calls SET placed = 1 WHERE seq = ? AND placed = 0", (seq,))
+    else:
+        conn.execute("DELETE FROM number_calls WHERE seq = ? AND placed = 0", (seq,))
+
+
+def retry_later(
+    conn: sqlite3.Connection, seq: int, due_at: float, counts_retry: bool, error: str
+) -> None:
+    retries = Add(int(counts_retry))
+    if move(conn, seq, Move.RETRY, due_at=due_at, retries=retries, error=error, held=None):
+        settle_number_call(conn, seq, placed=False)
+
+
+def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) -> None:
+    for seq, until in holds:
+        move(conn, seq, Move.HOLD, due_at=until, held=reason)
+
+
+def expire_due(conn: sqlite3.Connection, now: float) -> int:
+    seqs = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT seq FROM requests WHERE state = '{State.QUEUED}' AND expires_at IS NOT NULL"
+            " AND expires_at <= ?",
+            (now,),
+        )
+    ]
+    for seq in seqs:
+        finish(conn, seq, Outcome.EXPIRED, {"error": EXPIRED_ERROR})
+    return len(seqs)
+
+
+def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -> None:
+    """The request's outcome, and its result line into the outbox, in one transaction; once."""
+    now = time.time()
+    columns = {c: fields[c] for c in FINISH_COLUMNS if c in fields}
+    row = move_returning(
+        conn, seq, Move.FINISH, FINISHED_ROW, outcome=outcome, finished_at=now, **columns
+    )
+    if row is None:
+        return  # already final: a finish is applied once
+    # A call the API placed, or may have placed, counts against the number's cap.
+    settle_number_call(conn, seq, placed=outcome in (Outcome.DIALED, Outcome.IN_DOUBT))
+    id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
+    line = result_line(
+        id=id_,
+        to=to,
+        agent_id=agent_id,
+        outcome=outcome,
+        attempts=attempts,
+        http_status=http_status,
+        conversation_uuid=conversation_uuid,
+        status=status,
+        error=error,
+        meta=None if meta is None else json.loads(meta),
+        source=source,
+        at=now,
+    )
+    conn.execute("INSERT INTO outbox (line, outcome) VALUES (?, ?)", (line, outcome))
+
+
+def recover_in_flight(conn: sqlite3.Connection) -> int:
+    seqs = [r[0] for r in conn.execute(f"SELECT seq FROM requests WHERE state = '{State.SENDING}'")]
+    for seq in seqs:
+        finish(conn, seq, Outcome.IN_DOUBT, {"error": IN_DOUBT_ERROR})
+    return len(seqs)

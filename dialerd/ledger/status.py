@@ -1,0 +1,81 @@
+"""What `dialerd status`, `/status` and the service's STATUS= line say of the ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from .schema import connect
+from .states import State
+
+HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
+
+
+def empty_agent_status() -> dict:
+    return {
+        "queued": 0,
+        "due_now": 0,
+        "in_flight": 0,
+        "awaiting_callback": 0,
+        "next_due": None,
+        **{f"held_{reason}": 0 for reason in HELD_REASONS},
+        **{f"held_{reason}_until": None for reason in HELD_REASONS},
+    }
+
+
+def status_report(conn: sqlite3.Connection, now: float) -> dict:
+    """Queue per agent, in flight, due times and counts per outcome, as `dialerd status` shows."""
+    agents: dict[str, dict] = {}
+    for agent_id, state, count, next_due in conn.execute(
+        "SELECT agent_id, state, count(*), min(due_at) FROM requests"
+        " WHERE state != 'final' GROUP BY agent_id, state"
+    ):
+        entry = agents.setdefault(agent_id, empty_agent_status())
+        if state == State.QUEUED:
+            entry["queued"] = count
+            entry["next_due"] = next_due
+        elif state == State.SENDING:
+            entry["in_flight"] = count
+        else:
+            entry["awaiting_callback"] = count
+    for agent_id, due_now in conn.execute(
+        "SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND due_at <= ?"
+        " GROUP BY agent_id",
+        (now,),
+    ):
+        agents[agent_id]["due_now"] = due_now
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
+        for agent_id, reason, count, until in conn.execute(
+            "SELECT agent_id, held, count(*), min(due_at) FROM requests"
+            " WHERE state = 'queued' AND held IS NOT NULL GROUP BY agent_id, held"
+        ):
+            agents[agent_id][f"held_{reason}"] = count
+            agents[agent_id][f"held_{reason}_until"] = until
+    outcomes: dict[str, int] = {}
+    for outcome, count in conn.execute(
+        "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
+        " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
+    ):
+        outcomes[outcome] = outcomes.get(outcome, 0) + count
+    return {
+        "agents": agents,
+        "outcomes": outcomes,
+        "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
+    }
+
+
+def read_status(state_dir: Path) -> dict | None:
+    """The status from the ledger file, whether or not a daemon runs; None if there is none."""
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        return None
+    conn = connect(path, read_only=True)
+    try:
+        return status_report(conn, time.time())
+    finally:
+        conn.close()
+
+
+def open_requests(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]

@@ -1,0 +1,226 @@
+"""The ledger as the daemon's tasks use it: every call runs in the writer thread."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import NumberCap, RedialPolicy
+from ..request import Request
+from . import intake, placed, sends, status
+from .intake import Intake, SpoolChunk, SpoolRecord
+from .lock import keep_ledger_private, lock_state_dir
+from .schema import connect, create_schema
+from .sends import Pending
+from .states import State
+from .writer import Writer
+
+
+class Ledger:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.path = state_dir / "ledger.sqlite3"
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._writer: Writer | None = None
+        self.run = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the state_dir, open the database and start this run; blocking, called once."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_state_dir(self.state_dir)
+        try:
+            keep_ledger_private(self.path)
+            self._conn = connect(self.path)
+            create_schema(self._conn)
+            cursor = self._conn.execute(
+                "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
+            )
+        except sqlite3.Error as error:  # not writable (read-only file or directory), not SQLite
+            self.close()
+            raise OSError(f"cannot open the ledger {self.path}: {error}") from None
+        except OSError:
+            self.close()
+            raise
+        self.run = cursor.lastrowid
+        self._writer = Writer(self._conn, self.path)
+
+    def close(self) -> None:
+        """Finish queued calls, stop the thread, close the database and release the lock."""
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(conn, *args) in the writer thread, in the next group commit (see Writer.call)."""
+        assert self._writer is not None, "the ledger is not open"
+        return await self._writer.call(fn, *args)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def add(
+        self,
+        requests: list[Request],
+        invalid: list[dict],
+        spool_file: SpoolChunk | None,
+        dedupe_window_s: float,
+    ) -> Intake:
+        """Queue valid requests, record invalid ones and duplicates as final results; with
+        `spool_file`, how far that file is recorded, in the same transaction."""
+        return await self.call(intake.add, self.run, requests, invalid, spool_file, dedupe_window_s)
+
+    async def spool_files(self, names: list[str], note_lines: int) -> dict[str, SpoolRecord]:
+        """What is recorded of the named spool files, recorded (or partly) but not yet moved;
+        of the lines for each one's NAME.errors, the first `note_lines` and how many more."""
+        return await self.call(intake.spool_files, names, note_lines)
+
+    async def spool_file_names(self) -> list[str]:
+        return await self.call(
+            lambda conn: [r[0] for r in conn.execute("SELECT name FROM spool_files")]
+        )
+
+    async def forget_spool_files(self, names: list[str]) -> None:
+        await self.call(intake.forget_spool_files, names)
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    async def due(
+        self, agent_id: str, now: float, limit: int
+    ) -> tuple[list[Pending], float | None]:
+        """Up to `limit` due requests of an agent in due order, and when the next one is due."""
+        return await self.call(sends.due, agent_id, now, limit)
+
+    async def mark_sending(
+        self, seq: int, token: str | None = None, attempt: int = 0, cap: NumberCap | None = None
+    ) -> tuple[bool, float | None]:
+        """A send is about to go out; `token` is its status_url's, when callbacks are on.
+
+        Returns (marked, allowed_at). Not marked: the number is over `cap` until `allowed_at`,
+        or (allowed_at None) the request is no longer queued, e.g. expired while it waited.
+        The cap is checked in the same transaction as the mark, so two sends to one number from
+        two lanes cannot both pass it.
+        """
+        return await self.call(sends.mark_sending, seq, token, attempt, time.time(), cap)
+
+    async def hold(self, holds: list[tuple[int, float]], reason: str) -> None:
+        """Requests (seq, until) back to the queue until then, for `reason` (calling_hours,
+        cap): not a retry."""
+        await self.call(sends.hold, holds, reason)
+
+    async def release_held(self, now: float) -> int:
+        """Held requests are due again now, to be judged by the rules in force (a restart or a
+        reload may have changed them); those still held back are held again."""
+        return await self.call(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE requests SET due_at = min(due_at, ?), held = NULL"
+                    f" WHERE state = '{State.QUEUED}' AND held IS NOT NULL",
+                    (now,),
+                ).rowcount
+            )
+        )
+
+    async def expire_due(self, now: float) -> int:
+        """Queued requests whose expires_at has passed end `expired`; how many did."""
+        return await self.call(sends.expire_due, now)
+
+    async def forget_number_calls(self, before: float) -> None:
+        """Drop the record of placed calls older than `before`: no cap looks back that far."""
+        await self.call(_execute, "DELETE FROM number_calls WHERE placed = 1 AND at < ?", (before,))
+
+    async def placed(
+        self,
+        seq: int,
+        token: str,
+        wait_until: float,
+        redial: Mapping[str, RedialPolicy],
+        **fields: Any,
+    ) -> tuple[str | None, list[str]]:
+        """The API placed the call: wait for a callback until `wait_until`.
+
+        Callbacks may have come before this answer was recorded; the first about this call is
+        applied now. Returns its effect (None when there was none), and the statuses of those
+        found not to be about this call (`mismatch`: they change nothing).
+        """
+        return await self.call(placed.placed, seq, token, wait_until, redial, fields)
+
+    async def apply_callback(
+        self, token: str, body: dict, redial: Mapping[str, RedialPolicy]
+    ) -> tuple[str, str | None] | None:
+        """Record a callback and apply it; (effect, agent_id), or None for an unknown token.
+
+        Effects: `redial` (queued again), `unanswered` (final), `early` (before the placed
+        answer was recorded: applied then), `stale` (an earlier attempt's, or the request has
+        moved on), `repeat` (this token's callback was already received), `mismatch` (its `to`,
+        `agent_id` or `conversation_uuid` is another call's: recorded, and changes nothing).
+        """
+        return await self.call(placed.apply_callback, token, body, redial, time.time())
+
+    async def settle_placed(self, now: float) -> tuple[int, float | None]:
+        """Placed calls whose wait for a callback is over end `dialed`; (count, next wait end)."""
+        return await self.call(placed.settle_placed, now)
+
+    async def last_sent_at(self, agent_id: str) -> float | None:
+        """When the agent's latest send left, in this run or one before (wall clock)."""
+        row = await self.call(
+            lambda conn: conn.execute(
+                "SELECT last_sent_at FROM agent_sends WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        )
+        return row[0] if row else None
+
+    async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
+        """Back to the queue: the API refused the send before placing a call."""
+        await self.call(sends.retry_later, seq, due_at, counts_retry, error)
+
+    async def finish(self, seq: int, outcome: str, **fields: Any) -> None:
+        """Record the final outcome and queue its result line, in one transaction."""
+        await self.call(sends.finish, seq, outcome, fields)
+
+    async def recover_in_flight(self) -> int:
+        """Sends marked but never answered (the daemon stopped): `in_doubt`, never resent."""
+        return await self.call(sends.recover_in_flight)
+
+    async def open_requests(self) -> int:
+        """Requests without a final outcome yet."""
+        return await self.call(status.open_requests)
+
+    # -- results -----------------------------------------------------------------------------
+
+    async def outbox(self, limit: int) -> list[tuple[int, str, str]]:
+        """Result lines not yet written: (seq, line, outcome), oldest first."""
+        return await self.call(
+            lambda conn: conn.execute(
+                "SELECT seq, line, outcome FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        )
+
+    async def outbox_written(self, last_seq: int) -> None:
+        await self.call(_execute, "DELETE FROM outbox WHERE seq <= ?", (last_seq,))
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def last_requeue(self) -> int:
+        """The latest operator's requeue (0: none), so a running daemon notices new ones."""
+        return await self.call(
+            lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM requeues").fetchone()[0]
+        )
+
+    async def status(self) -> dict:
+        return await self.call(status.status_report, time.time())
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
+    conn.execute(sql, params)

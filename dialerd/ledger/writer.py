@@ -1,0 +1,122 @@
+"""The ledger's one writing thread, which runs the calls of every task in group commits.
+
+The calls that queue up while one transaction commits are run together in the next, each
+under a savepoint, so a burst of sends or an intake batch costs one commit, and one failing
+call never undoes the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..aio import settle
+from ..logs import log
+
+STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
+FAULT_RETRY_FIRST_S = 0.1
+FAULT_RETRY_MAX_S = 5.0
+FAULT_LOG_EVERY_S = 10.0
+BATCH_CALLS = 2000  # calls in one group commit at most
+
+
+class Writer:
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self._conn = conn
+        self._path = path  # for the log
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
+        self._fault_logged_at = -FAULT_LOG_EVERY_S
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the calls queued, then end the thread."""
+        self._calls.put(None)
+        self._thread.join()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(conn, *args) in the ledger thread, inside the next group commit.
+
+        A storage fault (disk full, I/O error, a read-only or vanished file) rolls the call back
+        whole; it is tried again until the fault clears, so no stage ever goes on as if it had
+        been recorded, and none dies of it.
+        """
+        delay = FAULT_RETRY_FIRST_S
+        while True:
+            future = asyncio.get_running_loop().create_future()
+            self._calls.put((fn, args, future))
+            try:
+                return await future
+            except sqlite3.OperationalError as error:
+                if not any(fault in str(error) for fault in STORAGE_FAULTS):
+                    raise
+                self._report_fault(error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, FAULT_RETRY_MAX_S)
+
+    def _report_fault(self, error: sqlite3.Error) -> None:
+        """Log a storage fault at most once per FAULT_LOG_EVERY_S, however many calls it hits."""
+        now = time.monotonic()
+        if now - self._fault_logged_at >= FAULT_LOG_EVERY_S:
+            self._fault_logged_at = now
+            log.error(
+                "the ledger cannot write; retrying until it can",
+                error=str(error),
+                path=str(self._path),
+            )
+
+    def _serve(self) -> None:
+        while True:
+            first = self._calls.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < BATCH_CALLS:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._calls.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list) -> None:
+        conn = self._conn
+        outcomes = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, args, _future in batch:
+                conn.execute("SAVEPOINT call")
+                try:
+                    outcomes.append((True, fn(conn, *args)))
+                    conn.execute("RELEASE call")
+                except Exception as error:  # handed to the caller, who decides
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                    outcomes.append((False, error))
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            # The commit itself failed (disk full, I/O error): nothing of the batch holds.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, error)] * len(batch)
+        # One wake-up of each waiting loop per batch, not one per call.
+        settled: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for (_fn, _args, future), outcome in zip(batch, outcomes, strict=True):
+            settled[future.get_loop()].append((future, outcome))
+        for loop, futures in settled.items():
+            loop.call_soon_threadsafe(_settle, futures)
+
+
+def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    for future, outcome in futures:
+        settle(future, outcome)

@@ -1,0 +1,136 @@
+"""The ledger's lifecycle: the one table of moves between a request's states, each move one
+guarded statement, so a move made twice, or raced by another process on the same file, applies
+once; and the storage calls built on it never move a request the wrong way."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_request import CONFIG
+
+from dialerd.config import RedialPolicy
+from dialerd.ledger import connect, create_schema
+from dialerd.ledger.intake import add
+from dialerd.ledger.placed import apply_callback, placed
+from dialerd.ledger.requeue import requeue
+from dialerd.ledger.sends import finish, mark_sending, retry_later
+from dialerd.ledger.states import TRANSITIONS, Add, Move, Outcome, State, move
+from dialerd.request import build_request
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    conn = connect(tmp_path / "ledger.sqlite3")
+    create_schema(conn)
+    return conn
+
+
+def queued(conn: sqlite3.Connection, request_id: str = "r1") -> int:
+    request = build_request({"id": request_id, "to": "+447700900123"}, CONFIG, "test:1")
+    add(conn, 1, [request], [], None, 0)
+    return conn.execute("SELECT seq FROM requests WHERE id = ?", (request_id,)).fetchone()[0]
+
+
+def state_of(conn: sqlite3.Connection, seq: int) -> tuple[str, str | None]:
+    return conn.execute("SELECT state, outcome FROM requests WHERE seq = ?", (seq,)).fetchone()
+
+
+def result_lines(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
+@pytest.mark.parametrize("how", list(Move))
+@pytest.mark.parametrize("start", list(State))
+def test_a_move_applies_only_from_the_states_the_table_allows(conn, how, start):
+    seq = queued(conn)
+    outcome = Outcome.IN_DOUBT if start == State.FINAL else None
+    conn.execute("UPDATE requests SET state = ?, outcome = ? WHERE seq = ?", (start, outcome, seq))
+    transition = TRANSITIONS[how]
+    moved = move(conn, seq, how)
+    assert moved == (start in transition.sources)
+    assert state_of(conn, seq)[0] == (transition.target if moved else start)
+
+
+def test_every_state_is_reached_and_left_by_some_move():
+    targets = {t.target for t in TRANSITIONS.values()}
+    sources = {s for t in TRANSITIONS.values() for s in t.sources}
+    assert targets == sources == set(State)
+
+
+def test_a_requeue_takes_only_a_request_in_doubt(conn):
+    seq = queued(conn)
+    finish(conn, seq, Outcome.FAILED, {"error": "refused"})
+    assert not move(conn, seq, Move.REQUEUE)
+    conn.execute("UPDATE requests SET outcome = ? WHERE seq = ?", (Outcome.IN_DOUBT, seq))
+    assert move(conn, seq, Move.REQUEUE, outcome=None)
+    assert state_of(conn, seq) == (State.QUEUED, None)
+
+
+def test_a_column_may_be_added_to(conn):
+    seq = queued(conn)
+    move(conn, seq, Move.SEND)
+    move(conn, seq, Move.RETRY, retries=Add(1))
+    move(conn, seq, Move.SEND)
+    move(conn, seq, Move.RETRY, retries=Add(0))
+    assert conn.execute("SELECT retries FROM requests WHERE seq = ?", (seq,)).fetchone() == (1,)
+
+
+def test_two_processes_marking_one_send_mark_it_once(tmp_path, conn):
+    """Two daemons on one ledger: each marks the send in its own transaction; the second finds
+    the request no longer queued, and must not send it."""
+    seq = queued(conn)
+    other = connect(tmp_path / "ledger.sqlite3")
+    marked = []
+    for each in (conn, other):
+        each.execute("BEGIN IMMEDIATE")
+        marked.append(mark_sending(each, seq, None, 1, 100.0, None))
+        each.execute("COMMIT")
+    assert marked == [(True, None), (False, None)]
+    assert conn.execute("SELECT count(*) FROM number_calls").fetchone() == (1,)
+
+
+def test_a_finish_is_applied_once(conn):
+    seq = queued(conn)
+    finish(conn, seq, Outcome.EXPIRED, {"error": "first"})
+    finish(conn, seq, Outcome.FAILED, {"error": "second"})
+    assert state_of(conn, seq) == (State.FINAL, Outcome.EXPIRED)
+    assert result_lines(conn) == 1
+
+
+def test_a_late_answer_does_not_bring_a_final_request_back(conn):
+    """A send finished meanwhile (an operator's cancel, a stop's in_doubt): its answer, or a
+    retry, records what it must (the call counts for the cap) and moves nothing."""
+    seq = queued(conn)
+    mark_sending(conn, seq, "tok", 1, 100.0, None)
+    finish(conn, seq, Outcome.IN_DOUBT, {"error": "stopped"})
+    retry_later(conn, seq, 200.0, True, "503")
+    assert placed(conn, seq, "tok", 300.0, {}, {"attempts": 1}) == (None, [])
+    assert state_of(conn, seq) == (State.FINAL, Outcome.IN_DOUBT)
+    assert conn.execute("SELECT placed FROM number_calls WHERE seq = ?", (seq,)).fetchone() == (1,)
+
+
+def test_a_redial_is_decided_by_the_policy_and_recorded_as_a_move(conn):
+    seq = queued(conn)
+    redial = {"busy": RedialPolicy(attempts=2, delay_s=60)}
+    body = {"to": "447700900123", "agent_id": "agent-eu", "status": "busy"}
+    for attempt, effect in ((1, "redial"), (2, "unanswered")):
+        token = f"tok{attempt}"
+        mark_sending(conn, seq, token, attempt, 100.0, None)
+        placed(conn, seq, token, 1000.0, redial, {"attempts": attempt})
+        assert apply_callback(conn, token, body, redial, 500.0) == (effect, "agent-eu")
+    assert state_of(conn, seq) == (State.FINAL, Outcome.UNANSWERED)
+    assert result_lines(conn) == 1
+
+
+def test_requeue_moves_only_requests_in_doubt(tmp_path, conn):
+    doubt, failed = queued(conn, "doubt"), queued(conn, "failed")
+    finish(conn, doubt, Outcome.IN_DOUBT, {"error": "stopped"})
+    finish(conn, failed, Outcome.FAILED, {"error": "refused"})
+    conn.commit()
+    requeued, refused = requeue(tmp_path, ["doubt", "failed", "nobody"])
+    assert requeued == ["doubt"]
+    assert refused == {"failed": "is failed, not in_doubt", "nobody": "no such request"}
+    assert state_of(conn, doubt) == (State.QUEUED, None)
+    assert state_of(conn, failed) == (State.FINAL, Outcome.FAILED)
