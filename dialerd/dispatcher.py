@@ -31,6 +31,7 @@ from .hours import CallingWindow
 from .ledger import EXPIRED_ERROR, Ledger, Pending
 from .logs import log
 from .metrics import Metrics
+from .results import Outcome
 from .studio import SendResult, StudioClient, Verdict
 
 PREFETCH = 32  # due requests a lane reads from the ledger at a time
@@ -139,10 +140,10 @@ class Lane:
         hours. True if the request may not go now: it has ended, or waits in the ledger."""
         reason = self._wiring.blocked(pending.body["to"])
         if reason is not None:
-            await self._finish(pending, "blocked", error=reason)
+            await self._finish(pending, Outcome.BLOCKED, error=reason)
             return True
         if pending.expires_at is not None and pending.expires_at <= time.time():
-            await self._finish(pending, "expired", error=EXPIRED_ERROR)
+            await self._finish(pending, Outcome.EXPIRED, error=EXPIRED_ERROR)
             return True
         return await self._outside_hours(pending)
 
@@ -165,10 +166,10 @@ class Lane:
                 holds.append((pending.seq, opens_at))
             elif opens_at is None:
                 error = "the calling hours never open in all of the number's time zones at once"
-                await self._finish(pending, "expired", error=error)
+                await self._finish(pending, Outcome.EXPIRED, error=error)
             else:
                 error = f"outside the calling hours until {_utc(opens_at)}, after its expires_at"
-                await self._finish(pending, "expired", error=error)
+                await self._finish(pending, Outcome.EXPIRED, error=error)
         if holds:
             await self._ledger.hold(holds, "calling_hours")
             log.debug("held for the calling hours", agent=self.agent.id, count=len(holds))
@@ -232,7 +233,7 @@ class Lane:
                     f"over max_calls_per_number ({cap.count} per {cap.per_s:g} s) until "
                     f"{_utc(allowed_at)}, after its expires_at"
                 )
-                await self._finish(pending, "blocked", error=error)
+                await self._finish(pending, Outcome.BLOCKED, error=error)
             return None
         # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
@@ -287,7 +288,7 @@ class Lane:
         elif result.verdict is Verdict.RETRY:
             await self._finish(
                 pending,
-                "failed",
+                Outcome.FAILED,
                 http_status=result.http_status,
                 response=result.response,
                 error=f"gave up after {pending.retries + 1} refused sends: {result.error}",
@@ -295,7 +296,7 @@ class Lane:
         else:
             await self._finish(
                 pending,
-                result.verdict.value,
+                Outcome(result.verdict.value),
                 http_status=result.http_status,
                 response=result.response,
                 error=result.error,
@@ -311,7 +312,7 @@ class Lane:
             "error": result.error,
         }
         if token is None:
-            await self._finish(pending, "dialed", **fields)
+            await self._finish(pending, Outcome.DIALED, **fields)
             return
         wait_until = time.time() + self._wiring.callback_wait_s()
         effect, mismatched = await self._ledger.placed(
@@ -346,7 +347,7 @@ class Lane:
         await self._ledger.retry_later(pending.seq, time.time() + delay, True, result.error)
         self._loop.call_later(delay, self._wake.set)
 
-    async def _finish(self, pending: Pending, outcome: str, **fields) -> None:
+    async def _finish(self, pending: Pending, outcome: Outcome, **fields) -> None:
         await self._ledger.finish(pending.seq, outcome, **fields)
         self._wiring.on_final()
 

@@ -15,12 +15,14 @@ from typing import Any, NamedTuple
 
 from .ledger import connect
 from .request import parse_moment
+from .results import Outcome
 
 OUTCOMES = (
-    "dialed", "unanswered", "failed", "invalid", "duplicate", "expired", "blocked", "in_doubt",
+    Outcome.DIALED, Outcome.UNANSWERED, Outcome.FAILED, Outcome.INVALID, Outcome.DUPLICATE,
+    Outcome.EXPIRED, Outcome.BLOCKED, Outcome.IN_DOUBT,
 )  # fmt: skip
 # Rejected at intake: they never reached an agent's queue, and the ledger keeps no agent for them.
-NOT_QUEUED = ("invalid", "duplicate")
+NOT_QUEUED = (Outcome.INVALID, Outcome.DUPLICATE)
 NOT_QUEUED_ROW = "(not queued)"
 HOUR_S = 3600
 
@@ -49,7 +51,7 @@ def final(outcome: str, agent_id: str | None, status: str | None, hour: int) -> 
     return Final(
         outcome,
         None if outcome in NOT_QUEUED else agent_id,
-        status if outcome == "unanswered" else None,
+        status if outcome == Outcome.UNANSWERED else None,
         hour,
     )
 

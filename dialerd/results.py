@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import os
 import stat
@@ -22,6 +23,21 @@ from .logs import log
 if TYPE_CHECKING:
     from .ledger import Ledger
     from .metrics import Metrics
+
+
+class Outcome(enum.StrEnum):
+    """A request's final outcome, as its result line says it (SPEC §6)."""
+
+    DIALED = "dialed"
+    UNANSWERED = "unanswered"
+    FAILED = "failed"
+    INVALID = "invalid"
+    DUPLICATE = "duplicate"
+    EXPIRED = "expired"
+    BLOCKED = "blocked"
+    IN_DOUBT = "in_doubt"
+    CANCELLED = "cancelled"
+
 
 STDOUT = 1
 APPEND = os.O_WRONLY | os.O_APPEND

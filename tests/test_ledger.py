@@ -4,14 +4,16 @@ once; and the storage calls built on it never move a request the wrong way."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 from test_request import CONFIG
 
 from dialerd.config import RedialPolicy
-from dialerd.ledger import connect, create_schema
+from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, status_report
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
 from dialerd.ledger.requeue import requeue
@@ -134,3 +136,85 @@ def test_requeue_moves_only_requests_in_doubt(tmp_path, conn):
     assert refused == {"failed": "is failed, not in_doubt", "nobody": "no such request"}
     assert state_of(conn, doubt) == (State.QUEUED, None)
     assert state_of(conn, failed) == (State.FINAL, Outcome.FAILED)
+
+
+# --- status without cost -------------------------------------------------------------------------
+
+
+def counted_the_slow_way(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
+        " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
+    )
+    counts: dict[str, int] = {}
+    for outcome, count in rows:
+        counts[outcome] = counts.get(outcome, 0) + count
+    return counts
+
+
+def test_outcomes_are_counted_as_they_are_reached(tmp_path, conn):
+    seqs = [queued(conn, f"r{n}") for n in range(6)]
+    for seq, outcome in zip(seqs, [Outcome.DIALED, Outcome.DIALED, Outcome.IN_DOUBT,
+                                   Outcome.EXPIRED, Outcome.FAILED], strict=False):  # fmt: skip
+        finish(conn, seq, outcome, {})
+    finish(conn, seqs[0], Outcome.FAILED, {})  # final already: not counted again
+    request = build_request({"id": "r1", "to": "+447700900124"}, CONFIG, "test:2")
+    add(conn, 1, [request], [{"source": "test:3", "error": "bad"}], None, 0)  # duplicate, invalid
+    requeue(tmp_path, ["r2"])  # in_doubt no more
+    expected = {"dialed": 2, "expired": 1, "failed": 1, "duplicate": 1, "invalid": 1}
+    assert status_report(conn, 0)["outcomes"] == counted_the_slow_way(conn) == expected
+
+
+def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(SCHEMA)
+    for number, migration in enumerate(MIGRATIONS[:3], 1):
+        old.executescript(migration) if isinstance(migration, str) else migration(old)
+        old.execute(f"PRAGMA user_version = {number}")
+    old.execute(
+        "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
+        " outcome, created_at) VALUES ('a', 1, 'agent-eu', '447700900123', '{}', 's', 0,"
+        " 'final', 'dialed', 0)"
+    )
+    old.execute("INSERT INTO rejects (outcome, source, at) VALUES ('invalid', 's', 0)")
+    assert status_report(old, 0)["outcomes"] == {"dialed": 1, "invalid": 1}  # the slow way
+    old.close()
+    conn = connect(path)
+    create_schema(conn)
+    assert conn.execute("SELECT * FROM outcome_counts ORDER BY outcome").fetchall() == [
+        ("agent-eu", "dialed", 1), ("", "invalid", 1)
+    ]  # fmt: skip
+    assert status_report(conn, 0)["outcomes"] == {"dialed": 1, "invalid": 1}
+
+
+def test_the_open_work_is_read_by_its_own_index_not_the_history(conn):
+    for query in (
+        "SELECT agent_id, state, count(*), min(due_at) FROM requests"
+        " WHERE state != 'final' GROUP BY agent_id, state",
+        "SELECT count(*) FROM requests WHERE state != 'final'",
+    ):
+        (plan,) = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}")]
+        assert plan == "SCAN requests USING COVERING INDEX requests_open"
+
+
+async def test_a_status_report_never_waits_for_the_writer(tmp_path):
+    """The writer may be busy (a large intake batch, a storage fault being retried): a status
+    poll (STATUS=, /status, /metrics) is read beside it, and a mark never queues behind one."""
+    ledger = Ledger(tmp_path / "state")
+    await asyncio.to_thread(ledger.open)
+    busy, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(_conn) -> None:
+        busy.set()
+        release.wait(10)
+
+    try:
+        held = asyncio.ensure_future(ledger.call(hold_the_writer))
+        await asyncio.to_thread(busy.wait, 10)
+        report = await asyncio.wait_for(ledger.status(), 10)
+        assert report["agents"] == {} and not held.done()
+    finally:
+        release.set()
+        await held
+        await asyncio.to_thread(ledger.close)

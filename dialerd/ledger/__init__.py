@@ -11,12 +11,13 @@
 - `store`: the `Ledger` the daemon's tasks call.
 """
 
+from ..results import Outcome
 from .intake import Intake, SpoolChunk, SpoolRecord, foresee_intake
 from .lock import LedgerLocked
 from .requeue import requeue
 from .schema import MIGRATIONS, SCHEMA, LedgerTooNew, connect, create_schema
 from .sends import EXPIRED_ERROR, RESPONSE_KEPT, Pending
-from .states import Outcome, State
+from .states import State
 from .status import HELD_REASONS, empty_agent_status, read_status, status_report
 from .store import Ledger
 

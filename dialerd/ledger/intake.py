@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..request import Request
-from ..results import result_line, utc_text
+from ..results import Outcome, result_line, utc_text
 from .schema import MIGRATIONS, create_schema
-from .states import Outcome, State
+from .states import State
+from .status import REFUSED_AT_INTAKE, count_outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,7 @@ def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
         "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
         (result_line(at=now, **fields), fields["outcome"]),
     )
+    count_outcome(conn, REFUSED_AT_INTAKE, fields["outcome"])
 
 
 def spool_files(

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 
 from ..config import RedialPolicy
 from ..request import callback_matches
+from ..results import Outcome
 from .sends import FINISH_COLUMNS, finish, settle_number_call
-from .states import Move, Outcome, State, move
+from .states import Move, State, move
 
 
 def placed(

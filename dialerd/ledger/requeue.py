@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..results import Outcome
 from .schema import connect
-from .states import Move, Outcome, move
+from .states import Move, move
+from .status import count_outcome
 
 
 def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -31,16 +33,17 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
         requeued, refused = [], {}
         for request_id in ids:
             row = conn.execute(
-                "SELECT seq, outcome, error FROM requests WHERE id = ?", (request_id,)
+                "SELECT seq, outcome, error, agent_id FROM requests WHERE id = ?", (request_id,)
             ).fetchone()
             if row is None or row[1] != Outcome.IN_DOUBT:
                 refused[request_id] = "no such request" if row is None else _not_in_doubt(row[1])
                 continue
-            seq, _outcome, error = row
+            seq, _outcome, error, agent_id = row
             move(
                 conn, seq, Move.REQUEUE,
                 outcome=None, finished_at=None, error=None, retries=0, due_at=time.time(),
             )  # fmt: skip
+            count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1)
             conn.execute(
                 "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
                 (request_id, error, time.time()),

@@ -67,7 +67,6 @@ CREATE INDEX IF NOT EXISTS requests_placed ON requests(due_at) WHERE state = 'pl
 """
 # Changes to the schema since the first version, applied in turn to a ledger of an older version
 # (its PRAGMA user_version counts those already applied); a new ledger gets them all.
-
 MIGRATIONS = (
     # 1: calling hours and the per-number cap. `held` says why a queued request waits past its
     # own due time; `number_calls` holds every send of a number (placed = 0 while unanswered).
@@ -96,6 +95,19 @@ MIGRATIONS = (
     """,
     # 3: campaigns, and numbers as the numbers module writes them.
     lambda conn: _migrate_to_campaigns(conn),
+    # 4: status without a scan of history. Final outcomes are counted as they are reached (per
+    # agent; '' for requests refused at intake); the open requests are indexed by agent.
+    """
+    CREATE TABLE outcome_counts (
+        agent_id TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, outcome)
+    ) WITHOUT ROWID;
+    INSERT INTO outcome_counts SELECT agent_id, outcome, count(*) FROM requests
+        WHERE outcome IS NOT NULL GROUP BY agent_id, outcome;
+    INSERT INTO outcome_counts SELECT '', outcome, count(*) FROM rejects GROUP BY outcome;
+    DROP INDEX requests_open;
+    CREATE INDEX requests_open ON requests(agent_id, state, due_at) WHERE state != 'final';
+    """,
 )
 
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import NumberCap
-from ..results import result_line
-from .states import Add, Move, Outcome, State, move, move_returning
+from ..results import Outcome, result_line
+from .states import Add, Move, State, move, move_returning
+from .status import count_outcome
 
 RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
 
@@ -156,6 +157,7 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
         return  # already final: a finish is applied once
     # A call the API placed, or may have placed, counts against the number's cap.
     settle_number_call(conn, seq, placed=outcome in (Outcome.DIALED, Outcome.IN_DOUBT))
+    count_outcome(conn, row[2], outcome)
     id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
     line = result_line(
         id=id_,

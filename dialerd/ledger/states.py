@@ -1,4 +1,4 @@
-"""A request's states and outcomes, and the one table of the moves between its states.
+"""A request's states, and the one table of the moves between them.
 
 Every change of a request's state is one guarded statement, made by `move()`: it changes the row
 only from a state the table allows, so that a move made twice, or raced by another process that
@@ -12,24 +12,14 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from ..results import Outcome
+
 
 class State(enum.StrEnum):
     QUEUED = "queued"  # in its agent's lane, waiting for its due time and its rules
     SENDING = "sending"  # marked before its POST went out; the answer is awaited
     PLACED = "placed"  # the API placed the call; a callback, or the end of wait_s, is awaited
     FINAL = "final"  # it has its outcome, and its result line is in the outbox
-
-
-class Outcome(enum.StrEnum):
-    DIALED = "dialed"
-    UNANSWERED = "unanswered"
-    FAILED = "failed"
-    INVALID = "invalid"
-    DUPLICATE = "duplicate"
-    EXPIRED = "expired"
-    BLOCKED = "blocked"
-    IN_DOUBT = "in_doubt"
-    CANCELLED = "cancelled"
 
 
 class Move(enum.Enum):

@@ -10,6 +10,17 @@ from .schema import connect
 from .states import State
 
 HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
+REFUSED_AT_INTAKE = ""  # the agent of outcomes counted for requests that reached no agent
+COUNTED_SINCE = 4  # the schema version that counts outcomes as they are reached
+
+
+def count_outcome(conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1) -> None:
+    """One more (or `by` more; fewer when negative) of the agent's requests has this outcome."""
+    conn.execute(
+        "INSERT INTO outcome_counts (agent_id, outcome, count) VALUES (?, ?, ?)"
+        " ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + excluded.count",
+        (agent_id, outcome, by),
+    )
 
 
 def empty_agent_status() -> dict:
@@ -52,17 +63,27 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         ):
             agents[agent_id][f"held_{reason}"] = count
             agents[agent_id][f"held_{reason}_until"] = until
-    outcomes: dict[str, int] = {}
-    for outcome, count in conn.execute(
-        "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
-        " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
-    ):
-        outcomes[outcome] = outcomes.get(outcome, 0) + count
     return {
         "agents": agents,
-        "outcomes": outcomes,
+        "outcomes": _outcomes(conn),
         "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
     }
+
+
+def _outcomes(conn: sqlite3.Connection) -> dict[str, int]:
+    if conn.execute("PRAGMA user_version").fetchone()[0] < COUNTED_SINCE:
+        # A ledger its daemon has not upgraded yet: counted the slow way, this once.
+        sql = (
+            "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
+            " UNION ALL SELECT outcome, count(*) FROM rejects GROUP BY outcome"
+        )
+    else:
+        sql = "SELECT outcome, sum(count) FROM outcome_counts GROUP BY outcome"
+    outcomes: dict[str, int] = {}
+    for outcome, count in conn.execute(sql):
+        if count:
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    return outcomes
 
 
 def read_status(state_dir: Path) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 from ..config import NumberCap, RedialPolicy
 from ..request import Request
+from ..results import Outcome
 from . import intake, placed, sends, status
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
@@ -185,7 +187,7 @@ class Ledger:
         """Back to the queue: the API refused the send before placing a call."""
         await self.call(sends.retry_later, seq, due_at, counts_retry, error)
 
-    async def finish(self, seq: int, outcome: str, **fields: Any) -> None:
+    async def finish(self, seq: int, outcome: Outcome, **fields: Any) -> None:
         """Record the final outcome and queue its result line, in one transaction."""
         await self.call(sends.finish, seq, outcome, fields)
 
@@ -219,7 +221,17 @@ class Ledger:
         )
 
     async def status(self) -> dict:
-        return await self.call(status.status_report, time.time())
+        """The status report, read on a connection of its own in another thread: a report
+        never waits for the writer, nor holds up a send's mark (WAL lets both go on at once)."""
+        return await asyncio.to_thread(self._read_status)
+
+    def _read_status(self) -> dict:
+        conn = connect(self.path, read_only=True)
+        try:
+            conn.execute("BEGIN")  # one snapshot for all of the report's queries
+            return status.status_report(conn, time.time())
+        finally:
+            conn.close()
 
 
 def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
