@@ -323,11 +323,14 @@ def _read_input_file(name: str) -> bytes:
 
 def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
+    from .preflight import preflight
+
     config = _load(args)
     try:
         if needs_key:
             read_api_key(config.api)
         read_admin_token(config.admin)
+        preflight(config)
     except ConfigError as error:
         raise Failure(_config_message(error), EX_CONFIG) from None
     return config

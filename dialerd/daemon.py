@@ -320,7 +320,12 @@ class Daemon:
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
-        await asyncio.to_thread(self._dnc.use, self.config.dnc_file, self.config.default_country)
+        try:
+            await asyncio.to_thread(
+                self._dnc.use, self.config.dnc_file, self.config.default_country
+            )
+        except OSError as error:  # gone since `run` checked it: still the config's own fault
+            raise ConfigError([f"dnc_file: cannot read it: {error}"]) from None
         self._client = client
         self._dispatcher = Dispatcher(self._wiring(client))
         try:

@@ -894,10 +894,47 @@ def test_check_ok(tmp_path):
     assert done.stdout.decode().strip() == f"{path}: OK; agents: agent-a (eu, 5/s)"
 
 
-def test_check_the_example_config():
-    done = run_dialerd("check", "-c", str(EXAMPLE), timeout=20)
+def example_with_paths_in(tmp_path: Path, **changes: Any) -> Path:
+    """config.example.yaml with its paths under tmp_path (and the dnc_file there), changed so."""
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["state_dir"] = str(tmp_path / "state")
+    document["spool"]["dir"] = str(tmp_path / "spool")
+    document["results"] = str(tmp_path / "state" / "results.jsonl")
+    document["dnc_file"] = str(tmp_path / "dnc.txt")
+    (tmp_path / "dnc.txt").write_text("+44 7700 900999\n")
+    document.update(changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_check_the_example_config_with_its_paths_made(tmp_path):
+    done = run_dialerd("check", "-c", str(example_with_paths_in(tmp_path)), timeout=20)
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout.decode()
+    assert not (tmp_path / "state").exists()  # check makes nothing
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_what_run_needs_at_start_is_checked_by_its_key(tmp_path, command):
+    """A config `check` accepts starts; one that cannot start says so by key, exit 78, which
+    the unit does not restart (a restart every 5 s would mend nothing)."""
+    (tmp_path / "a-file").write_text("")
+    config = example_with_paths_in(
+        tmp_path,
+        dnc_file=str(tmp_path / "missing-dnc.txt"),
+        state_dir=str(tmp_path / "a-file" / "state"),
+        results=str(tmp_path / "no-such-dir" / "results.jsonl"),
+    )
+    done = run_dialerd(command, "-c", str(config), timeout=20)
+    assert done.returncode == 78, done.stderr
+    err = done.stderr.decode()
+    assert (
+        f"dnc_file: cannot read it: No such file or directory ({tmp_path}/missing-dnc.txt)" in err
+    )
+    state = tmp_path / "a-file" / "state"
+    assert f"state_dir: {state} cannot be made: {tmp_path}/a-file is not a directory" in err
+    assert f"results: {tmp_path}/no-such-dir is not a directory" in err
 
 
 def test_check_uses_dialerd_config_from_the_environment(tmp_path, monkeypatch, capsys):

@@ -37,7 +37,7 @@ from conftest import (
 )
 
 from dialerd import admin
-from dialerd.cli import EX_CONFIG
+from dialerd.cli import EX_CONFIG, EX_USAGE
 from dialerd.config import build_config
 from dialerd.dispatcher import Dispatcher, Wiring
 from dialerd.ledger import Ledger
@@ -520,7 +520,8 @@ def test_unit_runs_dialerd_as_a_notify_service_with_watchdog_reload_and_credenti
     # A send may wait api.timeout_s for its connection; the watchdog must outlast it.
     assert int(watchdog) > defaults.api.timeout_s
     assert service_entry("Restart") == "on-failure"
-    assert str(EX_CONFIG) in service_entry("RestartPreventExitStatus").split()
+    # A restart mends no bad command line (64) and no bad config or path it names (78).
+    assert {str(EX_USAGE), str(EX_CONFIG)} <= set(service_entry("RestartPreventExitStatus").split())
     # The drain ends by itself (shutdown_timeout_s) before systemd would kill the daemon.
     assert float(service_entry("TimeoutStopSec")) > defaults.shutdown_timeout_s
     assert service_entry("StateDirectory") == "dialerd"
