@@ -540,6 +540,24 @@ def add_fault_arguments(parser: argparse.ArgumentParser, latency: str) -> None:
         f"(repeatable; STATUS one of {', '.join(CALLBACK_STATUSES)})",
     )
     parser.add_argument(
+        "--refuse-key",
+        type=_key_refusal,
+        metavar="STATUS:SECONDS",
+        help="refuse the key with 401 or 403 for the first SECONDS (default: never)",
+    )
+    parser.add_argument(
+        "--only-key", metavar="KEY", help="refuse every other key with 401 (default: take any)"
+    )
+    parser.add_argument(
+        "--refuse-agent",
+        type=_agent_refusal,
+        action="append",
+        default=[],
+        metavar="AGENT:FORM:SECONDS",
+        help="refuse an agent for the first SECONDS, as FORM: 404, unknown, unpublished or "
+        "phone (repeatable)",
+    )
+    parser.add_argument(
         "--callback-delay",
         type=_latency_range,
         default=(1.0, 3.0),
@@ -560,7 +578,39 @@ def faults_from(args: argparse.Namespace):
         jitter=args.jitter,
         unreached=tuple(args.unreached),
         callback_delay=args.callback_delay,
+        refuse_key=args.refuse_key,
+        refuse_agents=tuple(args.refuse_agent),
+        only_key=args.only_key,
     )
+
+
+def _key_refusal(text: str) -> tuple[int, float]:
+    status, separator, seconds = text.partition(":")
+    if not separator or status not in ("401", "403"):
+        raise argparse.ArgumentTypeError(f"expected 401:SECONDS or 403:SECONDS, got {text!r}")
+    return int(status), _seconds(seconds)
+
+
+def _agent_refusal(text: str) -> tuple[str, str, float]:
+    from .simulator import AGENT_REFUSALS
+
+    agent, form, seconds = (text.split(":") + ["", ""])[:3]
+    if not agent or form not in AGENT_REFUSALS or text.count(":") != 2:
+        raise argparse.ArgumentTypeError(
+            f"expected AGENT:FORM:SECONDS with FORM one of {', '.join(AGENT_REFUSALS)}, "
+            f"got {text!r}"
+        )
+    return agent, form, _seconds(seconds)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}")
+    return value
 
 
 def _status_chance(text: str) -> tuple[str, float]:

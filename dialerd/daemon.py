@@ -27,6 +27,7 @@ from .config import (
 )
 from .dispatcher import Dispatcher, Wiring
 from .dnc import DoNotCall
+from .holds import Hold
 from .hours import CallingWindow
 from .ledger import Ledger, empty_agent_status
 from .logs import log
@@ -59,6 +60,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._notifier = Notifier()
         self._dnc = DoNotCall()
+        self._key_hold = Hold("the key")  # held, no lane sends: /healthz says so
         self._window = _calling_window(config)
         self._stdin: StdinSource | None = None
         self._spool: SpoolSource | None = None
@@ -181,6 +183,7 @@ class Daemon:
         self.config = new
         self._window = _calling_window(new)
         self._dispatcher.update(new.agents)
+        self._dispatcher.release_holds()  # a new key or agent id may be what the API wanted
         if await self.ledger.release_held(time.time()):
             self._dispatcher.wake(self._dispatcher.lanes)
         log.info("reloaded", agents=len(new.agents))
@@ -203,6 +206,7 @@ class Daemon:
             blocked=self._dnc.reason,
             calling_window=lambda: self._window,
             number_cap=lambda: self.config.max_calls_per_number,
+            key_hold=self._key_hold,
         )
 
     async def _start_listeners(self) -> None:
@@ -254,6 +258,8 @@ class Daemon:
         """Why /healthz answers 503, or None."""
         if self._stop.is_set():
             return "draining"
+        if self._key_hold.held:
+            return f"the API refuses the key: {self._key_hold.reason}"
         stage, seconds = self._stalled()
         limit = self._notifier.watchdog_s or max(STALL_LIMIT_S, self.config.api.timeout_s)
         if seconds >= limit:

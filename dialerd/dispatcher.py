@@ -20,13 +20,14 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
 from .aio import Progress, wait_event
 from .callbacks import StatusUrls, report_mismatch
 from .config import AgentConfig, NumberCap, RedialPolicy
+from .holds import Hold
 from .hours import CallingWindow
 from .ledger import EXPIRED_ERROR, Ledger, Pending
 from .logs import log
@@ -60,6 +61,14 @@ class Wiring:
     blocked: Callable[[str], str | None] = lambda _to: None  # noqa: E731 - why `to` is barred
     calling_window: Callable[[], CallingWindow | None] = lambda: None  # noqa: E731
     number_cap: Callable[[], NumberCap | None] = lambda: None  # noqa: E731
+    key_hold: Hold = field(default_factory=lambda: Hold("the key"))
+    endpoint_holds: dict[str, Hold] = field(default_factory=dict)  # by region, as they happen
+
+    def endpoint_hold(self, region: str) -> Hold:
+        """The hold of a region's endpoint, when the API cannot be reached there."""
+        if region not in self.endpoint_holds:
+            self.endpoint_holds[region] = Hold("connections to its endpoint", region=region)
+        return self.endpoint_holds[region]
 
 
 def _can_wait(pending: Pending, until: float | None) -> bool:
@@ -88,7 +97,7 @@ class Lane:
         self._widened_until = 0.0
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
-        self._outage_failures = 0  # sends in a row that found no connection to the API
+        self._agent_hold = Hold("the agent", agent=agent.id)
         self.progress = Progress(self._loop.time)
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
@@ -115,6 +124,26 @@ class Lane:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+    def release_holds(self) -> None:
+        """A reload: what the API refused is tried again at once."""
+        for hold in self._holds():
+            hold.release()
+        self._wake.set()
+
+    def _holds(self) -> tuple[Hold, ...]:
+        wiring = self._wiring
+        return wiring.key_hold, self._agent_hold, wiring.endpoint_hold(self.agent.region)
+
+    async def _wait_for_holds(self) -> None:
+        """Until no hold of this lane's is waiting for its next try, or the lane stops."""
+        while not self._stopping:
+            remaining = max(hold.until for hold in self._holds()) - self._loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()  # a reload releasing the holds wakes the lane
+            with self.progress.waiting():
+                await wait_event(self._wake, remaining)
 
     def reconfigure(self, agent: AgentConfig) -> None:
         """A new rate or margin takes effect from the next send."""
@@ -179,9 +208,17 @@ class Lane:
         """Space the first send from the agent's last one, sent maybe by a run just before this
         one (a restart, a crash): the API's window does not start again with the daemon."""
         last_sent_at = await self._ledger.last_sent_at(self.agent.id)
-        if last_sent_at is not None:
-            since = time.time() - last_sent_at
-            self._not_before = self._loop.time() - since + (1.0 - self.tolerance) * self.interval
+        if last_sent_at is None:
+            return
+        since = time.time() - last_sent_at
+        if since < 0:  # the clock was stepped back since: a moment not yet reached is now
+            log.warning(
+                "the last send recorded is ahead of the clock; spacing from now",
+                agent=self.agent.id,
+                ahead_s=round(-since, 3),
+            )
+            since = 0.0
+        self._not_before = self._loop.time() - since + (1.0 - self.tolerance) * self.interval
 
     async def _next_due(self) -> Pending | None:
         if not self._due:
@@ -215,6 +252,7 @@ class Lane:
         """
         self._restore_margin()
         waiting_since = self._loop.time()
+        await self._wait_for_holds()
         await self._sleep_until(self._not_before - MARK_LEAD_S)
         with self.progress.waiting():
             await self._limiter.acquire()
@@ -277,12 +315,21 @@ class Lane:
         await self._record(pending, result, token)
 
     async def _record(self, pending: Pending, result: SendResult, token: str | None) -> None:
-        if result.http_status is not None:
-            self._outage_failures = 0  # the API answered: whatever it said, it is reachable
+        key, agent, endpoint = self._holds()
+        if result.verdict is Verdict.KEY_REFUSED:
+            await self._held(pending, result, key)
+            return
+        if result.verdict is Verdict.AGENT_REFUSED:
+            await self._held(pending, result, agent)
+            return
+        if result.http_status is None and result.verdict is Verdict.RETRY:
+            await self._held(pending, result, endpoint)
+            return
+        if result.http_status is not None:  # it answered, and took the key and the agent
+            for hold in (key, agent, endpoint):
+                hold.accepted()
         if result.verdict is Verdict.PLACED:
             await self._placed(pending, result, token)
-        elif result.verdict is Verdict.RETRY and result.http_status is None:
-            await self._hold_for_outage(pending, result)
         elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:
             await self._retry_later(pending, result)
         elif result.verdict is Verdict.RETRY:
@@ -325,14 +372,13 @@ class Lane:
         elif effect == "unanswered":
             self._wiring.on_final()
 
-    async def _hold_for_outage(self, pending: Pending, result: SendResult) -> None:
-        """No connection to the API: the agent waits it out, however long; the request keeps
-        its retries, which are for the API's own refusals."""
-        delay = backoff(self._outage_failures)
-        self._outage_failures += 1
-        self._not_before = max(self._not_before, self._loop.time() + delay)
-        await self._ledger.retry_later(pending.seq, time.time() + delay, False, result.error)
-        self._loop.call_later(delay, self._wake.set)
+    async def _held(self, pending: Pending, result: SendResult, hold: Hold) -> None:
+        """The API refused the key or the agent, or could not be reached: not the request's
+        fault. It is queued again, due at once and keeping its retries (they are for its own
+        refusals), and the hold makes its lane wait for the next try."""
+        hold.refused(result.error or f"HTTP {result.http_status}", self._loop.time())
+        await self._ledger.retry_later(pending.seq, time.time(), False, result.error)
+        self.wake()
 
     async def _retry_later(self, pending: Pending, result: SendResult) -> None:
         self._wiring.metrics.retry(self.agent.id)
@@ -413,6 +459,10 @@ class Dispatcher:
     def stop(self) -> None:
         for lane in self.lanes.values():
             lane.stop()
+
+    def release_holds(self) -> None:
+        for lane in self.lanes.values():
+            lane.release_holds()
 
     def stalled_for(self) -> float:
         """The longest any lane has been stuck in one step (a ledger call, a departure)."""

@@ -54,6 +54,11 @@ class Faults:
     # callee was not reached, as the real API sends; and its delay after the answer.
     unreached: tuple[tuple[str, float], ...] = ()
     callback_delay: tuple[float, float] = (0.0, 0.0)
+    # Refusals that concern no request, for the first SECONDS after the simulator starts: the
+    # key's (STATUS, 401 or 403), and agents' (AGENT, FORM, SECONDS), FORM one of AGENT_REFUSALS.
+    refuse_key: tuple[int, float] | None = None
+    refuse_agents: tuple[tuple[str, str, float], ...] = ()
+    only_key: str | None = None  # every other key is refused with 401
 
     def __post_init__(self) -> None:
         probabilities = (self.error_5xx, self.reset, self.hang)
@@ -70,6 +75,20 @@ class Faults:
         unknown = {status for status, _p in self.unreached} - set(CALLBACK_STATUSES)
         if unknown:
             raise ValueError(f"unknown callback status {', '.join(sorted(unknown))}")
+        if self.refuse_key is not None and self.refuse_key[0] not in (401, 403):
+            raise ValueError("a key is refused with 401 or 403")
+        forms = {form for _agent, form, _s in self.refuse_agents} - set(AGENT_REFUSALS)
+        if forms:
+            raise ValueError(f"an agent is refused as one of {', '.join(AGENT_REFUSALS)}")
+
+
+# How the API refuses an agent it does not know, or not yet (SPEC §1): a status and a message.
+AGENT_REFUSALS = {
+    "404": (404, "Not Found"),
+    "unknown": (400, "ID {agent} is not an ID to any agent or published version"),
+    "unpublished": (400, "published version for Agent {agent} was not found"),
+    "phone": (400, "Phone {sender} is not attached to any agent or published version"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +153,7 @@ class Simulator:
         self._default_rate = default_rate
         self.set_agents(agents or {}, numbers or {})
         self.faults = faults
+        self._started = time.monotonic()  # the refusals for a time count from here
         self._rng = random.Random(seed)
         # Kept open until stop(): one line is appended per arrival.
         self._log: IO[str] | None = (
@@ -238,8 +258,27 @@ class Simulator:
         problem = _body_problem(body)
         if problem:
             return _error(400, problem)
+        refused = self._refused_whatever_the_request(request, body, agent_id)
+        if refused is not None:
+            return refused
         if agent_id not in self._rates and self._default_rate is None:
             return _error(400, f"ID {agent_id} is not an ID to any agent or published version")
+        return None
+
+    def _refused_whatever_the_request(
+        self, request: web.Request, body: dict, agent_id: str | None
+    ) -> _Reply | None:
+        """The key's and the agents' refusals the faults ask for."""
+        only_key = self.faults.only_key
+        if only_key is not None and request.headers.get("X-Vgai-Key") != only_key:
+            return _error(401, "Invalid API key")
+        since = time.monotonic() - self._started
+        if self.faults.refuse_key is not None and since < self.faults.refuse_key[1]:
+            return _error(self.faults.refuse_key[0], "Invalid API key")
+        for agent, form, seconds in self.faults.refuse_agents:
+            if agent == agent_id and since < seconds:
+                status, message = AGENT_REFUSALS[form]
+                return _error(status, message.format(agent=agent, sender=body.get("from")))
         return None
 
     def _admit(self, agent_id: str, at: float) -> _Reply:

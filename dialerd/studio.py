@@ -8,6 +8,7 @@ import dataclasses
 import email.utils
 import enum
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,16 @@ import aiohttp
 from .logs import log
 
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+KEY_STATUSES = frozenset({401, 403})  # the key is refused: no agent can call (SPEC §1)
+AGENT_STATUS = 404  # the agent is: it does not exist, or is not published (yet)
+# What the API says of an agent it does not know, or not yet (Vonage asks to wait about five
+# minutes after publishing), whatever the status it says it with.
+AGENT_REFUSALS = re.compile(
+    r"is not an ID to any agent or published version"
+    r"|published version for Agent .* was not found"
+    r"|is not attached to any agent or published version",
+    re.IGNORECASE,
+)
 ERROR_TEXT_KEPT = 500
 
 
@@ -25,6 +36,8 @@ class Verdict(enum.Enum):
     PLACED = "placed"  # 2xx: the API placed the call
     RETRY = "retry"  # refused before any call was placed: send again later
     FAILED = "failed"  # refused for good
+    KEY_REFUSED = "key_refused"  # the key is refused: every lane waits, the request too
+    AGENT_REFUSED = "agent_refused"  # the agent is refused: its lane waits, the request too
     IN_DOUBT = "in_doubt"  # written, but the answer was lost: never sent again
 
 
@@ -177,6 +190,10 @@ async def _judge(response: aiohttp.ClientResponse) -> SendResult:
     if 200 <= status < 300:
         return SendResult(Verdict.PLACED, status, _conversation_uuid(text), text)
     message = _api_message(text) or response.reason or f"HTTP {status}"
+    if status in KEY_STATUSES:
+        return SendResult(Verdict.KEY_REFUSED, status, response=text, error=message)
+    if status == AGENT_STATUS or AGENT_REFUSALS.search(message):
+        return SendResult(Verdict.AGENT_REFUSED, status, response=text, error=message)
     if status in RETRIED_STATUSES:
         retry_after = _retry_after(response.headers.get("Retry-After")) if status == 429 else None
         return SendResult(

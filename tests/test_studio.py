@@ -193,21 +193,41 @@ async def test_gateway_errors_are_retried(http, status):
 
 
 @pytest.mark.parametrize(
-    ("status", "answer", "message"),
+    ("status", "answer", "message", "verdict"),
     [
-        (400, {"error": UNKNOWN_AGENT}, UNKNOWN_AGENT),
+        # The agent's scope: 404, or the API's texts of an agent it does not know (yet).
+        (400, {"error": UNKNOWN_AGENT}, UNKNOWN_AGENT, Verdict.AGENT_REFUSED),
         (
             404,
             {"message": "published version for Agent agent-x was not found"},
             "published version for Agent agent-x was not found",
+            Verdict.AGENT_REFUSED,
         ),
-        (401, {"detail": "invalid credentials"}, "invalid credentials"),
-        (500, {"error": "Internal Server Error", "code": 17}, "Internal Server Error"),
-        (400, "ID agent-x is not an ID to any agent or published version\n", UNKNOWN_AGENT),
-        (422, {"errors": ["to is invalid"]}, '{"errors": ["to is invalid"]}'),
+        (
+            400,
+            {"error": "Phone 447700900000 is not attached to any agent or published version"},
+            "Phone 447700900000 is not attached to any agent or published version",
+            Verdict.AGENT_REFUSED,
+        ),
+        (404, {"error": "Not Found"}, "Not Found", Verdict.AGENT_REFUSED),
+        (400, UNKNOWN_AGENT + "\n", UNKNOWN_AGENT, Verdict.AGENT_REFUSED),
+        # The key's: 401 and 403.
+        (401, {"detail": "invalid credentials"}, "invalid credentials", Verdict.KEY_REFUSED),
+        (403, {"detail": "forbidden"}, "forbidden", Verdict.KEY_REFUSED),
+        # The request's: every other refusal.
+        (
+            500,
+            {"error": "Internal Server Error", "code": 17},
+            "Internal Server Error",
+            Verdict.FAILED,
+        ),  # fmt: skip
+        (422, {"errors": ["to is invalid"]}, '{"errors": ["to is invalid"]}', Verdict.FAILED),
+        (400, {"error": "to is invalid"}, "to is invalid", Verdict.FAILED),
     ],
 )
-async def test_other_errors_fail_for_good_with_the_apis_message(http, status, answer, message):
+async def test_an_error_is_judged_by_its_scope_with_the_apis_message(
+    http, status, answer, message, verdict
+):
     with aioresponses() as mock:
         if isinstance(answer, str):
             mock.post(EU, status=status, body=answer, content_type="text/plain")
@@ -215,7 +235,7 @@ async def test_other_errors_fail_for_good_with_the_apis_message(http, status, an
             mock.post(EU, status=status, payload=answer)
         result, _ = await send(StudioClient(http, KEY, DEFAULT_ENDPOINTS))
 
-    assert result.verdict is Verdict.FAILED
+    assert result.verdict is verdict
     assert result.http_status == status
     assert result.error == message
     assert result.retry_after is None
@@ -230,7 +250,7 @@ async def test_an_error_without_a_body_is_named_by_its_reason_or_status(http):
         with_reason, _ = await send(client)
         without, _ = await send(client)
 
-    assert (with_reason.verdict, with_reason.error) == (Verdict.FAILED, "Forbidden")
+    assert (with_reason.verdict, with_reason.error) == (Verdict.KEY_REFUSED, "Forbidden")
     assert (without.verdict, without.error) == (Verdict.FAILED, "HTTP 400")
 
 
@@ -506,12 +526,12 @@ async def test_a_departure_is_stamped_in_the_step_that_writes_it(simulator_facto
     assert written_in == [departed.step]
 
 
-async def test_simulator_unknown_agent_fails_with_its_message(http, simulator_factory):
+async def test_simulator_unknown_agent_is_refused_with_its_message(http, simulator_factory):
     simulator = await simulator_factory({"agent-a": 5})
     client = StudioClient(http, KEY, {"us": simulator.endpoint("us")})
     result, _ = await send(client, {"agent_id": "agent-x", "to": "447700900123"}, region="us")
 
-    assert result.verdict is Verdict.FAILED
+    assert result.verdict is Verdict.AGENT_REFUSED
     assert result.http_status == 400
     assert result.error == UNKNOWN_AGENT
     assert_no_key(result)
@@ -561,11 +581,11 @@ async def test_simulator_hang_with_a_short_timeout_is_in_doubt(simulator_factory
     assert_no_key(result)
 
 
-async def test_simulator_refuses_a_blank_key_for_good(http, simulator_factory):
+async def test_simulator_refuses_a_blank_key(http, simulator_factory):
     simulator = await simulator_factory({"agent-a": 5})
     result, _ = await send(StudioClient(http, " ", {"eu": simulator.endpoint("eu")}))
 
-    assert result.verdict is Verdict.FAILED
+    assert result.verdict is Verdict.KEY_REFUSED
     assert result.http_status == 401
 
 
@@ -587,7 +607,7 @@ async def test_the_key_is_in_no_result_of_any_kind(http):
         Verdict.PLACED,
         Verdict.RETRY,
         Verdict.RETRY,
-        Verdict.FAILED,
+        Verdict.AGENT_REFUSED,
         Verdict.IN_DOUBT,
         Verdict.RETRY,
     ]
@@ -605,7 +625,7 @@ async def test_the_key_is_not_kept_even_when_the_api_echoes_it(http):
         refused, _ = await send(client)
         placed, _ = await send(client)
 
-    assert refused.verdict is Verdict.FAILED
+    assert refused.verdict is Verdict.KEY_REFUSED
     assert placed.verdict is Verdict.PLACED
     assert_no_key(refused)
     assert_no_key(placed)

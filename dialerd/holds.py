@@ -1,0 +1,56 @@
+"""Holds: a scope of sends the API refuses whatever the request (the key: every lane; an agent:
+its lane; an endpoint it cannot be reached at: the lanes of its region) waits, and is tried again
+with backoff, until the API accepts it again or a reload releases it (SPEC §8.7). Its requests
+stay queued; none ends `failed` for it. An operator hears of it once as it begins (error) and
+once as it clears (warning), never once per send."""
+
+from __future__ import annotations
+
+from .logs import log
+
+HOLD_FIRST_S = 1.0
+HOLD_MAX_S = 60.0
+
+
+class Hold:
+    def __init__(self, scope: str, **names: str):
+        self.scope = scope  # what the API refuses, as the log says it: "the key", "the agent"
+        self._names = names  # which one, for the log: agent="...", region="..."
+        self.reason: str | None = None  # the API's answer while it is held
+        self.until = 0.0  # loop time of the next try
+        self._refusals = 0  # in a row
+
+    @property
+    def held(self) -> bool:
+        return self.reason is not None
+
+    def refused(self, reason: str, now: float) -> None:
+        """The API refused the scope again: the next try waits twice as long, up to a minute.
+        A refusal while the hold waits is of a send that left before it began: no new try."""
+        if reason == self.reason and now < self.until:
+            return
+        if reason != self.reason:
+            log.error(
+                f"the API refuses {self.scope}: its sends are held and tried again until it "
+                "accepts them, or a reload",
+                scope=self.scope,
+                reason=reason,
+                **self._names,
+            )
+        self.reason = reason
+        delay = min(HOLD_MAX_S, HOLD_FIRST_S * 2**self._refusals)
+        self._refusals += 1
+        self.until = max(self.until, now + delay)
+
+    def accepted(self) -> None:
+        """The API took a send of the scope: it goes on."""
+        if self.reason is not None:
+            log.warning(f"the API accepts {self.scope} again", scope=self.scope, **self._names)
+        self.reason = None
+        self._refusals = 0
+        self.until = 0.0
+
+    def release(self) -> None:
+        """A reload (a new key, a fixed agent id): try again at once, from the first delay."""
+        self._refusals = 0
+        self.until = 0.0
