@@ -33,6 +33,7 @@ from .ledger import Ledger, empty_agent_status
 from .logs import log
 from .metrics import Metrics
 from .notify import Notifier
+from .progress import PROGRESS_EVERY_S, progress_fields, summary_fields
 from .results import ResultsWriter
 from .simulator import Faults, Simulator
 from .sources import Intake, StdinSource, stdin_is_data
@@ -68,6 +69,8 @@ class Daemon:
         self._listeners: list[CallbackListener | AdminListener] = []
         self._admin: AdminListener | None = None
         self.ledger = Ledger(config.state_dir)
+        self._started_at = 0.0  # loop time the tasks started, for the summary
+        self._stdin_done = False  # the run ends because stdin did: it gets a summary
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -344,6 +347,7 @@ class Daemon:
         if self.config.spool_dir is not None:
             self._spool = SpoolSource(self.config.spool_dir, intake, self.ledger)
             await self._spool.prepare()  # before READY: a file dropped then is intake's
+        self._started_at = asyncio.get_running_loop().time()
         async with asyncio.TaskGroup() as group:
             background = [group.create_task(self._results.run(), name="results")]
             if self.config.callbacks is not None:
@@ -353,6 +357,7 @@ class Daemon:
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
             background.append(group.create_task(self._sweep(), name="sweep"))
             background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
+            background.append(group.create_task(self._report_progress(), name="progress"))
             if self._notifier.enabled:
                 report = self._notifier.report_status(self._status_line)
                 background.append(group.create_task(report, name="status"))
@@ -394,7 +399,21 @@ class Daemon:
         while await self.ledger.open_requests():
             self._final.clear()
             await wait_event(self._final, 1.0)
+        self._stdin_done = True
         self.request_stop("stdin done, every request from it final")
+
+    async def _report_progress(self) -> None:
+        """A line every PROGRESS_EVERY_S while there is work: sent, placed, queued, achieved
+        rate, per agent."""
+        loop = asyncio.get_running_loop()
+        before, since = self._dispatcher.counts(), loop.time()
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            counts, now = self._dispatcher.counts(), loop.time()
+            fields = progress_fields(await self.ledger.status(), counts, before, now - since)
+            if fields:
+                log.info("progress", agents=fields)
+            before, since = counts, now
 
     async def _drain(self, sources: list[asyncio.Task]) -> None:
         self._notifier.stopping()
@@ -418,6 +437,12 @@ class Daemon:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
         await self._stop_listeners()
         await self._results.flush()
+        if self._stdin_done:
+            seconds = loop.time() - self._started_at
+            log.info(
+                "summary",
+                **summary_fields(self._results.written, self._dispatcher.counts(), seconds),
+            )
         log.info("stopped")
 
 

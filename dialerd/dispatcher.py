@@ -95,9 +95,12 @@ class Lane:
         self._loop = asyncio.get_running_loop()
         self._extra_margin = 0.0
         self._widened_until = 0.0
+        self._over_rate_said = False  # the warning that 429s go on at the widest margin
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
         self._agent_hold = Hold("the agent", agent=agent.id)
+        self.sent = 0  # sends that left, in this run
+        self.placed = 0  # calls the API placed of them
         self.progress = Progress(self._loop.time)
         self._due: deque[Pending] = deque()
         self._wake = asyncio.Event()
@@ -301,6 +304,8 @@ class Lane:
         started = self._loop.time()
         result = await self._wiring.client.make_call(self.agent.region, body, departed)
         latency = self._loop.time() - started
+        self.sent += 1
+        self.placed += result.verdict is Verdict.PLACED
         self._wiring.metrics.send(self.agent.id, result.http_status, latency)
         log.info(
             "send",
@@ -398,18 +403,32 @@ class Lane:
         self._wiring.on_final()
 
     def _widen_margin(self) -> None:
-        self._extra_margin = min(self._extra_margin + WIDEN_STEP, WIDEN_MAX)
+        """Said once as the margin widens, and once more if 429s go on at its widest: then
+        the rate itself is likely above what the agent is approved for."""
+        widened_from = self._extra_margin
+        self._extra_margin = min(widened_from + WIDEN_STEP, WIDEN_MAX)
         self._widened_until = self._loop.time() + WIDEN_FOR_S
-        self._limiter = self._new_limiter()
-        log.warning(
-            "rate limited by the API: widening the margin",
-            agent=self.agent.id,
-            margin=round(self.agent.margin + self._extra_margin, 3),
-        )
+        if self._extra_margin != widened_from:
+            self._limiter = self._new_limiter()
+        if not widened_from:
+            log.warning(
+                "rate limited by the API: widening the margin",
+                agent=self.agent.id,
+                margin=round(self.agent.margin + self._extra_margin, 3),
+            )
+        elif self._extra_margin == widened_from and not self._over_rate_said:
+            self._over_rate_said = True
+            log.warning(
+                "rate limited by the API at the widest margin: the configured rate may be above "
+                "the one the agent is approved for (1, 3 or 5 calls/s)",
+                agent=self.agent.id,
+                rate=self.agent.rate,
+            )
 
     def _restore_margin(self) -> None:
         if self._extra_margin and self._loop.time() >= self._widened_until:
             self._extra_margin = 0.0
+            self._over_rate_said = False
             self._limiter = self._new_limiter()
 
 
@@ -463,6 +482,13 @@ class Dispatcher:
     def release_holds(self) -> None:
         for lane in self.lanes.values():
             lane.release_holds()
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Per agent, the sends that left in this run and the calls placed of them."""
+        return {
+            lane.agent.id: (lane.sent, lane.placed)
+            for lane in [*self._retired, *self.lanes.values()]
+        }
 
     def stalled_for(self) -> float:
         """The longest any lane has been stuck in one step (a ledger call, a departure)."""

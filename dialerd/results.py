@@ -8,6 +8,7 @@ last lines written but never lose one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import json
@@ -88,6 +89,7 @@ class ResultsWriter:
         # Opened at start-up, so an unwritable results file stops the daemon before any send.
         # Written unbuffered, so a failed write leaves nothing behind to come out later.
         self._fd = STDOUT if target == "-" else create_private(target, APPEND)
+        self.written: collections.Counter[str] = collections.Counter()  # by outcome, this run
 
     def wake(self) -> None:
         self._wake.set()
@@ -114,6 +116,7 @@ class ResultsWriter:
             await self._ledger.outbox_written(lines[-1][0])
             for _seq, _line, outcome in lines:
                 self._metrics.outcome(outcome)
+                self.written[outcome] += 1
 
     def close(self) -> None:
         if self._fd != STDOUT:

@@ -363,6 +363,23 @@ async def test_over_the_limit_at_the_api_the_lane_slows_and_every_request_is_dia
     assert run.lane("agent-a").interval > fresh_interval(config, "agent-a", ledger)
 
 
+async def test_a_rate_above_the_approved_one_is_said_once_not_per_429(
+    tmp_path, ledger, simulator_factory, capsys
+):
+    """The config says 5/s, the agent is approved for 1/s: the 429s go on at the widest margin.
+    One warning says the margin widens, one that the rate may be above the approved one."""
+    simulator = await simulator_factory({"agent-a": 1})
+    config = make_config(tmp_path, endpoints_of(simulator), {"agent-a": ("eu", 5)})
+
+    await dispatch(config, ledger, requests_for("agent-a", 6))
+
+    assert simulator.count_429() >= 4
+    logged = capsys.readouterr()
+    logged = logged.out + logged.err
+    assert logged.count("rate limited by the API: widening the margin") == 1, logged
+    assert logged.count("the configured rate may be above the one the agent is approved") == 1
+
+
 @pytest.mark.parametrize(("retry_after", "delay"), [({}, 1.0), ({"Retry-After": "0.5"}, 0.5)])
 async def test_a_429_is_retried_after_its_delay_and_holds_the_whole_lane(
     tmp_path, ledger, scripted_api, retry_after, delay
