@@ -359,17 +359,18 @@ def cmd_status(args) -> int:
 
 def _status_text(report: dict, config: Config) -> str:
     lines = [
-        f"{'agent':<24} {'rate':>4} {'queued':>8} {'due now':>8} {'in flight':>9} "
-        f"{'awaiting callback':>17}  next due"
+        f"{'agent':<24} {'rate':>4} {'achieved':>8} {'queued':>8} {'due now':>8} "
+        f"{'in flight':>9} {'awaiting callback':>17} {'drains in':>9}  next due (UTC)"
     ]
     for agent_id in sorted(set(config.agents) | set(report["agents"])):
         entry = report["agents"].get(agent_id, {})
-        rate = config.agents[agent_id].rate if agent_id in config.agents else "-"
-        when = _local_time(entry.get("next_due"))
+        rate = config.agents[agent_id].rate if agent_id in config.agents else None
+        queued = entry.get("queued", 0)
         lines.append(
-            f"{agent_id:<24} {rate:>4} {entry.get('queued', 0):>8} "
+            f"{agent_id:<24} {rate or '-':>4} {entry.get('rate', 0.0):>8.2f} {queued:>8} "
             f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
-            f"{entry.get('awaiting_callback', 0):>17}  {when}"
+            f"{entry.get('awaiting_callback', 0):>17} {_drains_in(queued, rate):>9}  "
+            f"{_utc_time(entry.get('next_due'))}"
         )
     lines += _held_lines(report)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
@@ -387,7 +388,7 @@ def _held_lines(report: dict) -> list[str]:
     lines = []
     for agent_id, entry in sorted(report["agents"].items()):
         held = [
-            f"{entry[f'held_{reason}']} {text} (until {_local_time(entry[f'held_{reason}_until'])})"
+            f"{entry[f'held_{reason}']} {text} (until {_utc_time(entry[f'held_{reason}_until'])})"
             for reason, text in HELD_TEXT.items()
             if entry.get(f"held_{reason}")
         ]
@@ -396,8 +397,17 @@ def _held_lines(report: dict) -> list[str]:
     return lines
 
 
-def _local_time(moment: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment)) if moment else "-"
+def _utc_time(moment: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)) if moment else "-"
+
+
+def _drains_in(queued: int, rate: int | None) -> str:
+    """How long the queue takes at the agent's rate, were it all due now: an estimate."""
+    if not queued or not rate:
+        return "-"
+    seconds = round(queued / rate)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def cmd_report(args) -> int:

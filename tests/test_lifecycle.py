@@ -197,9 +197,12 @@ def test_status_with_and_without_a_running_daemon(tmp_path, simulator, daemons):
         assert report["agents"]["agent-a"]["in_flight"] == 0
         text = status(config).stdout.decode()
         rows = {row.split()[0]: row.split() for row in text.splitlines()[1:] if row}
-        assert rows["agent-a"][1:4] == ["5", "3", "0"], text
-        assert rows["agent-b"][1:4] == ["5", "2", "0"], text
-        assert "2099" in rows["agent-a"][-2], text  # the next due time
+        # agent, rate, achieved (calls/s over the last minute), queued, due now, ...
+        assert rows["agent-a"][1:5] == ["5", "0.02", "3", "0"], text
+        assert rows["agent-b"][1:5] == ["5", "0.00", "2", "0"], text
+        assert rows["agent-a"][-2] == "0m01s", text  # drains in: 3 at 5/s
+        assert rows["agent-a"][-1].startswith("2099-") and rows["agent-a"][-1].endswith("Z")
+        assert report["agents"]["agent-a"]["rate"] == 1 / 60
         assert "dialed 1" in text and "invalid 1" in text, text
         if running:
             assert daemon.proc.poll() is None

@@ -10,6 +10,7 @@ from .schema import connect
 from .states import State
 
 HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
+RATE_OVER_S = 60.0  # the achieved rate is taken over this long
 REFUSED_AT_INTAKE = ""  # the agent of outcomes counted for requests that reached no agent
 COUNTED_SINCE = 4  # the schema version that counts outcomes as they are reached
 
@@ -30,6 +31,7 @@ def empty_agent_status() -> dict:
         "in_flight": 0,
         "awaiting_callback": 0,
         "next_due": None,
+        "rate": 0.0,  # calls placed (or awaiting their answer) per second over the last minute
         **{f"held_{reason}": 0 for reason in HELD_REASONS},
         **{f"held_{reason}_until": None for reason in HELD_REASONS},
     }
@@ -56,6 +58,13 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         (now,),
     ):
         agents[agent_id]["due_now"] = due_now
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # number_calls: since version 1
+        for agent_id, calls in conn.execute(
+            "SELECT r.agent_id, count(*) FROM number_calls AS n JOIN requests AS r ON r.seq = n.seq"
+            " WHERE n.at > ? GROUP BY r.agent_id",
+            (now - RATE_OVER_S,),
+        ):
+            agents.setdefault(agent_id, empty_agent_status())["rate"] = calls / RATE_OVER_S
     if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
         for agent_id, reason, count, until in conn.execute(
             "SELECT agent_id, held, count(*), min(due_at) FROM requests"
