@@ -32,7 +32,6 @@ from dialerd.request import build_request
 from dialerd.simulator import Faults, Simulator, window_violations
 
 KEY = "dispatcher-test-key"
-UNKNOWN_AGENT = "ID ghost is not an ID to any agent or published version"
 
 
 # -- the bench -------------------------------------------------------------------------------

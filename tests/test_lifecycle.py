@@ -304,8 +304,8 @@ def test_a_missing_key_exits_78(tmp_path, command):
 
 def test_the_api_key_never_appears_in_logs_results_or_state(tmp_path, simulator):
     key = "vgai-DISTINCT-k3y-7f3a9c51"
-    # agent-b is unknown to this simulator: its calls are refused for good, with an error.
-    sim = simulator("--error-rate", "0.2", agents=("agent-a=5",))
+    # agent-b is refused for its first second, as one not yet published: held, logged, then sent.
+    sim = simulator("--error-rate", "0.2", "--refuse-agent", "agent-b:unknown:1")
     config = sim_config(tmp_path, sim)
     stdin = jsonl([
         *({"id": f"k{n}", "to": f"447700900{300 + n}"} for n in range(4)),
@@ -326,8 +326,9 @@ def test_the_api_key_never_appears_in_logs_results_or_state(tmp_path, simulator)
 
     assert run.returncode == 0, run.stderr.decode()
     outcomes = {r["id"]: r["outcome"] for r in result_lines(run.stdout)}
-    assert outcomes == {**{f"k{n}": "dialed" for n in range(4)}, "refused": "failed",
+    assert outcomes == {**{f"k{n}": "dialed" for n in range(4)}, "refused": "dialed",
                         "bad": "invalid"}  # fmt: skip
+    assert b"the API refuses the agent" in run.stderr
     assert run.stderr.strip(), "the daemon logs"
     assert key.encode() not in run.stdout
     assert key.encode() not in run.stderr
