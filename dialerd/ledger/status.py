@@ -64,7 +64,8 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
             " WHERE n.at > ? GROUP BY r.agent_id",
             (now - RATE_OVER_S,),
         ):
-            agents.setdefault(agent_id, empty_agent_status())["rate"] = calls / RATE_OVER_S
+            if agent_id in agents:  # the agents with open work, as the rest of the report
+                agents[agent_id]["rate"] = calls / RATE_OVER_S
     if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
         for agent_id, reason, count, until in conn.execute(
             "SELECT agent_id, held, count(*), min(due_at) FROM requests"
