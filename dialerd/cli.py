@@ -367,7 +367,7 @@ def _status_text(report: dict, config: Config) -> str:
         rate = config.agents[agent_id].rate if agent_id in config.agents else None
         queued = entry.get("queued", 0)
         lines.append(
-            f"{agent_id:<24} {rate or '-':>4} {entry.get('rate', 0.0):>8.2f} {queued:>8} "
+            f"{agent_id:<24} {rate or '-':>4} {entry.get('achieved_rate', 0.0):>8.2f} {queued:>8} "
             f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
             f"{entry.get('awaiting_callback', 0):>17} {_drains_in(queued, rate):>9}  "
             f"{_utc_time(entry.get('next_due'))}"

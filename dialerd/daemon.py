@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Mapping
 
@@ -294,9 +295,20 @@ class Daemon:
                 seen = latest
                 self._dispatcher.wake(self._dispatcher.lanes)
 
+    async def _report(self) -> dict | None:
+        """The status report for the daemon's own lines; None, said, when it cannot be read:
+        a report is never worth stopping the daemon for."""
+        try:
+            return await self.ledger.status()
+        except sqlite3.Error as error:
+            log.warning("the ledger's status cannot be read", error=str(error))
+            return None
+
     async def _status_line(self) -> str:
         """The one line `systemctl status` shows: queue, in flight, agents and their rates."""
-        report = await self.ledger.status()
+        report = await self._report()
+        if report is None:
+            return "status unavailable: see the log"
         queued = sum(entry["queued"] for entry in report["agents"].values())
         in_flight = sum(entry["in_flight"] for entry in report["agents"].values())
         rates = sum(lane.agent.rate for lane in self._dispatcher.lanes.values())
@@ -410,7 +422,8 @@ class Daemon:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
             counts, now = self._dispatcher.counts(), loop.time()
-            fields = progress_fields(await self.ledger.status(), counts, before, now - since)
+            report = await self._report()
+            fields = {} if report is None else progress_fields(report, counts, before, now - since)
             if fields:
                 log.info("progress", agents=fields)
             before, since = counts, now

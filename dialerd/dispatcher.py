@@ -321,18 +321,22 @@ class Lane:
 
     async def _record(self, pending: Pending, result: SendResult, token: str | None) -> None:
         key, agent, endpoint = self._holds()
+        status = result.http_status
+        if status is not None:
+            endpoint.accepted()  # it answered
         if result.verdict is Verdict.KEY_REFUSED:
             await self._held(pending, result, key)
             return
+        if status is not None and status < 500:  # it judged the request: the key is good
+            key.accepted()
         if result.verdict is Verdict.AGENT_REFUSED:
             await self._held(pending, result, agent)
             return
-        if result.http_status is None and result.verdict is Verdict.RETRY:
+        if status is not None and status < 500:  # and it knows the agent
+            agent.accepted()
+        if status is None and result.verdict is Verdict.RETRY:
             await self._held(pending, result, endpoint)
             return
-        if result.http_status is not None:  # it answered, and took the key and the agent
-            for hold in (key, agent, endpoint):
-                hold.accepted()
         if result.verdict is Verdict.PLACED:
             await self._placed(pending, result, token)
         elif result.verdict is Verdict.RETRY and pending.retries < MAX_RETRIES:

@@ -26,10 +26,11 @@ class Hold:
 
     def refused(self, reason: str, now: float) -> None:
         """The API refused the scope again: the next try waits twice as long, up to a minute.
-        A refusal while the hold waits is of a send that left before it began: no new try."""
-        if reason == self.reason and now < self.until:
+        A refusal while the hold waits is of a send that left before it began: no new try.
+        Said once as the hold begins, whatever texts its refusals carry (they may vary)."""
+        if self.held and now < self.until:
             return
-        if reason != self.reason:
+        if not self.held:
             log.error(
                 f"the API refuses {self.scope}: its sends are held and tried again until it "
                 "accepts them, or a reload",

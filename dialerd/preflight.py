@@ -5,65 +5,76 @@ not later as a fault a restart would repeat every few seconds."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .dnc import read_list
 
 
 def preflight(config: Config) -> None:
     """ConfigError naming each key whose path the daemon could not use as it is."""
-    problems = [
-        problem
-        for problem in (
-            _directory_problem("state_dir", config.state_dir),
-            _directory_problem("spool.dir", config.spool_dir),
-            _dnc_problem(config),
-            _results_problem(config),
-        )
-        if problem is not None
+    checks: list[tuple[str, Callable[[], str | None]]] = [
+        ("state_dir", lambda: _directory_problem(config.state_dir)),
+        ("spool.dir", lambda: _directory_problem(config.spool_dir)),
+        ("dnc_file", lambda: _dnc_problem(config.dnc_file)),
+        ("results", lambda: _results_problem(config)),
     ]
+    problems = []
+    for key, check in checks:
+        try:
+            problem = check()
+        except OSError as error:  # a directory on the way that this user may not look into
+            problem = f"cannot be checked: {error.strerror or error} ({error.filename})"
+        if problem is not None:
+            problems.append(f"{key}: {problem}")
     if problems:
         raise ConfigError(problems)
 
 
-def _directory_problem(key: str, path: Path | None) -> str | None:
+def _directory_problem(path: Path | None) -> str | None:
     """Whether the daemon could make `path` (and what it makes in it) or write in it as it is."""
     if path is None:
         return None
-    existing = path
-    while not existing.exists():  # made at start, with its parents: the nearest one decides
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    made = "" if existing == path else f"{path} cannot be made: "
+    existing = path.absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # made at start, with its parents: the nearest one decides
+    made = "" if existing == path.absolute() else f"{path} cannot be made: "
     if not existing.is_dir():
-        return f"{key}: {made}{existing} is not a directory"
+        return f"{made}{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{key}: {made}{existing} is not writable by this user"
+        return f"{made}{existing} is not writable by this user"
     return None
 
 
-def _dnc_problem(config: Config) -> str | None:
-    if config.dnc_file is None:
+def _dnc_problem(path: Path | None) -> str | None:
+    """Whether the list can be read (its lines are judged, and reported, as the daemon reads
+    it: a bad line is skipped, not a reason not to start)."""
+    if path is None:
         return None
     try:
-        read_list(config.dnc_file, config.default_country)
+        with open(path, "rb") as file:
+            file.read(1)
     except OSError as error:
-        return f"dnc_file: cannot read it: {error.strerror or error} ({config.dnc_file})"
+        return f"cannot read it: {error.strerror or error} ({path})"
     return None
 
 
 def _results_problem(config: Config) -> str | None:
-    """`results` when it names a file: its directory must be there to append in (the daemon
-    makes state_dir, where the default file is, but no other directory)."""
+    """`results` when it names a file: one the daemon may append to, or may make in a directory
+    that is there (it makes state_dir, where the default file is, but no other directory)."""
     if config.results in (None, "-"):
         return None
-    directory = Path(config.results).parent
-    if directory == config.state_dir:
+    path = Path(config.results).absolute()
+    if path.exists():
+        if not path.is_file():
+            return f"{config.results} is not a regular file"
+        if not os.access(path, os.W_OK):
+            return f"{config.results} cannot be written by this user"
+        return None
+    if path.parent == config.state_dir.absolute():
         return None  # made at start; checked as state_dir
-    if not directory.is_dir():
-        return f"results: {directory} is not a directory"
-    if not os.access(directory, os.W_OK | os.X_OK) and not os.access(config.results, os.W_OK):
-        return f"results: {config.results} cannot be written by this user"
+    if not path.parent.is_dir():
+        return f"{path.parent} is not a directory"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"{config.results} cannot be made by this user"
     return None

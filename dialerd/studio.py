@@ -192,7 +192,7 @@ async def _judge(response: aiohttp.ClientResponse) -> SendResult:
     message = _api_message(text) or response.reason or f"HTTP {status}"
     if status in KEY_STATUSES:
         return SendResult(Verdict.KEY_REFUSED, status, response=text, error=message)
-    if status == AGENT_STATUS or AGENT_REFUSALS.search(message):
+    if status == AGENT_STATUS or AGENT_REFUSALS.search(text) or AGENT_REFUSALS.search(message):
         return SendResult(Verdict.AGENT_REFUSED, status, response=text, error=message)
     if status in RETRIED_STATUSES:
         retry_after = _retry_after(response.headers.get("Retry-After")) if status == 429 else None

@@ -915,6 +915,20 @@ def test_check_the_example_config_with_its_paths_made(tmp_path):
     assert not (tmp_path / "state").exists()  # check makes nothing
 
 
+def test_results_that_are_a_directory_are_refused_and_relative_paths_read_as_run_reads_them(
+    tmp_path,
+):
+    (tmp_path / "a-directory").mkdir()
+    config = example_with_paths_in(tmp_path, results=str(tmp_path / "a-directory"))
+    done = run_dialerd("check", "-c", str(config), timeout=20)
+    assert done.returncode == 78
+    assert f"results: {tmp_path}/a-directory is not a regular file" in done.stderr.decode()
+    # Relative to where it runs, results in a state_dir not made yet: made at start.
+    relative = example_with_paths_in(tmp_path, state_dir="state", results="state/results.jsonl")
+    done = run_dialerd("check", "-c", str(relative), timeout=20, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_what_run_needs_at_start_is_checked_by_its_key(tmp_path, command):
     """A config `check` accepts starts; one that cannot start says so by key, exit 78, which

@@ -362,6 +362,34 @@ async def test_over_the_limit_at_the_api_the_lane_slows_and_every_request_is_dia
     assert run.lane("agent-a").interval > fresh_interval(config, "agent-a", ledger)
 
 
+async def test_each_hold_is_said_once_and_an_agents_refusal_clears_the_key(
+    tmp_path, ledger, scripted_api, capsys
+):
+    """A 401, then 404s: the API took the key when it judged the agent, so the key's hold
+    clears as the agent's begins; the agent's second refusal, with another text, says nothing
+    new. Nothing fails, and the request is sent once the API takes it."""
+    api = await scripted_api([(401, {}), (404, {}), (404, {})])
+    config = make_config(tmp_path, api.endpoints(), {"agent-a": ("eu", 5)})
+
+    run = await dispatch(config, ledger, requests_for("agent-a", 1))
+
+    result = run.results["agent-a-0"]
+    assert (result["outcome"], result["attempts"]) == ("dialed", 1)
+    assert [status for _t, status, _body in api.arrivals] == [401, 404, 404, 200]
+    gaps = [b - a for a, b in zip(api.times(), api.times()[1:], strict=False)]
+    assert gaps[0] >= 0.95 and gaps[1] >= 0.95 and gaps[2] >= 1.95, gaps  # 1 s, then 1, 2 s
+    logged = capsys.readouterr()
+    said = [line for line in (logged.out + logged.err).splitlines() if "the API " in line]
+    expected = [
+        "the API refuses the key",
+        "the API accepts the key again",
+        "the API refuses the agent",
+        "the API accepts the agent again",
+    ]
+    assert len(said) == len(expected), said
+    assert all(text in line for text, line in zip(expected, said, strict=True)), said
+
+
 async def test_a_rate_above_the_approved_one_is_said_once_not_per_429(
     tmp_path, ledger, simulator_factory, capsys
 ):

@@ -218,3 +218,32 @@ async def test_a_status_report_never_waits_for_the_writer(tmp_path):
         release.set()
         await held
         await asyncio.to_thread(ledger.close)
+
+
+async def test_a_status_report_reads_a_ledger_whose_path_looks_like_uri_syntax(tmp_path):
+    """The report's read-only connection names the file as a URI: '#', '?' and '%' in the path
+    are escaped, or SQLite would open (and make) another file."""
+    state = tmp_path / "st#1?x=%41" / "state"
+    ledger = Ledger(state)
+    await asyncio.to_thread(ledger.open)
+    try:
+        assert (await ledger.status())["agents"] == {}
+    finally:
+        await asyncio.to_thread(ledger.close)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st#1?x=%41"]
+
+
+def test_a_requeue_on_a_ledger_its_daemon_has_not_upgraded_yet(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(SCHEMA)
+    for number, migration in enumerate(MIGRATIONS[:3], 1):
+        old.executescript(migration) if isinstance(migration, str) else migration(old)
+        old.execute(f"PRAGMA user_version = {number}")
+    old.execute(
+        "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
+        " outcome, created_at) VALUES ('r1', 1, 'a', '447700900123', '{}', 's', 0, 'final',"
+        " 'in_doubt', 0)"
+    )
+    old.close()
+    assert requeue(tmp_path, ["r1"]) == (["r1"], {})

@@ -202,7 +202,7 @@ def test_status_with_and_without_a_running_daemon(tmp_path, simulator, daemons):
         assert rows["agent-b"][1:5] == ["5", "0.00", "2", "0"], text
         assert rows["agent-a"][-2] == "0m01s", text  # drains in: 3 at 5/s
         assert rows["agent-a"][-1].startswith("2099-") and rows["agent-a"][-1].endswith("Z")
-        assert report["agents"]["agent-a"]["rate"] == 1 / 60
+        assert report["agents"]["agent-a"]["achieved_rate"] == 1 / 60
         assert "dialed 1" in text and "invalid 1" in text, text
         if running:
             assert daemon.proc.poll() is None

@@ -275,7 +275,7 @@ def foresee_intake(
 def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
     """Into `ledger`, the requests of the ledger at `path` whose id is a key, or made from the
     same content as it (and maybe a few more: they change nothing)."""
-    ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))
+    ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))  # see connect
     (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
     if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
         raise OSError(

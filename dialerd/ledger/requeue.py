@@ -8,7 +8,7 @@ from pathlib import Path
 from ..results import Outcome
 from .schema import connect
 from .states import Move, move
-from .status import count_outcome
+from .status import COUNTED_SINCE, count_outcome
 
 
 def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -23,6 +23,8 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
     conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
+        # A ledger its daemon has not upgraded yet counts no outcomes: it counts them all then.
+        counted = conn.execute("PRAGMA user_version").fetchone()[0] >= COUNTED_SINCE
         if ids is None:
             ids = [
                 r[0]
@@ -39,11 +41,12 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
                 refused[request_id] = "no such request" if row is None else _not_in_doubt(row[1])
                 continue
             seq, _outcome, error, agent_id = row
-            move(
+            moved = move(
                 conn, seq, Move.REQUEUE,
                 outcome=None, finished_at=None, error=None, retries=0, due_at=time.time(),
             )  # fmt: skip
-            count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1)
+            if moved and counted:
+                count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1)
             conn.execute(
                 "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
                 (request_id, error, time.time()),

@@ -120,7 +120,9 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     """A connection to the ledger at `path`; LedgerTooNew, before anything is written to it,
     if a newer dialerd made it."""
     if read_only:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # As a URI, escaped: a '#', '?' or '%' in the path would be read as its syntax.
+        uri = Path(path).absolute().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=5000")

@@ -31,7 +31,7 @@ def empty_agent_status() -> dict:
         "in_flight": 0,
         "awaiting_callback": 0,
         "next_due": None,
-        "rate": 0.0,  # calls placed (or awaiting their answer) per second over the last minute
+        "achieved_rate": 0.0,  # calls placed (or awaiting an answer) per second, last minute
         **{f"held_{reason}": 0 for reason in HELD_REASONS},
         **{f"held_{reason}_until": None for reason in HELD_REASONS},
     }
@@ -65,7 +65,7 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
             (now - RATE_OVER_S,),
         ):
             if agent_id in agents:  # the agents with open work, as the rest of the report
-                agents[agent_id]["rate"] = calls / RATE_OVER_S
+                agents[agent_id]["achieved_rate"] = calls / RATE_OVER_S
     if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
         for agent_id, reason, count, until in conn.execute(
             "SELECT agent_id, held, count(*), min(due_at) FROM requests"
