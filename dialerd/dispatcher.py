@@ -36,7 +36,7 @@ from .results import Outcome
 from .studio import SendResult, StudioClient, Verdict
 
 PREFETCH = 32  # due requests a lane reads from the ledger at a time
-MAX_RETRIES = 8  # refused sends (429, 502-504, no connection) before a request ends `failed`
+MAX_RETRIES = 8  # refused sends (429, 502-504) before a request ends `failed`
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 # Margin added per 429, for WIDEN_FOR_S after the last one; at most 2 % more, so the lane still

@@ -3,7 +3,7 @@
 - `schema`: the tables, the migrations from older versions, opening the file;
 - `lock`: one daemon per state_dir;
 - `writer`: the thread that runs every call in group commits;
-- `states`: states, outcomes, and the one table of moves between states;
+- `states`: a request's states, and the one table of moves between them;
 - `intake`: requests recorded (queued, or final at once), spool files, submit's foresight;
 - `sends`: a request's way out (due, marked, retried, held, finished);
 - `placed`: placed calls and what their callbacks do;
