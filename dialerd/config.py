@@ -122,6 +122,7 @@ class Config:
     shutdown_timeout_s: float
     default_country: str | None  # ISO 3166-1 alpha-2: where numbers in national format are
     dedupe_window_s: float  # a request without id repeating one taken this recently is a duplicate
+    max_queue_s: float = 432_000.0  # a request not sent this long after it was due ends expired
 
     def agent_by_number(self, number: str) -> AgentConfig | None:
         return next((a for a in self.agents.values() if a.number == number), None)
@@ -441,6 +442,7 @@ TOP_KEYS = (
     "shutdown_timeout_s",
     "default_country",
     "dedupe_window_s",
+    "max_queue_s",
 )
 
 
@@ -487,6 +489,7 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         shutdown_timeout_s=r.value(top, "", "shutdown_timeout_s", _positive(float), 30.0),
         default_country=country,
         dedupe_window_s=r.value(top, "", "dedupe_window_s", _window, 86400.0),
+        max_queue_s=r.value(top, "", "max_queue_s", _positive(float), 432_000.0),
     )
     if config.spool_dir is not None and _nested(config.spool_dir, config.state_dir):
         r.fail(

@@ -330,7 +330,7 @@ class Daemon:
         forgotten_at = 0.0
         while True:
             now = time.time()
-            if await self.ledger.expire_due(now):
+            if await self.ledger.expire_due(now, self.config.max_queue_s):
                 self._notify_final()
             if now - forgotten_at >= FORGET_EVERY_S:
                 cap = self.config.max_calls_per_number

@@ -98,9 +98,9 @@ async def test_queued_requests_expire_while_they_wait(ledger, tmp_path):
     for id_, expires_at in (("soon", soon), ("later", soon + 3600), ("never", None)):
         request = build_request({"id": id_, "to": NUMBER}, CONFIG, "test:1")
         await ledger.add([_replace_expiry(request, expires_at)], [], None, 0)
-    assert await ledger.expire_due(time.time()) == 0
+    assert await ledger.expire_due(time.time(), 432_000) == 0
     await asyncio.sleep(0.3)
-    assert await ledger.expire_due(time.time()) == 1
+    assert await ledger.expire_due(time.time(), 432_000) == 1
     lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(10)]
     assert [(r["id"], r["outcome"]) for r in lines] == [("soon", "expired")]
 

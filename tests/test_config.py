@@ -1005,3 +1005,10 @@ def test_check_unquoted_time_tells_how_to_fix(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "calling_hours.start: was read as the number 540" in err
     assert '"09:00"' in err
+
+
+def test_max_queue_s_defaults_to_five_days_and_must_be_positive():
+    assert build_config(minimal()).max_queue_s == 432_000
+    assert build_config(minimal(max_queue_s=3600)).max_queue_s == 3600
+    for bad in (0, -1, "5d", True):
+        assert keys_of(problems_of(minimal(max_queue_s=bad))) == ["max_queue_s"], bad

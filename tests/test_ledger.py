@@ -17,9 +17,10 @@ from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, s
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
 from dialerd.ledger.requeue import requeue
-from dialerd.ledger.sends import finish, mark_sending, retry_later
-from dialerd.ledger.states import TRANSITIONS, Add, Move, Outcome, State, move
+from dialerd.ledger.sends import expire_due, finish, mark_sending, retry_later
+from dialerd.ledger.states import TRANSITIONS, Add, Move, State, move
 from dialerd.request import build_request
+from dialerd.results import Outcome
 
 
 @pytest.fixture
@@ -247,3 +248,17 @@ def test_a_requeue_on_a_ledger_its_daemon_has_not_upgraded_yet(tmp_path):
     )
     old.close()
     assert requeue(tmp_path, ["r1"]) == (["r1"], {})
+
+
+def test_a_request_queued_longer_than_max_queue_s_after_its_due_time_expires(conn):
+    """Held all that while (an API refusing its key, a lane gone with its agent), it ends
+    `expired`, counted from when it was first due, not from its latest retry or hold."""
+    old, new = queued(conn, "old"), queued(conn, "new")
+    first_due = conn.execute("SELECT first_due_at FROM requests WHERE seq = ?", (old,)).fetchone()
+    move(conn, old, Move.HOLD, due_at=first_due[0] + 500)  # held since: its due_at moved
+    now = first_due[0] + 100
+    assert expire_due(conn, now, 200) == 0
+    assert expire_due(conn, now + 150, 200) == 2
+    assert {state_of(conn, seq) for seq in (old, new)} == {(State.FINAL, Outcome.EXPIRED)}
+    error = conn.execute("SELECT error FROM requests WHERE seq = ?", (old,)).fetchone()[0]
+    assert error == "not sent within max_queue_s (200 s) of its due time"

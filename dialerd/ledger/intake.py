@@ -138,8 +138,8 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
     """Whether `request` was queued: not when its id is taken already."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-        " expires_at, due_at, state, created_at, campaign)"
-        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?)",
+        " expires_at, due_at, state, created_at, campaign, first_due_at)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?)",
         (
             request_id,
             run,
@@ -152,6 +152,7 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
             max(now, request.not_before or now),
             now,
             request.campaign,
+            max(now, request.not_before or now),
         ),
     )
     return cursor.rowcount == 1

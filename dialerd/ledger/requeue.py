@@ -10,6 +10,8 @@ from .schema import connect
 from .states import Move, move
 from .status import COUNTED_SINCE, count_outcome
 
+FIRST_DUE_SINCE = 5  # the schema version that keeps a request's first due time
+
 
 def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """Queue `in_doubt` requests again (all of them when `ids` is None): the operator's
@@ -23,8 +25,12 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
     conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        # A ledger its daemon has not upgraded yet counts no outcomes: it counts them all then.
-        counted = conn.execute("PRAGMA user_version").fetchone()[0] >= COUNTED_SINCE
+        # A ledger its daemon has not upgraded yet counts no outcomes and keeps no first due
+        # time: the upgrade makes them from what is there.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        counted = version >= COUNTED_SINCE
+        now = time.time()
+        due_again = {"first_due_at": now} if version >= FIRST_DUE_SINCE else {}
         if ids is None:
             ids = [
                 r[0]
@@ -43,7 +49,7 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
             seq, _outcome, error, agent_id = row
             moved = move(
                 conn, seq, Move.REQUEUE,
-                outcome=None, finished_at=None, error=None, retries=0, due_at=time.time(),
+                outcome=None, finished_at=None, error=None, retries=0, due_at=now, **due_again,
             )  # fmt: skip
             if moved and counted:
                 count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1)

@@ -108,6 +108,13 @@ MIGRATIONS = (
     DROP INDEX requests_open;
     CREATE INDEX requests_open ON requests(agent_id, state, due_at) WHERE state != 'final';
     """,
+    # 5: max_queue_s. `first_due_at`: when the request was first due (its due_at moves with
+    # retries, holds and redials).
+    """
+    ALTER TABLE requests ADD COLUMN first_due_at REAL;
+    UPDATE requests SET first_due_at = due_at WHERE state != 'final';
+    CREATE INDEX requests_waiting ON requests(first_due_at) WHERE state = 'queued';
+    """,
 )
 
 

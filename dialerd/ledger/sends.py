@@ -132,18 +132,28 @@ def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) 
         move(conn, seq, Move.HOLD, due_at=until, held=reason)
 
 
-def expire_due(conn: sqlite3.Connection, now: float) -> int:
-    seqs = [
-        r[0]
+def expire_due(conn: sqlite3.Connection, now: float, max_queue_s: float) -> int:
+    """Queued requests past their expires_at, or due longer than max_queue_s ago (held by an
+    API that refuses them, or waiting for a lane that is gone), end `expired`; how many did."""
+    queued_too_long = f"not sent within max_queue_s ({max_queue_s:g} s) of its due time"
+    expired = {
+        r[0]: queued_too_long
+        for r in conn.execute(
+            f"SELECT seq FROM requests WHERE state = '{State.QUEUED}' AND first_due_at <= ?",
+            (now - max_queue_s,),
+        )
+    }
+    expired |= {  # its own expiry, when both have passed
+        r[0]: EXPIRED_ERROR
         for r in conn.execute(
             f"SELECT seq FROM requests WHERE state = '{State.QUEUED}' AND expires_at IS NOT NULL"
             " AND expires_at <= ?",
             (now,),
         )
-    ]
-    for seq in seqs:
-        finish(conn, seq, Outcome.EXPIRED, {"error": EXPIRED_ERROR})
-    return len(seqs)
+    }
+    for seq, error in expired.items():
+        finish(conn, seq, Outcome.EXPIRED, {"error": error})
+    return len(expired)
 
 
 def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -> None:

@@ -134,9 +134,9 @@ class Ledger:
             )
         )
 
-    async def expire_due(self, now: float) -> int:
-        """Queued requests whose expires_at has passed end `expired`; how many did."""
-        return await self.call(sends.expire_due, now)
+    async def expire_due(self, now: float, max_queue_s: float) -> int:
+        """Queued requests past expires_at or max_queue_s end `expired`; how many did."""
+        return await self.call(sends.expire_due, now, max_queue_s)
 
     async def forget_number_calls(self, before: float) -> None:
         """Drop the record of placed calls older than `before`: no cap looks back that far."""
