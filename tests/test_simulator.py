@@ -10,8 +10,8 @@ import aiohttp
 import aiohttp.web
 import pytest
 
-from dialerd.cli import add_simulator_arguments, faults_from
 from dialerd.simulator import Arrival, Faults, Simulator, serve, window_violations
+from dialerd.simulator_options import add_simulator_arguments, faults_from
 
 KEY = {"X-Vgai-Key": "test-key"}
 NUMBER_OF_A = "447700900000"
