@@ -166,8 +166,8 @@ def test_outcomes_are_counted_as_they_are_reached(tmp_path, conn):
     assert status_report(conn, 0)["outcomes"] == counted_the_slow_way(conn) == expected
 
 
-def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
-    path = tmp_path / "ledger.sqlite3"
+def ledger_of_version_3(path: Path, request_id: str, agent_id: str, outcome: Outcome):
+    """A ledger as dialerd wrote it before outcomes were counted, holding one final request."""
     old = sqlite3.connect(path, isolation_level=None)
     old.executescript(SCHEMA)
     for number, migration in enumerate(MIGRATIONS[:3], 1):
@@ -175,9 +175,15 @@ def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
         old.execute(f"PRAGMA user_version = {number}")
     old.execute(
         "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
-        " outcome, created_at) VALUES ('a', 1, 'agent-eu', '447700900123', '{}', 's', 0,"
-        " 'final', 'dialed', 0)"
+        " outcome, created_at) VALUES (?, 1, ?, '447700900123', '{}', 's', 0, 'final', ?, 0)",
+        (request_id, agent_id, outcome),
     )
+    return old
+
+
+def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    old = ledger_of_version_3(path, "a", "agent-eu", Outcome.DIALED)
     old.execute("INSERT INTO rejects (outcome, source, at) VALUES ('invalid', 's', 0)")
     assert status_report(old, 0)["outcomes"] == {"dialed": 1, "invalid": 1}  # the slow way
     old.close()
@@ -235,18 +241,7 @@ async def test_a_status_report_reads_a_ledger_whose_path_looks_like_uri_syntax(t
 
 
 def test_a_requeue_on_a_ledger_its_daemon_has_not_upgraded_yet(tmp_path):
-    path = tmp_path / "ledger.sqlite3"
-    old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(SCHEMA)
-    for number, migration in enumerate(MIGRATIONS[:3], 1):
-        old.executescript(migration) if isinstance(migration, str) else migration(old)
-        old.execute(f"PRAGMA user_version = {number}")
-    old.execute(
-        "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
-        " outcome, created_at) VALUES ('r1', 1, 'a', '447700900123', '{}', 's', 0, 'final',"
-        " 'in_doubt', 0)"
-    )
-    old.close()
+    ledger_of_version_3(tmp_path / "ledger.sqlite3", "r1", "a", Outcome.IN_DOUBT).close()
     assert requeue(tmp_path, ["r1"]) == (["r1"], {})
 
 
