@@ -263,9 +263,11 @@ class Lane:
             return None
         body, token = self._outgoing(pending)
         cap = self._wiring.number_cap()
+        marking_since = self._loop.time()
         marked, allowed_at = await self._ledger.mark_sending(
             pending.seq, token, pending.attempts + 1, cap
         )
+        self._wiring.metrics.marked(self.agent.id, self._loop.time() - marking_since)
         if not marked:
             if allowed_at is not None and _can_wait(pending, allowed_at):
                 await self._ledger.hold([(pending.seq, allowed_at)], "cap")

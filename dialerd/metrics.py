@@ -19,6 +19,9 @@ SEND_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 # A due send waits up to one interval (1 s at rate 1) for its slot, longer while a 429's
 # Retry-After holds the agent.
 LIMITER_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A send's mark is one commit of the ledger: a millisecond or two on a local disk, longer while
+# the disk is slow or a group commit carries an intake batch.
+MARK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 NO_ANSWER = "none"  # the http_status label of a send that got no HTTP answer
 
 
@@ -78,6 +81,13 @@ class Metrics:
             ["agent"],
             buckets=LIMITER_WAIT_BUCKETS,
         )
+        self._mark_latency = self._labelled(
+            Histogram,
+            "dialerd_mark_latency_seconds",
+            "Time to record in the ledger that a send is about to go out",
+            ["agent"],
+            buckets=MARK_LATENCY_BUCKETS,
+        )
         self._callbacks = self._labelled(
             Counter,
             "dialerd_callbacks_total",
@@ -124,6 +134,9 @@ class Metrics:
 
     def paced(self, agent_id: str, wait_s: float) -> None:
         self._limiter_wait(agent_id).observe(wait_s)
+
+    def marked(self, agent_id: str, latency_s: float) -> None:
+        self._mark_latency(agent_id).observe(latency_s)
 
     def callback(self, status: str, effect: str) -> None:
         self._callbacks(status, effect).inc()

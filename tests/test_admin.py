@@ -123,6 +123,8 @@ async def test_429s_retries_pacing_callbacks_and_outcomes_are_counted(http, admi
     metrics.retry("b")
     metrics.paced("a", 0.2)
     metrics.paced("a", 0.3)
+    metrics.marked("a", 0.002)
+    metrics.marked("a", 0.3)
     metrics.callback("busy", "redial")
     metrics.callback("busy", "redial")
     metrics.callback("timeout", "unanswered")
@@ -138,6 +140,8 @@ async def test_429s_retries_pacing_callbacks_and_outcomes_are_counted(http, admi
     assert sample(scraped, "dialerd_retries_total", agent="b") == 2
     assert sample(scraped, "dialerd_limiter_wait_seconds_count", agent="a") == 2
     assert sample(scraped, "dialerd_limiter_wait_seconds_sum", agent="a") == pytest.approx(0.5)
+    assert sample(scraped, "dialerd_mark_latency_seconds_bucket", agent="a", le="0.0025") == 1
+    assert sample(scraped, "dialerd_mark_latency_seconds_bucket", agent="a", le="0.5") == 2
     assert sample(scraped, "dialerd_callbacks_total", status="busy", effect="redial") == 2
     assert sample(scraped, "dialerd_callbacks_total", status="timeout", effect="unanswered") == 1
     assert sample(scraped, "dialerd_callbacks_total", status="busy", effect="repeat") == 1
