@@ -123,6 +123,7 @@ class Config:
     default_country: str | None  # ISO 3166-1 alpha-2: where numbers in national format are
     dedupe_window_s: float  # a request without id repeating one taken this recently is a duplicate
     max_queue_s: float = 432_000.0  # a request not sent this long after it was due ends expired
+    retention_s: float = 2_592_000.0  # final requests are pruned this long after their outcome
 
     def agent_by_number(self, number: str) -> AgentConfig | None:
         return next((a for a in self.agents.values() if a.number == number), None)
@@ -443,6 +444,7 @@ TOP_KEYS = (
     "default_country",
     "dedupe_window_s",
     "max_queue_s",
+    "retention_s",
 )
 
 
@@ -490,7 +492,15 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         default_country=country,
         dedupe_window_s=r.value(top, "", "dedupe_window_s", _window, 86400.0),
         max_queue_s=r.value(top, "", "max_queue_s", _positive(float), 432_000.0),
+        retention_s=r.value(top, "", "retention_s", _positive(float), 2_592_000.0),
     )
+    cap = config.max_calls_per_number
+    if cap is not None and cap.per_s > config.retention_s:
+        r.fail(
+            "max_calls_per_number.per_s",
+            f"must not exceed retention_s ({config.retention_s:g}): the cap counts the calls the"
+            " ledger still remembers",
+        )
     if config.spool_dir is not None and _nested(config.spool_dir, config.state_dir):
         r.fail(
             "spool.dir",

@@ -49,6 +49,9 @@ REQUEUE_CHECK_S = 1.0
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
 SWEEP_EVERY_S = 1.0  # the longest a queued request outlives its expires_at
 FORGET_EVERY_S = 3600.0
+PRUNE_EVERY_S = 60.0  # how often retention_s is applied once the ledger is pruned up to now
+# (or every retention_s, when that is shorter: nothing stays much past it)
+PRUNE_PAUSE_S = 0.05  # between batches while there is more: the ledger's other calls go first
 NUMBER_CALLS_KEPT_S = 7 * 86400  # placed calls remembered beyond the cap's window, so that a
 # cap set later still counts the week before it
 
@@ -339,6 +342,14 @@ class Daemon:
                 forgotten_at = now
             await asyncio.sleep(SWEEP_EVERY_S)
 
+    async def _prune(self) -> None:
+        """What retention_s lets go is pruned a batch at a time, then the pages it held are
+        given back; never in one long transaction that would hold up a send's mark."""
+        while True:
+            retention_s = self.config.retention_s
+            more = await self.ledger.prune(time.time(), retention_s) or await self.ledger.vacuum()
+            await asyncio.sleep(PRUNE_PAUSE_S if more else min(PRUNE_EVERY_S, retention_s))
+
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
         try:
@@ -368,6 +379,7 @@ class Daemon:
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
             background.append(group.create_task(self._sweep(), name="sweep"))
+            background.append(group.create_task(self._prune(), name="retention"))
             background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
             background.append(group.create_task(self._report_progress(), name="progress"))
             if self._notifier.enabled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .spooldir import (
     escaped_name,
     list_incoming,
     move,
+    prune_filed,
     read_listed,
     sync,
 )
@@ -33,6 +35,8 @@ from .spooldir import (
 SPOOL_RESCAN_S = 1.0  # with inotify: a rescan now and then, in case an event was lost; and how
 # soon a spool directory that could not be used (linked, missing, unreadable) is tried again
 SPOOL_POLL_S = 0.1  # without inotify
+PRUNE_FILED_EVERY_S = 60.0  # how often done/ and rejected/ are looked through for retention_s
+# (or every retention_s, when that is shorter)
 SPOOL_BATCH = 256  # files taken side by side
 SPOOL_BATCH_BYTES = 16 * 1024 * 1024  # and no more than this read ahead of the ledger
 # NAME.errors lists a file's first million bad lines (~60 MB), then how many more: each has its
@@ -139,6 +143,7 @@ class SpoolSource:
         self._left: set[Listed] = set()  # entries left in incoming/, logged once each
         self._opened = False  # opened once: a directory missing from now on was removed
         self._forgotten = False
+        self._pruned_at = -PRUNE_FILED_EVERY_S  # monotonic
 
     def stop(self) -> None:
         self._stopping = True
@@ -171,6 +176,7 @@ class SpoolSource:
                 async with self._scan_dirs() as dirs:
                     if dirs is not None:
                         await self._take_all(dirs)
+                        await self._prune_filed(dirs)
                 self._report("scan", None)
             except Exception as error:  # a fault of this code: the daemon and the next scan go on
                 if "scan" not in self._faults:
@@ -227,6 +233,24 @@ class SpoolSource:
             log.error(
                 "cannot use the spool; trying again", part=part, dir=str(self._root), error=problem
             )
+
+    async def _prune_filed(self, dirs: SpoolDirs) -> None:
+        """Now and then, the files filed in done/ and rejected/ longer ago than retention_s go:
+        they hold what the ledger prunes."""
+        retention_s = self._intake.config().retention_s
+        now = time.monotonic()
+        if now - self._pruned_at < min(PRUNE_FILED_EVERY_S, retention_s):
+            return
+        self._pruned_at = now
+        before = time.time() - retention_s
+        try:
+            removed = await self._worker.run(prune_filed, dirs, before)
+        except OSError as error:
+            self._report("retention", f"cannot remove files past retention_s: {error}")
+            return
+        self._report("retention", None)
+        if removed:
+            log.info("spool files past retention_s removed", files=removed)
 
     async def _take_all(self, dirs: SpoolDirs) -> None:
         if not self._forgotten:

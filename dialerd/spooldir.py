@@ -316,6 +316,26 @@ def move(dirs: SpoolDirs, listed: Listed, to: str, note: tuple[str, str] | None)
     return None
 
 
+def prune_filed(dirs: SpoolDirs, before: float) -> int:
+    """Remove the files (and notes) filed in done/ and rejected/ before `before`, as their
+    ctime tells: the rename into them sets it, and no submitter can set it back. How many went."""
+    removed = 0
+    for fd in (dirs.done, dirs.rejected):
+        if fd is None:
+            continue
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    filed = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(filed.st_mode) or filed.st_ctime >= before:
+                        continue
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+    return removed
+
+
 def sync(*fds: int | None) -> None:
     for fd in fds:
         if fd is not None:

@@ -29,6 +29,9 @@ AGENT_REFUSALS = re.compile(
     r"|is not attached to any agent or published version",
     re.IGNORECASE,
 )
+# An answer is read this far at most: the API's own are a few hundred bytes, and a proxy's error
+# page or a runaway body must not fill the memory (or, kept, the ledger).
+ANSWER_READ_MAX = 64 * 1024
 ERROR_TEXT_KEPT = 500
 
 
@@ -182,7 +185,7 @@ def _redacted(result: SendResult, key: str) -> SendResult:
 async def _judge(response: aiohttp.ClientResponse) -> SendResult:
     status = response.status
     try:
-        text = await response.text(errors="replace")
+        text = await _read_answer(response)
     except (aiohttp.ClientError, TimeoutError) as error:
         if 200 <= status < 300:
             return SendResult(Verdict.PLACED, status, error=f"answer body lost: {_describe(error)}")
@@ -200,6 +203,23 @@ async def _judge(response: aiohttp.ClientResponse) -> SendResult:
             Verdict.RETRY, status, response=text, error=message, retry_after=retry_after
         )
     return SendResult(Verdict.FAILED, status, response=text, error=message)
+
+
+async def _read_answer(response: aiohttp.ClientResponse) -> str:
+    """The answer's body as text, its first ANSWER_READ_MAX bytes at most (the connection of a
+    longer one is closed, not drained)."""
+    body = bytearray()
+    while len(body) < ANSWER_READ_MAX:
+        chunk = await response.content.read(ANSWER_READ_MAX - len(body))
+        if not chunk:
+            break
+        body += chunk
+    if not response.content.at_eof():
+        response.close()
+    try:
+        return body.decode(response.charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")
 
 
 def _judge_failure(error: BaseException, written: bool) -> SendResult:

@@ -17,6 +17,7 @@ from test_request import CONFIG
 
 from dialerd.ledger import create_schema
 from dialerd.ledger.intake import take
+from dialerd.ledger.retention import prune
 from dialerd.request import build_request
 
 NUMBERS = [f"4477009003{n:02d}" for n in range(10)]
@@ -132,15 +133,29 @@ def ids(path: Path) -> dict[tuple[str, str], str]:
 
 
 def test_a_repeat_after_the_window_takes_the_first_free_suffix():
-    """Counting the earlier repeats gives the next suffix, unless some were forgotten (pruned
-    by age): then the count names one still held, and the next free one is taken."""
+    """Each repeat after the window takes the next suffix; a pruned one's id is still taken."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
     create_schema(conn)
     request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
     key = request.id
     assert take(conn, 1, request, 0, 10) == (key, None)
     assert take(conn, 1, request, 100, 10) == (f"{key}.2", None)
-    conn.execute("DELETE FROM requests WHERE id = ?", (key,))  # the oldest forgotten
+    conn.execute("UPDATE requests SET state = 'final', finished_at = 150 WHERE id = ?", (key,))
+    assert prune(conn, now=160, retention_s=5, batch=10) == 1
+    assert conn.execute("SELECT id FROM requests").fetchall() == [(f"{key}.2",)]
     assert take(conn, 1, request, 200, 10) == (f"{key}.3", None)
     duplicate_id, error = take(conn, 1, request, 205, 10)
     assert duplicate_id == f"{key}.3" and error.startswith(f"repeats request {key}.3 (stdin:1")
+
+
+def test_a_repeat_of_a_pruned_request_within_the_window_is_a_duplicate_of_it():
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    create_schema(conn)
+    request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
+    assert take(conn, 1, request, 0, 100) == (request.id, None)
+    conn.execute("UPDATE requests SET state = 'final', finished_at = 1")
+    assert prune(conn, now=10, retention_s=5, batch=10) == 1
+    duplicate_id, error = take(conn, 1, request, 20, 100)
+    assert duplicate_id == request.id
+    assert error.startswith(f"repeats request {request.id} (pruned since, taken 1970-01-01T")
+    assert take(conn, 1, request, 150, 100) == (f"{request.id}.2", None)

@@ -7,12 +7,13 @@ import itertools
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..request import Request
 from ..results import Outcome, result_line, utc_text
+from .retention import id_digest, pruned_taken_at
 from .schema import MIGRATIONS, create_schema
 from .states import State
 from .status import REFUSED_AT_INTAKE, count_outcome
@@ -90,9 +91,13 @@ def take(
     """The id `request` is recorded under, queued, or, when it repeats an earlier request, the
     id it repeats and the duplicate's error."""
     request_id, repeated = _intake_id(conn, request, now, window)
-    if repeated is None and _insert(conn, run, request, request_id, now):
+    if repeated is not None:
+        return request_id, repeated
+    # _intake_id has looked among the pruned ids for an id made from the content.
+    free = request.id_from_content or pruned_taken_at(conn, request_id) is None
+    if free and _insert(conn, run, request, request_id, now):
         return request_id, None
-    return request_id, repeated or _taken(conn, request_id)
+    return request_id, _taken(conn, request_id)
 
 
 def _intake_id(
@@ -100,38 +105,43 @@ def _intake_id(
 ) -> tuple[str, str | None]:
     """The id to record `request` under, and, when it repeats a request given no id within the
     window, what the duplicate's error says. Repeating one taken before the window, it gets the
-    content's id with the first free suffix: the first keeps its own. (No request given an id
-    holds one of this form: request.py refuses them.)"""
+    content's id with the first free suffix (.2, .3, ...): the first keeps its own. (No request
+    given an id holds one of this form: request.py refuses them.)"""
     if not request.id_from_content:
         return request.id, None
-    key = request.id
-    earlier = conn.execute(
-        "SELECT id, created_at, source FROM requests WHERE id >= ? AND id < ?"
-        " ORDER BY seq DESC LIMIT 1",
-        _made_from(key),
-    ).fetchone()
-    if earlier is None:
-        return key, None
-    earlier_id, taken_at, source = earlier
+    latest = None
+    for candidate in _ids_made_from(request.id):
+        taken = _taken_at(conn, candidate)
+        if taken is None:
+            break
+        latest = (candidate, *taken)
+    if latest is None:
+        return candidate, None
+    earlier_id, taken_at, source = latest
     if now - taken_at < window:
         return earlier_id, (
-            f"repeats request {earlier_id} ({source}, taken {utc_text(taken_at)}),"
-            f" within dedupe_window_s ({window:g} s)"
+            f"repeats request {earlier_id} ({source or 'pruned since'}, taken"
+            f" {utc_text(taken_at)}), within dedupe_window_s ({window:g} s)"
         )
-    (times,) = conn.execute(
-        "SELECT count(*) FROM requests WHERE id >= ? AND id < ?", _made_from(key)
+    return candidate, None
+
+
+def _ids_made_from(key: str) -> Iterator[str]:
+    """The ids a request's content is recorded under, in the order intake gives them out."""
+    yield key
+    for suffix in itertools.count(2):
+        yield f"{key}.{suffix}"
+
+
+def _taken_at(conn: sqlite3.Connection, request_id: str) -> tuple[float, str | None] | None:
+    """When a request of this id was taken, and its source (None once it is pruned)."""
+    row = conn.execute(
+        "SELECT created_at, source FROM requests WHERE id = ?", (request_id,)
     ).fetchone()
-    suffix = times + 1  # free unless earlier repeats were forgotten
-    while conn.execute("SELECT 1 FROM requests WHERE id = ?", (f"{key}.{suffix}",)).fetchone():
-        suffix += 1
-    return f"{key}.{suffix}", None
-
-
-def _made_from(key: str) -> tuple[str, str]:
-    """The range of the ids made from one request's content, as the id index reads it fast: the
-    key, then the key with a suffix ('.' sorts just before '/'). request.py refuses any given
-    id that starts as one made from content does, so none but these is in it."""
-    return key, key + "/"
+    if row is not None:
+        return row
+    taken_at = pruned_taken_at(conn, request_id)
+    return None if taken_at is None else (taken_at, None)
 
 
 def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
@@ -159,15 +169,10 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
 
 
 def _taken(conn: sqlite3.Connection, request_id: str) -> str:
-    earlier = conn.execute(
-        "SELECT source, created_at FROM requests WHERE id = ?", (request_id,)
-    ).fetchone()
-    if earlier is None:  # pruned: its id is remembered, not where it came from
-        return f"id {request_id!r} was already taken by an earlier request"
-    source, taken_at = earlier
+    taken_at, source = _taken_at(conn, request_id)
     return (
-        f"id {request_id!r} was already taken by an earlier request ({source},"
-        f" taken {utc_text(taken_at)})"
+        f"id {request_id!r} was already taken by an earlier request"
+        f" ({source or 'pruned since'}, taken {utc_text(taken_at)})"
     )
 
 
@@ -275,7 +280,8 @@ def foresee_intake(
 
 def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
     """Into `ledger`, the requests of the ledger at `path` whose id is a key, or made from the
-    same content as it (and maybe a few more: they change nothing)."""
+    same content as it (and maybe a few more: they change nothing), and the digests of those
+    pruned."""
     ledger.execute("ATTACH ? AS stored", (path.absolute().as_uri() + "?mode=ro",))  # see connect
     (version,) = ledger.execute("PRAGMA stored.user_version").fetchone()
     if version != len(MIGRATIONS):  # older: the daemon upgrades it when it starts
@@ -285,8 +291,30 @@ def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) ->
     ledger.execute("CREATE TEMP TABLE keys (key TEXT PRIMARY KEY)")
     ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
     columns = ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
+    # A key's ids sort from the key to the key and a suffix ('.' sorts just before '/').
     ledger.execute(
         f"INSERT OR IGNORE INTO main.requests ({columns}) SELECT {columns}"
         " FROM keys CROSS JOIN stored.requests AS r ON r.id >= key AND r.id < key || '/'"
     )
+    if ledger.execute("SELECT 1 FROM stored.pruned_ids LIMIT 1").fetchone():
+        for key in set(keys):
+            _copy_pruned(ledger, key)
     ledger.execute("DETACH stored")
+
+
+def _copy_pruned(ledger: sqlite3.Connection, key: str) -> None:
+    """The digests of pruned ids among the key and its suffixed ids, as far as intake would
+    look (see _intake_id)."""
+    for candidate in _ids_made_from(key):
+        copied = ledger.execute(
+            "INSERT OR IGNORE INTO main.pruned_ids SELECT * FROM stored.pruned_ids"
+            " WHERE digest = ?",
+            (id_digest(candidate),),
+        ).rowcount
+        if (
+            not copied
+            and not ledger.execute(
+                "SELECT 1 FROM main.requests WHERE id = ?", (candidate,)
+            ).fetchone()
+        ):
+            return

@@ -115,6 +115,18 @@ MIGRATIONS = (
     UPDATE requests SET first_due_at = due_at WHERE state != 'final';
     CREATE INDEX requests_waiting ON requests(first_due_at) WHERE state = 'queued';
     """,
+    # 6: retention. Final requests are pruned in the order they ended; the id of each is kept
+    # as a digest (not the id: it may name a person) with when it was taken, until `until`.
+    """
+    CREATE INDEX requests_ended ON requests(finished_at) WHERE state = 'final';
+    CREATE INDEX calls_by_seq ON calls(seq);
+    CREATE INDEX rejects_by_age ON rejects(at);
+    CREATE INDEX requeues_by_age ON requeues(at);
+    CREATE TABLE pruned_ids (
+        digest BLOB PRIMARY KEY, taken_at REAL NOT NULL, until REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX pruned_ids_by_age ON pruned_ids(until);
+    """,
 )
 
 
@@ -157,6 +169,11 @@ def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
 
 def create_schema(conn: sqlite3.Connection) -> None:
     """The tables of this version, made or brought up to date, each migration in one commit."""
+    if not conn.execute("SELECT 1 FROM sqlite_schema").fetchone():
+        # New: the pages that pruning frees can be given back (retention.vacuum). SQLite can
+        # only choose this before the first table; an older ledger reuses its free pages.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")  # connect() has put it in WAL mode, which fixes the choice
     conn.executescript(SCHEMA)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, migration in enumerate(MIGRATIONS[version:], version + 1):

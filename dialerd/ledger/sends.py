@@ -14,7 +14,7 @@ from ..results import Outcome, result_line
 from .states import Add, Move, State, move, move_returning
 from .status import count_outcome
 
-RESPONSE_KEPT = 4096  # bytes of each API answer kept in the ledger
+RESPONSE_KEPT = 4096  # characters of each API answer kept in the ledger
 
 
 EXPIRED_ERROR = "expires_at passed before sending"
@@ -160,6 +160,8 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
     """The request's outcome, and its result line into the outbox, in one transaction; once."""
     now = time.time()
     columns = {c: fields[c] for c in FINISH_COLUMNS if c in fields}
+    if columns.get("response"):
+        columns["response"] = columns["response"][:RESPONSE_KEPT]
     row = move_returning(
         conn, seq, Move.FINISH, FINISHED_ROW, outcome=outcome, finished_at=now, **columns
     )

@@ -13,13 +13,17 @@ from typing import Any
 from ..config import NumberCap, RedialPolicy
 from ..request import Request
 from ..results import Outcome
-from . import intake, placed, sends, status
+from . import intake, placed, retention, sends, status
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
 from .schema import connect, create_schema
 from .sends import Pending
 from .states import State
 from .writer import Writer
+
+# Records pruned in one call: one commit's worth that holds up the sends' marks in it by a few
+# milliseconds at most.
+PRUNE_BATCH = 500
 
 
 class Ledger:
@@ -198,6 +202,16 @@ class Ledger:
     async def open_requests(self) -> int:
         """Requests without a final outcome yet."""
         return await self.call(status.open_requests)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(self, now: float, retention_s: float) -> bool:
+        """A batch of what is older than retention_s pruned; whether there may be more."""
+        return await self.call(retention.prune, now, retention_s, PRUNE_BATCH) == PRUNE_BATCH
+
+    async def vacuum(self) -> bool:
+        """Some free pages given back to the file system; whether there are more to give."""
+        return await self.call(retention.vacuum) > 0
 
     # -- results -----------------------------------------------------------------------------
 
