@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Mapping
 
-from . import studio
+from . import clock, studio
 from .admin import AdminListener
 from .aio import wait_event
 from .callbacks import CallbackListener, StatusUrls, load_secret
@@ -342,6 +342,15 @@ class Daemon:
                 forgotten_at = now
             await asyncio.sleep(SWEEP_EVERY_S)
 
+    async def _clock_stepped(self, step: float, stepped_at: float) -> None:
+        moved = await self.ledger.follow_clock_step(step, stepped_at)
+        log.warning(
+            "the wall clock was stepped; waits keep their length",
+            step_s=round(step, 3),
+            requests_moved=moved,
+        )
+        self._dispatcher.wake(self._dispatcher.lanes)
+
     async def _prune(self) -> None:
         """What retention_s lets go is pruned a batch at a time, then the pages it held are
         given back; never in one long transaction that would hold up a send's mark."""
@@ -379,6 +388,8 @@ class Daemon:
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_requeues(), name="requeues"))
             background.append(group.create_task(self._sweep(), name="sweep"))
+            steps = clock.follow_steps(self._clock_stepped)
+            background.append(group.create_task(steps, name="clock"))
             background.append(group.create_task(self._prune(), name="retention"))
             background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
             background.append(group.create_task(self._report_progress(), name="progress"))

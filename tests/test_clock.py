@@ -4,10 +4,22 @@ clock has not reached yet is not waited for."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import time
+from pathlib import Path
 
-from conftest import result_lines, run_dialerd, sim_config
+import pytest
+from conftest import read_results, result_lines, run_dialerd, sim_config
+from test_faults import drop
+
+from dialerd import clock
+from dialerd.config import build_config
+from dialerd.daemon import Daemon
+from dialerd.ledger import connect, create_schema
+from dialerd.ledger.sends import follow_clock_step
+from dialerd.simulator import Faults
 
 NUMBERS = [f"4477009004{n:02d}" for n in range(3)]
 
@@ -37,3 +49,114 @@ def test_a_last_send_stored_in_the_future_does_not_stall_the_agent(tmp_path, sim
     ]
     assert [w["agent"] for w in warnings] == ["agent-a"]
     assert 3590 < warnings[0]["ahead_s"] <= 3600
+
+
+# -- a step during a run ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    conn = connect(tmp_path / "ledger.sqlite3")
+    create_schema(conn)
+    return conn
+
+
+def test_a_step_moves_the_waits_and_what_was_due_and_keeps_the_fixed_moments(conn):
+    """At 1000 the clock is stepped back an hour. Each row: (state, due_at, sent_at, held)."""
+    rows = {
+        "due": ("queued", 990, None, None),  # taken, due, not sent yet
+        "retry": ("queued", 1030, 995, None),  # refused at 995, due again 30 s later
+        "cap": ("queued", 1500, None, "cap"),  # the number's cap lets it go at 1500
+        "placed": ("placed", 1060, 999, None),  # waiting wait_s for a callback
+        "not-before": ("queued", 5000, None, None),  # the submitter's not_before
+        "hours": ("queued", 8000, 900, "calling_hours"),  # the calling hours open then
+        "done": ("final", 990, 980, None),
+    }
+    for request_id, (state, due_at, sent_at, held) in rows.items():
+        conn.execute(
+            "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at,"
+            " first_due_at, state, sent_at, held, created_at)"
+            " VALUES (?, 1, 'a', '447700900123', '{}', 's', ?, ?, ?, ?, ?, 0)",
+            (request_id, due_at, due_at, state, sent_at, held),
+        )
+    conn.execute("INSERT INTO agent_sends VALUES ('a', 999)")
+
+    assert follow_clock_step(conn, -3600, 1000) == 4
+    due = dict(conn.execute("SELECT id, due_at FROM requests").fetchall())
+    assert due == {
+        "due": 990 - 3600, "retry": 1030 - 3600, "cap": 1500 - 3600, "placed": 1060 - 3600,
+        "not-before": 5000, "hours": 8000, "done": 990,
+    }  # fmt: skip
+    assert conn.execute("SELECT last_sent_at FROM agent_sends").fetchone() == (999 - 3600,)
+
+
+async def test_only_a_step_is_reported_not_drift(monkeypatch):
+    wall = {"offset": 0.0}
+    monkeypatch.setattr(clock, "LOOK_EVERY_S", 0.01)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + wall["offset"])
+    steps = []
+
+    async def on_step(step: float, stepped_at: float) -> None:
+        steps.append((step, stepped_at))
+
+    follower = asyncio.create_task(clock.follow_steps(on_step))
+    try:
+        for _ in range(20):  # drift, 0.1 s a look: never a step, however long it goes on
+            wall["offset"] += 0.1
+            await asyncio.sleep(0.02)
+        wall["offset"] -= 3600
+        async with asyncio.timeout(5):
+            while not steps:
+                await asyncio.sleep(0.01)
+    finally:
+        follower.cancel()
+    [(step, stepped_at)] = steps
+    assert -3600.2 < step < -3599.9
+    assert abs(stepped_at - (real_time() + wall["offset"] + 3600)) < 1
+
+
+async def test_a_clock_stepped_back_during_a_run_leaves_what_was_due_due(tmp_path, monkeypatch):
+    """At rate 1, a second file taken while the lane sends the first (it has read those five
+    ahead): its requests are due when the clock is stepped back an hour, and are sent all the
+    same."""
+    wall = {"offset": 0.0}
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + wall["offset"])
+    monkeypatch.setattr(clock, "LOOK_EVERY_S", 0.1)
+    spool = tmp_path / "spool"
+    config = build_config(
+        {
+            "api": {"key_env": "VGAI_KEY", "timeout_s": 2},
+            "agents": {"agent-a": {"region": "eu", "rate": 1}},
+            "state_dir": str(tmp_path / "state"),
+            "spool": {"dir": str(spool)},
+            "stdin": False,
+        }
+    )
+    results = tmp_path / "state" / "results.jsonl"
+    daemon = Daemon(config, simulate=Faults())
+    run = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(30):
+            while not (spool / "incoming").exists():
+                await asyncio.sleep(0.05)
+            drop(spool, "first.jsonl", lines(0, 5))
+            while len(read_results(results)) < 1:
+                await asyncio.sleep(0.05)
+            drop(spool, "second.jsonl", lines(5, 8))  # taken long before the lane reads it
+            while not (spool / "done" / "second.jsonl").exists():
+                await asyncio.sleep(0.05)
+            wall["offset"] = -3600.0
+            while len(read_results(results)) < 8:
+                await asyncio.sleep(0.05)
+        daemon.request_stop("test")
+        await asyncio.wait_for(run, 15)
+    finally:
+        if not run.done():
+            run.cancel()
+    assert {r["outcome"] for r in read_results(results)} == {"dialed"}
+
+
+def lines(start: int, end: int) -> str:
+    return "".join(json.dumps({"to": f"4477009004{n:02d}"}) + "\n" for n in range(start, end))

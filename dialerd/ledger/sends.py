@@ -132,6 +132,22 @@ def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) 
         move(conn, seq, Move.HOLD, due_at=until, held=reason)
 
 
+def follow_clock_step(conn: sqlite3.Connection, step: float, stepped_at: float) -> int:
+    """The wall clock was stepped by `step` seconds at `stepped_at` (as it read before): every
+    wait the ledger measures from the moment it began keeps its length, and what was due stays
+    due, in its order; a moment the submitter or the calling hours fixed stays where it is.
+    How many requests moved."""
+    moved = conn.execute(
+        "UPDATE requests SET due_at = due_at + :step, first_due_at = first_due_at + :step"
+        f" WHERE state IN ('{State.QUEUED}', '{State.PLACED}') AND (due_at <= :stepped_at"
+        # Fixed moments: a not_before (never sent, not held) and the calling hours' opening.
+        " OR NOT (coalesce(held, '') = 'calling_hours' OR (sent_at IS NULL AND held IS NULL)))",
+        {"step": step, "stepped_at": stepped_at},
+    ).rowcount
+    conn.execute("UPDATE agent_sends SET last_sent_at = last_sent_at + ?", (step,))
+    return moved
+
+
 def expire_due(conn: sqlite3.Connection, now: float, max_queue_s: float) -> int:
     """Queued requests past their expires_at, or due longer than max_queue_s ago (held by an
     API that refuses them, or waiting for a lane that is gone), end `expired`; how many did."""

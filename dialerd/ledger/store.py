@@ -138,6 +138,11 @@ class Ledger:
             )
         )
 
+    async def follow_clock_step(self, step: float, stepped_at: float) -> int:
+        """The wall clock was stepped: waits keep their length, fixed moments stay (see
+        sends.follow_clock_step); how many requests moved."""
+        return await self.call(sends.follow_clock_step, step, stepped_at)
+
     async def expire_due(self, now: float, max_queue_s: float) -> int:
         """Queued requests past expires_at or max_queue_s end `expired`; how many did."""
         return await self.call(sends.expire_due, now, max_queue_s)
