@@ -42,6 +42,7 @@ from .spool import SpoolSource
 
 SIMULATED_KEY = "simulated-key"
 DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
+LEDGER_CLOSE_S = 1.0  # for the ledger's last commit, kept of shutdown_timeout_s
 SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read is left behind
 STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
@@ -110,7 +111,7 @@ class Daemon:
         try:
             await self._run_with_ledger()
         finally:
-            await asyncio.to_thread(self.ledger.close)
+            await asyncio.to_thread(self.ledger.close, self._ledger_close_s())
 
     async def _run_with_ledger(self) -> None:
         parked = await self.ledger.recover_in_flight()
@@ -194,6 +195,20 @@ class Daemon:
         if await self.ledger.release_held(time.time()):
             self._dispatcher.wake(self._dispatcher.lanes)
         log.info("reloaded", agents=len(new.agents))
+        await self._say_unserved()
+
+    async def _say_unserved(self) -> None:
+        """Requests queued for an agent the config no longer has would wait unseen: said once
+        at the start and after each reload."""
+        report = await self._report()
+        for agent_id, entry in (report or {"agents": {}})["agents"].items():
+            if agent_id not in self.config.agents and entry.get("queued"):
+                log.warning(
+                    "requests wait for an agent that is not in the config: they are sent if it"
+                    " comes back, and end expired after max_queue_s",
+                    agent=agent_id,
+                    queued=entry["queued"],
+                )
 
     def _wiring(self, client: studio.StudioClient) -> Wiring:
         """What the lanes share; with callbacks on, a status_url per send."""
@@ -417,6 +432,7 @@ class Daemon:
             if self._spool is None and self._stdin is not None:
                 watchers.append(group.create_task(self._stop_when_stdin_done(sources[0])))
             self._notifier.ready()
+            await self._say_unserved()
             await self._stop.wait()
             for watcher in watchers:
                 watcher.cancel()
@@ -451,10 +467,14 @@ class Daemon:
                 log.info("progress", agents=fields)
             before, since = counts, now
 
+    def _ledger_close_s(self) -> float:
+        return min(LEDGER_CLOSE_S, self.config.shutdown_timeout_s / 4)
+
     async def _drain(self, sources: list[asyncio.Task]) -> None:
         self._notifier.stopping()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.shutdown_timeout_s
+        # The ledger's close comes after the drain, inside shutdown_timeout_s too.
+        deadline = loop.time() + self.config.shutdown_timeout_s - self._ledger_close_s()
         for source in (self._stdin, self._spool):
             if source is not None:
                 source.stop()
@@ -472,7 +492,11 @@ class Daemon:
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
         await self._stop_listeners()
-        await self._results.flush()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await self._results.flush()
+        except TimeoutError:  # the ledger cannot record what was written: a full disk
+            log.warning("result lines not written in the stop's time wait in the ledger")
         if self._stdin_done:
             seconds = loop.time() - self._started_at
             log.info(

@@ -278,8 +278,12 @@ class Lane:
                 )
                 await self._finish(pending, Outcome.BLOCKED, error=error)
             return None
-        # Marked: it must now go out, stopping or not, or it would be in_doubt without cause.
+        # Marked: it goes out at its moment, unless a stop began meanwhile (the mark may have
+        # waited long on a slow or full disk): it is then queued again as it was, not sent.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
+        if self._stopping:
+            await self._ledger.unmark(pending.seq)
+            return None
         self._wiring.metrics.paced(self.agent.id, self._loop.time() - waiting_since)
         return body, token
 
@@ -506,13 +510,19 @@ class Dispatcher:
         return set().union(*(lane.in_flight for lane in lanes))
 
     async def drain(self, timeout: float) -> int:
-        """Let sends in flight finish; after `timeout`, cancel the rest (they become in_doubt)."""
+        """Let the stopped lanes end and the sends in flight finish; after `timeout`, cancel
+        what is left: a lane still waiting on the ledger (a full disk) ends there, and a send
+        without an answer becomes in_doubt. How many sends were cancelled."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # A stopped lane may still be starting a send it marked before the stop: wait for the
         # lanes to end, so that every send that goes out is among those waited for.
         if self._lane_tasks:
-            await asyncio.wait(self._lane_tasks, timeout=timeout)
+            _ended, waiting = await asyncio.wait(self._lane_tasks, timeout=timeout)
+            for task in waiting:
+                task.cancel()
+            if waiting:
+                await asyncio.wait(waiting)
         timeout = max(0.0, deadline - loop.time())
         tasks = self.in_flight()
         if not tasks:

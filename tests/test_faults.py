@@ -686,3 +686,52 @@ def test_an_unreachable_api_is_waited_out_without_spending_retries(tmp_path, sim
         ledger_rows(tmp_path / "state" / "ledger.sqlite3", "SELECT id, retries FROM requests")
     )
     assert retries == {"warm": 0, **{r["id"]: 0 for r in outage}}, "the outage spent retries"
+
+
+# -- a stop during a fault ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freed", [True, False], ids=["freed-while-stopping", "full-throughout"])
+def test_sigterm_while_the_disk_is_full_exits_in_time_and_sends_nothing_after(
+    tmp_path, disk, simulator, piped, freed
+):
+    """The lanes wait on the ledger's retries when the stop comes. Freed while the daemon
+    stops, a lane whose mark now went through would send: none may. Full throughout, nothing
+    can be recorded: the stop still ends in time."""
+    shutdown_timeout_s = 4.0
+    sim = simulator("--latency", "0.01-0.02")
+    state, spool = disk.root / "state", disk.root / "spool"
+    config = sim_config(
+        tmp_path,
+        sim,
+        state_dir=str(state),
+        spool={"dir": str(spool)},
+        shutdown_timeout_s=shutdown_timeout_s,
+    )
+    daemon = piped("-c", str(config))
+    daemon.wait_running()
+    disk.attach(daemon.proc.pid)
+    drop(spool, "work.jsonl", jsonl([request(f"r-{n}", 400 + n) for n in range(40)]))
+    wait_for(lambda: len(sim.arrivals()) >= 3, 10, "the first sends")
+    disk.fill()
+    wait_for(lambda: LEDGER_FAULT in daemon.stderr, 10, "the ledger's error in the log")
+    disk.hold(1.0)
+
+    stop_at = time.time()
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    disk.hold(1.0)
+    if freed:
+        disk.lift()
+    try:
+        code = daemon.proc.wait(timeout=shutdown_timeout_s + 5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"no exit after SIGTERM: {daemon.stderr[-3000:]}") from None
+    took = time.monotonic() - started
+
+    assert took <= shutdown_timeout_s + 0.5, f"the stop took {took:.1f} s"
+    assert code == 0, daemon.stderr
+    late = [a for a in sim.arrivals() if a["wall"] > stop_at + 0.1]
+    assert late == [], f"{len(late)} sends after the stop began"
+    assert "Traceback" not in daemon.stderr, daemon.stderr
+    assert integrity(state / "ledger.sqlite3") == ["ok"]

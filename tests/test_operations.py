@@ -91,6 +91,8 @@ def test_an_agent_removed_by_a_reload_keeps_its_requests_queued(tmp_path, simula
     assert status()["agents"]["agent-b"]["queued"] == 1, "kept in the ledger, not lost"
     assert daemon.stop()[0] == 0
     assert [arrival["agent_id"] for arrival in sim.arrivals()] == ["agent-a"]
+    said = [json.loads(line) for line in daemon.stderr.splitlines() if "not in the config" in line]
+    assert [(w["level"], w["agent"], w["queued"]) for w in said] == [("warning", "agent-b", 1)]
 
 
 def test_a_second_sigint_forces_the_exit_and_the_send_ends_in_doubt(tmp_path, simulator, daemons):

@@ -127,6 +127,13 @@ def retry_later(
         settle_number_call(conn, seq, placed=False)
 
 
+def unmark(conn: sqlite3.Connection, seq: int) -> None:
+    """A marked send that never left (the daemon began to stop first): queued again as it was,
+    and not counted against its number."""
+    if move(conn, seq, Move.RETRY, held=None):
+        settle_number_call(conn, seq, placed=False)
+
+
 def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) -> None:
     for seq, until in holds:
         move(conn, seq, Move.HOLD, due_at=until, held=reason)

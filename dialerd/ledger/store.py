@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NumberCap, RedialPolicy
+from ..logs import log
 from ..request import Request
 from ..results import Outcome
 from . import intake, placed, retention, sends, status
@@ -57,11 +58,15 @@ class Ledger:
         self.run = cursor.lastrowid
         self._writer = Writer(self._conn, self.path)
 
-    def close(self) -> None:
-        """Finish queued calls, stop the thread, close the database and release the lock."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued calls, stop the thread, close the database and release the lock; a
+        thread that does not end within `timeout` keeps the database (the process exits)."""
         if self._writer is not None:
-            self._writer.stop()
+            ended = self._writer.stop(timeout)
             self._writer = None
+            if not ended:
+                log.warning("the ledger's last commit did not end in time; leaving it")
+                self._conn = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -119,6 +124,10 @@ class Ledger:
         two lanes cannot both pass it.
         """
         return await self.call(sends.mark_sending, seq, token, attempt, time.time(), cap)
+
+    async def unmark(self, seq: int) -> None:
+        """A marked send that never left (a stop began first): queued again as it was."""
+        await self.call(sends.unmark, seq)
 
     async def hold(self, holds: list[tuple[int, float]], reason: str) -> None:
         """Requests (seq, until) back to the queue until then, for `reason` (calling_hours,

@@ -36,10 +36,12 @@ class Writer:
         self._fault_logged_at = -FAULT_LOG_EVERY_S
         self._thread.start()
 
-    def stop(self) -> None:
-        """Finish the calls queued, then end the thread."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the calls queued, then end the thread; whether it ended within `timeout` (a
+        commit can hang on a failing disk: the thread is a daemon's, left behind)."""
         self._calls.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(conn, *args) in the ledger thread, inside the next group commit.
