@@ -106,6 +106,8 @@ class Lane:
         self._wake = asyncio.Event()
         self._stopping = False
         self.in_flight: set[asyncio.Task] = set()
+        for hold in self._holds():
+            hold.watch(self)
 
     @property
     def interval(self) -> float:
@@ -138,15 +140,24 @@ class Lane:
         wiring = self._wiring
         return wiring.key_hold, self._agent_hold, wiring.endpoint_hold(self.agent.region)
 
-    async def _wait_for_holds(self) -> None:
-        """Until no hold of this lane's is waiting for its next try, or the lane stops."""
+    async def _wait_for_holds(self) -> bool:
+        """Until no hold of this lane's makes it wait, or the lane stops; whether it waited.
+        When it need not, the send that follows is the try of each hold still on (the holds
+        wake the lane as they change)."""
+        waited = False
         while not self._stopping:
-            remaining = max(hold.until for hold in self._holds()) - self._loop.time()
+            holds, now = self._holds(), self._loop.time()
+            remaining = max(hold.wait_s(now) for hold in holds)
             if remaining <= 0:
-                return
-            self._wake.clear()  # a reload releasing the holds wakes the lane
+                if not waited:
+                    for hold in holds:
+                        hold.take_try(now)
+                return waited
+            waited = True
+            self._wake.clear()
             with self.progress.waiting():
                 await wait_event(self._wake, remaining)
+        return waited
 
     def reconfigure(self, agent: AgentConfig) -> None:
         """A new rate or margin takes effect from the next send."""
@@ -245,7 +256,8 @@ class Lane:
 
     async def _pace_and_mark(self, pending: Pending) -> tuple[dict, str | None] | None:
         """Wait for the send's moment, marking it in the ledger just before; None if stopped,
-        or if the per-number cap holds it back (it then waits in the ledger, or has ended).
+        if a hold made the lane wait (it is read again), or if the per-number cap holds it back
+        (it then waits in the ledger, or has ended).
 
         Returns the body to send and its status_url's token (None without callbacks).
 
@@ -255,7 +267,11 @@ class Lane:
         """
         self._restore_margin()
         waiting_since = self._loop.time()
-        await self._wait_for_holds()
+        if await self._wait_for_holds():
+            # Still queued in the ledger: read again, so that the queue goes on in its order
+            # (the request refused first, the try's, is due before this one).
+            self._due.clear()
+            return None
         await self._sleep_until(self._not_before - MARK_LEAD_S)
         with self.progress.waiting():
             await self._limiter.acquire()
@@ -389,10 +405,11 @@ class Lane:
 
     async def _held(self, pending: Pending, result: SendResult, hold: Hold) -> None:
         """The API refused the key or the agent, or could not be reached: not the request's
-        fault. It is queued again, due at once and keeping its retries (they are for its own
+        fault. It is queued again in its place, keeping its retries (they are for its own
         refusals), and the hold makes its lane wait for the next try."""
         hold.refused(result.error or f"HTTP {result.http_status}", self._loop.time())
-        await self._ledger.retry_later(pending.seq, time.time(), False, result.error)
+        await self._ledger.retry_later(pending.seq, None, False, result.error)
+        self._due.clear()  # read again from the ledger, in queue order, this one first
         self.wake()
 
     async def _retry_later(self, pending: Pending, result: SendResult) -> None:

@@ -6,10 +6,18 @@ once as it clears (warning), never once per send."""
 
 from __future__ import annotations
 
+import weakref
+from typing import Protocol
+
 from .logs import log
 
 HOLD_FIRST_S = 1.0
 HOLD_MAX_S = 60.0
+TRY_LEASE_S = 10.0  # a try's answer is awaited this long before another lane may try
+
+
+class Waiter(Protocol):
+    def wake(self) -> None: ...
 
 
 class Hold:
@@ -19,10 +27,33 @@ class Hold:
         self.reason: str | None = None  # the API's answer while it is held
         self.until = 0.0  # loop time of the next try
         self._refusals = 0  # in a row
+        self._try_until = 0.0  # while a try is out: when another lane may make one
+        self._waiters: weakref.WeakSet[Waiter] = weakref.WeakSet()  # lanes, woken by a change
 
     @property
     def held(self) -> bool:
         return self.reason is not None
+
+    def watch(self, waiter: Waiter) -> None:
+        """Wake `waiter` whenever the hold changes (begins, clears, is tried again)."""
+        self._waiters.add(waiter)
+
+    def wait_s(self, now: float) -> float:
+        """How long a send of the scope must wait from `now`; 0 or less: it may go."""
+        if not self.held:
+            return 0.0
+        return max(self.until, self._try_until) - now
+
+    def take_try(self, now: float) -> None:
+        """A send of the held scope goes out as its try: one send per try, whatever the lanes
+        that wait; the others wait for its answer (or TRY_LEASE_S, should it never come)."""
+        if self.held:
+            self._try_until = now + TRY_LEASE_S
+
+    def _changed(self) -> None:
+        self._try_until = 0.0
+        for waiter in list(self._waiters):
+            waiter.wake()
 
     def refused(self, reason: str, now: float) -> None:
         """The API refused the scope again: the next try waits twice as long, up to a minute.
@@ -42,16 +73,20 @@ class Hold:
         delay = min(HOLD_MAX_S, HOLD_FIRST_S * 2**self._refusals)
         self._refusals += 1
         self.until = max(self.until, now + delay)
+        self._changed()
 
     def accepted(self) -> None:
-        """The API took a send of the scope: it goes on."""
-        if self.reason is not None:
-            log.warning(f"the API accepts {self.scope} again", scope=self.scope, **self._names)
+        """The API took a send of the scope: it goes on, every lane of it at once."""
+        if self.reason is None:
+            return
+        log.warning(f"the API accepts {self.scope} again", scope=self.scope, **self._names)
         self.reason = None
         self._refusals = 0
         self.until = 0.0
+        self._changed()
 
     def release(self) -> None:
         """A reload (a new key, a fixed agent id): try again at once, from the first delay."""
         self._refusals = 0
         self.until = 0.0
+        self._changed()

@@ -17,7 +17,7 @@ from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, s
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
 from dialerd.ledger.requeue import requeue
-from dialerd.ledger.sends import expire_due, finish, mark_sending, retry_later
+from dialerd.ledger.sends import due, expire_due, finish, mark_sending, retry_later
 from dialerd.ledger.states import TRANSITIONS, Add, Move, State, move
 from dialerd.request import build_request
 from dialerd.results import Outcome
@@ -100,6 +100,18 @@ def test_a_finish_is_applied_once(conn):
     finish(conn, seq, Outcome.FAILED, {"error": "second"})
     assert state_of(conn, seq) == (State.FINAL, Outcome.EXPIRED)
     assert result_lines(conn) == 1
+
+
+def test_a_send_queued_again_without_a_due_time_keeps_its_place(conn):
+    first, second = queued(conn, "r1"), queued(conn, "r2")
+    conn.execute("UPDATE requests SET due_at = seq")
+    assert mark_sending(conn, first, None, 1, 10.0, None) == (True, None)
+    retry_later(conn, first, None, False, "HTTP 401")
+    assert [p.id for p in due(conn, "agent-eu", 100.0, 10)[0]] == ["r1", "r2"]
+    assert conn.execute(
+        "SELECT due_at, retries FROM requests WHERE seq = ?", (first,)
+    ).fetchone() == (first, 0)
+    del second
 
 
 def test_a_late_answer_does_not_bring_a_final_request_back(conn):

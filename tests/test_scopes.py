@@ -48,7 +48,19 @@ def test_a_refused_key_holds_every_lane_until_the_api_accepts_it(tmp_path, simul
     assert Counter(r["outcome"] for r in results) == {"dialed": len(NUMBERS)}
     assert all(r["attempts"] == 1 for r in results)
     assert sim.placed() == Counter(NUMBERS)
-    assert any(a["http_status"] == status for a in sim.arrivals())
+    arrivals = sim.arrivals()
+    refusals = sorted(a["at"] for a in arrivals if a["http_status"] == status)
+    # After the sends that were out as the hold began, one send per try, whatever the lanes.
+    tries = [at for at in refusals if at > refusals[0] + 0.5]
+    assert tries and all(b - a > 0.9 for a, b in zip(tries, tries[1:], strict=False)), refusals
+    # Once the key is accepted again, every lane goes on at once, not at its own next try.
+    first_placed = [min(a["at"] for a in arrivals if a["agent_id"] == agent and a["placed"])
+                    for agent in ("agent-a", "agent-b")]  # fmt: skip
+    assert abs(first_placed[0] - first_placed[1]) < 1.0, first_placed
+    # A refused request was queued again in its place: each agent's calls in the order given.
+    for agent in ("agent-a", "agent-b"):
+        placed = [a["to"] for a in arrivals if a["agent_id"] == agent and a["placed"]]
+        assert placed == [n for n in NUMBERS if n in placed], placed
     (refused,) = log_lines(done.stderr, "the API refuses the key")
     assert refused["level"] == "error" and refused["reason"] == "Invalid API key"
     (cleared,) = log_lines(done.stderr, "the API accepts the key again")

@@ -120,10 +120,13 @@ def settle_number_call(conn: sqlite3.Connection, seq: int, placed: bool) -> None
 
 
 def retry_later(
-    conn: sqlite3.Connection, seq: int, due_at: float, counts_retry: bool, error: str
+    conn: sqlite3.Connection, seq: int, due_at: float | None, counts_retry: bool, error: str
 ) -> None:
-    retries = Add(int(counts_retry))
-    if move(conn, seq, Move.RETRY, due_at=due_at, retries=retries, error=error, held=None):
+    """Queued again, due at `due_at` (None: as it was, keeping its place in the queue)."""
+    columns = {"retries": Add(int(counts_retry)), "error": error, "held": None}
+    if due_at is not None:
+        columns["due_at"] = due_at
+    if move(conn, seq, Move.RETRY, **columns):
         settle_number_call(conn, seq, placed=False)
 
 

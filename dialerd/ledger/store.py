@@ -201,8 +201,11 @@ class Ledger:
         )
         return row[0] if row else None
 
-    async def retry_later(self, seq: int, due_at: float, counts_retry: bool, error: str) -> None:
-        """Back to the queue: the API refused the send before placing a call."""
+    async def retry_later(
+        self, seq: int, due_at: float | None, counts_retry: bool, error: str
+    ) -> None:
+        """Back to the queue: the API refused the send before placing a call; due at `due_at`,
+        or (None) where it was in the queue."""
         await self.call(sends.retry_later, seq, due_at, counts_retry, error)
 
     async def finish(self, seq: int, outcome: Outcome, **fields: Any) -> None:
