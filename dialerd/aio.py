@@ -24,6 +24,7 @@ class Progress:
     def __init__(self, clock: Callable[[], float]):
         self._clock = clock
         self._busy_since: float | None = clock()  # None while waiting by design
+        self._ended = False
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -38,8 +39,14 @@ class Progress:
         if self._busy_since is not None:
             self._busy_since = self._clock()
 
+    def ended(self) -> None:
+        """The stage has no more work, for good (stdin at its end): never a stall again."""
+        self._ended = True
+
     def stalled_for(self, now: float) -> float:
-        return 0.0 if self._busy_since is None else now - self._busy_since
+        if self._ended or self._busy_since is None:
+            return 0.0
+        return now - self._busy_since
 
 
 class Worker:

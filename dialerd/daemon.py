@@ -371,7 +371,8 @@ class Daemon:
         given back; never in one long transaction that would hold up a send's mark."""
         while True:
             retention_s = self.config.retention_s
-            more = await self.ledger.prune(time.time(), retention_s) or await self.ledger.vacuum()
+            more = await self.ledger.prune(time.time(), retention_s)
+            more |= await self.ledger.vacuum()  # beside pruning, not after it: a burst is long
             await asyncio.sleep(PRUNE_PAUSE_S if more else min(PRUNE_EVERY_S, retention_s))
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:

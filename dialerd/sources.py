@@ -162,6 +162,13 @@ class StdinSource:
             target=self._read, args=(batches, loop), name="stdin", daemon=True
         )
         reader.start()
+        try:
+            await self._take(batches)
+        finally:
+            self.progress.ended()  # the daemon may run on, with the spool: no stall of stdin's
+        log.info("stdin intake stopped" if self._stopping else "stdin ended", lines=self.lines_read)
+
+    async def _take(self, batches: asyncio.Queue[Batch | None]) -> None:
         while not self._stopping:
             # Wake at least every STOP_CHECK_S to see a stop, however quiet stdin is; a read
             # that blocks is in the reading thread, never in this task.
@@ -171,10 +178,9 @@ class StdinSource:
             except TimeoutError:
                 continue
             if batch is None:
-                break
+                return
             if len(batch):
                 await self._intake.record(batch)
-        log.info("stdin intake stopped" if self._stopping else "stdin ended", lines=self.lines_read)
 
     def _read(self, batches: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
         """The reading thread: blocking reads work for pipes and regular files alike."""

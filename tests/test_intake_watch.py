@@ -115,6 +115,18 @@ def test_waiting_for_work_is_no_stall_and_a_step_that_ends_starts_the_next():
     assert progress.stalled_for(now[0]) == 0.0
     now[0] = 503.0
     assert progress.stalled_for(now[0]) == 1.0
+    progress.ended()  # no more work for good: never stuck, however long the daemon runs on
+    now[0] = 10_000.0
+    assert progress.stalled_for(now[0]) == 0.0
+
+
+async def test_stdin_at_its_end_is_no_stall_while_the_daemon_runs_on(monkeypatch):
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read_end, "rb", buffering=0))
+    source = StdinSource(HungIntake())
+    os.close(write_end)  # at its end at once
+    await asyncio.wait_for(source.run(), 5)
+    assert source.progress.stalled_for(asyncio.get_running_loop().time() + 3600) == 0.0
 
 
 class HungIntake:

@@ -215,7 +215,12 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
 
 
 def recover_in_flight(conn: sqlite3.Connection) -> int:
-    seqs = [r[0] for r in conn.execute(f"SELECT seq FROM requests WHERE state = '{State.SENDING}'")]
+    seqs = [  # `!= final`: read by the index of the open requests, not among the history
+        r[0]
+        for r in conn.execute(
+            f"SELECT seq FROM requests WHERE state != '{State.FINAL}' AND state = '{State.SENDING}'"
+        )
+    ]
     for seq in seqs:
         finish(conn, seq, Outcome.IN_DOUBT, {"error": IN_DOUBT_ERROR})
     return len(seqs)

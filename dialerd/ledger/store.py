@@ -24,7 +24,7 @@ from .writer import Writer
 
 # Records pruned in one call: one commit's worth that holds up the sends' marks in it by a few
 # milliseconds at most.
-PRUNE_BATCH = 500
+PRUNE_BATCH = 200
 
 
 class Ledger:
