@@ -22,23 +22,18 @@ from .config import (
     read_admin_token,
     read_api_key,
 )
+from .control_commands import CONTROL_COMMANDS, add_control_commands
+from .exits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Failure,
+)
 from .simulator_options import add_fault_arguments, add_simulator_arguments, faults_from
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
-
-class Failure(Exception):
-    """A clear one-sentence error for stderr, with its exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +47,8 @@ def _config_path(args) -> str:
     return args.config or os.environ.get("DIALERD_CONFIG") or DEFAULT_PATH
 
 
-def _load(args) -> Config:
+def load(args) -> Config:
+    """The config the command names (-c, $DIALERD_CONFIG, the default), or Failure (78)."""
     try:
         return load_config(_config_path(args))
     except ConfigError as error:
@@ -161,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("ids", nargs="*", metavar="ID", help="ids of in_doubt requests")
     requeue.add_argument("--in-doubt", action="store_true", help="every in_doubt request")
 
+    add_control_commands(commands, load)
+
     simulate = commands.add_parser("simulate", help="run the API simulator as its own server")
     add_simulator_arguments(simulate)
     return parser
@@ -215,7 +213,7 @@ def cmd_submit(args) -> int:
 
     options = _input_options(args)
     _refuse_overwriting_an_input(args.ids_out, args.files)
-    config = _load(args)
+    config = load(args)
     if config.spool_dir is None:
         raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
     submissions = _submissions(args.files, config, options)
@@ -325,7 +323,7 @@ def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
     from .preflight import preflight
 
-    config = _load(args)
+    config = load(args)
     try:
         if needs_key:
             read_api_key(config.api)
@@ -346,7 +344,7 @@ def cmd_check(args) -> int:
 def cmd_status(args) -> int:
     from .ledger import read_status
 
-    config = _load(args)
+    config = load(args)
     report = _read_ledger(config, read_status)
     if report is None:
         report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
@@ -420,7 +418,7 @@ def cmd_report(args) -> int:
     if args.results:
         tally, source = _results_tally(args.results, since), "results"
     else:
-        tally, source = _ledger_tally(_load(args), since), "ledger"
+        tally, source = _ledger_tally(load(args), since), "ledger"
     report = summarise(tally, source, since)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return EX_OK
@@ -470,7 +468,7 @@ def cmd_requeue(args) -> int:
 
     if bool(args.ids) == args.in_doubt:
         raise Failure("requeue: name the ids of in_doubt requests, or give --in-doubt", EX_USAGE)
-    config = _load(args)
+    config = load(args)
     try:
         requeued, refused = requeue(config.state_dir, None if args.in_doubt else args.ids)
     except (OSError, sqlite3.Error) as error:
@@ -497,6 +495,7 @@ COMMANDS = {
     "check": cmd_check,
     "status": cmd_status,
     "simulate": cmd_simulate,
+    **CONTROL_COMMANDS,
 }
 
 

@@ -55,6 +55,7 @@ RESULT_FIELDS = (
     "error",
     "meta",
     "source",
+    "campaign",
 )
 
 

@@ -74,6 +74,7 @@ def add(
                 "agent_id": request.agent_id,
                 "meta": request.meta,
                 "source": request.source,
+                "campaign": request.campaign,
                 "outcome": Outcome.DUPLICATE,
                 "error": repeated,
             },
@@ -148,8 +149,8 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
     """Whether `request` was queued: not when its id is taken already."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-        " expires_at, due_at, state, created_at, campaign, first_due_at)"
-        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?)",
+        " expires_at, due_at, state, created_at, campaign, first_due_at, priority, timezone)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?)",
         (
             request_id,
             run,
@@ -163,6 +164,8 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
             now,
             request.campaign,
             max(now, request.not_before or now),
+            request.priority,
+            request.timezone,
         ),
     )
     return cursor.rowcount == 1

@@ -15,13 +15,22 @@ REFUSED_AT_INTAKE = ""  # the agent of outcomes counted for requests that reache
 COUNTED_SINCE = 4  # the schema version that counts outcomes as they are reached
 
 
-def count_outcome(conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1) -> None:
-    """One more (or `by` more; fewer when negative) of the agent's requests has this outcome."""
+def count_outcome(
+    conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1, campaign: str | None = None
+) -> None:
+    """One more (or `by` more; fewer when negative) of the agent's requests, and of its
+    campaign's, has this outcome."""
     conn.execute(
         "INSERT INTO outcome_counts (agent_id, outcome, count) VALUES (?, ?, ?)"
         " ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + excluded.count",
         (agent_id, outcome, by),
     )
+    if campaign is not None:
+        conn.execute(
+            "INSERT INTO campaign_counts (campaign, outcome, count) VALUES (?, ?, ?)"
+            " ON CONFLICT (campaign, outcome) DO UPDATE SET count = count + excluded.count",
+            (campaign, outcome, by),
+        )
 
 
 def empty_agent_status() -> dict:
