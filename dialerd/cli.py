@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-c", "--config")
     report.add_argument("--json", action="store_true", help="as one JSON object")
+    report.add_argument("--campaign", metavar="C", help="only the outcomes of this campaign")
     report.add_argument(
         "--since", metavar="ISO", help="only outcomes at or after this time (with a UTC offset)"
     )
@@ -343,6 +343,7 @@ def cmd_check(args) -> int:
 
 def cmd_status(args) -> int:
     from .ledger import read_status
+    from .status_text import status_text
 
     config = load(args)
     report = _read_ledger(config, read_status)
@@ -351,61 +352,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        print(_status_text(report, config))
+        print(status_text(report, config))
     return EX_OK
-
-
-def _status_text(report: dict, config: Config) -> str:
-    lines = [
-        f"{'agent':<24} {'rate':>4} {'achieved':>8} {'queued':>8} {'due now':>8} "
-        f"{'in flight':>9} {'awaiting callback':>17} {'drains in':>9}  next due (UTC)"
-    ]
-    for agent_id in sorted(set(config.agents) | set(report["agents"])):
-        entry = report["agents"].get(agent_id, {})
-        rate = config.agents[agent_id].rate if agent_id in config.agents else None
-        queued = entry.get("queued", 0)
-        lines.append(
-            f"{agent_id:<24} {rate or '-':>4} {entry.get('achieved_rate', 0.0):>8.2f} {queued:>8} "
-            f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
-            f"{entry.get('awaiting_callback', 0):>17} {_drains_in(queued, rate):>9}  "
-            f"{_utc_time(entry.get('next_due'))}"
-        )
-    lines += _held_lines(report)
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
-    lines.append(f"outcomes: {outcomes}")
-    if report["results_unwritten"]:
-        lines.append(f"results not yet written: {report['results_unwritten']}")
-    return "\n".join(lines)
-
-
-HELD_TEXT = {"calling_hours": "wait for the calling hours", "cap": "are over the per-number cap"}
-
-
-def _held_lines(report: dict) -> list[str]:
-    """Per agent, the requests waiting past their due time, and until when the first waits."""
-    lines = []
-    for agent_id, entry in sorted(report["agents"].items()):
-        held = [
-            f"{entry[f'held_{reason}']} {text} (until {_utc_time(entry[f'held_{reason}_until'])})"
-            for reason, text in HELD_TEXT.items()
-            if entry.get(f"held_{reason}")
-        ]
-        if held:
-            lines.append(f"{agent_id}: " + "; ".join(held))
-    return lines
-
-
-def _utc_time(moment: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)) if moment else "-"
-
-
-def _drains_in(queued: int, rate: int | None) -> str:
-    """How long the queue takes at the agent's rate, were it all due now: an estimate."""
-    if not queued or not rate:
-        return "-"
-    seconds = round(queued / rate)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def cmd_report(args) -> int:
@@ -416,19 +364,19 @@ def cmd_report(args) -> int:
     except ValueError as error:
         raise Failure(f"report: --since: {error}", EX_USAGE) from None
     if args.results:
-        tally, source = _results_tally(args.results, since), "results"
+        tally, source = _results_tally(args.results, since, args.campaign), "results"
     else:
-        tally, source = _ledger_tally(load(args), since), "ledger"
-    report = summarise(tally, source, since)
+        tally, source = _ledger_tally(load(args), since, args.campaign), "ledger"
+    report = summarise(tally, source, since, args.campaign)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return EX_OK
 
 
-def _results_tally(names: list[str], since: float | None):
+def _results_tally(names: list[str], since: float | None, campaign: str | None):
     from .report import read_results
 
     try:
-        tally = read_results(names, since)
+        tally = read_results(names, since, campaign)
     except OSError as error:
         raise Failure(f"cannot read {error.filename or 'stdin'}: {error.strerror}", 66) from None
     for problem in tally.problems:
@@ -436,10 +384,10 @@ def _results_tally(names: list[str], since: float | None):
     return tally
 
 
-def _ledger_tally(config: Config, since: float | None):
+def _ledger_tally(config: Config, since: float | None, campaign: str | None):
     from .report import Tally, read_ledger
 
-    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since))
+    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since, campaign))
     if tally is None:
         print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
         return Tally()

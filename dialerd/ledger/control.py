@@ -183,14 +183,6 @@ def _pause_key(selection: Selection) -> tuple[str, str]:
     raise ValueError("a pause is of a campaign or an agent")
 
 
-def paused(conn: sqlite3.Connection) -> list[dict]:
-    """The pauses in force: kind, name, since (epoch seconds), oldest first."""
-    return [
-        {"kind": kind, "name": name, "since": since}
-        for kind, name, since in conn.execute("SELECT kind, name, since FROM pauses ORDER BY since")
-    ]
-
-
 def last_control(conn: sqlite3.Connection) -> int:
     """The latest operator's change (a requeue, cancel, pause or resume), 0 for none: a running
     daemon reads it to notice new ones."""

@@ -182,13 +182,14 @@ def _taken(conn: sqlite3.Connection, request_id: str) -> str:
 def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
     request_id = fields.get("id")  # an invalid request's `id` may be any JSON value
     conn.execute(
-        "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO rejects (id, outcome, error, source, at, campaign) VALUES (?, ?, ?, ?, ?, ?)",
         (
             request_id if isinstance(request_id, str) else None,
             fields["outcome"],
             fields["error"],
             fields["source"],
             now,
+            fields.get("campaign"),
         ),
     )
     conn.execute(
