@@ -122,6 +122,7 @@ class Daemon:
             self.config.stdin == "auto" and stdin_is_data()
         )
         self.metrics = Metrics()
+        self.metrics.by_campaign = bool(self.config.admin and self.config.admin.campaign_metrics)
         self._results = ResultsWriter(
             self.ledger, self.config.results_target(stdin_source), self.metrics
         )
@@ -189,6 +190,7 @@ class Daemon:
         if self._simulator is not None:
             self._simulate_agents(new)
         self.config = new
+        self.metrics.by_campaign = bool(new.admin and new.admin.campaign_metrics)
         self._window = _calling_window(new)
         self._dispatcher.update(new.agents)
         self._dispatcher.release_holds()  # a new key or agent id may be what the API wanted

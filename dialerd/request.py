@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import hashlib
 import json
 import math
 import re
-import zoneinfo
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from .config import Config
+from .config import Config, zone_name
 from .numbers import NotANumber, normalise
 
 MAX_LINE_BYTES = 64 * 1024
@@ -200,17 +198,6 @@ def _priority(raw: Any) -> int:
     return raw
 
 
-@functools.cache
-def _zone_names() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def _timezone(raw: Any) -> str:
-    if not isinstance(raw, str) or raw not in _zone_names():
-        raise ValueError(f"{raw!r} is not an IANA time zone name (such as Europe/London)")
-    return raw
-
-
 def content_id(request: Request) -> str:
     """The id of a request given none: made from what decides the call (the callee, the agent,
     what the agent is told, when, and the campaign), so the same request fed again has the same
@@ -284,7 +271,7 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
             source=source,
             campaign=_optional(fields, "campaign", _campaign),
             priority=_optional(fields, "priority", _priority) or 0,
-            timezone=_optional(fields, "timezone", _timezone),
+            timezone=_optional(fields, "timezone", zone_name),
             id_from_content="id" not in fields,
         )
     except InvalidRequest as error:

@@ -193,8 +193,8 @@ def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
         ),
     )
     conn.execute(
-        "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
-        (result_line(at=now, **fields), fields["outcome"]),
+        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)",
+        (result_line(at=now, **fields), fields["outcome"], fields.get("campaign")),
     )
     count_outcome(conn, REFUSED_AT_INTAKE, fields["outcome"])
 

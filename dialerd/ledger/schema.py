@@ -138,6 +138,7 @@ MIGRATIONS = (
     ALTER TABLE requests ADD COLUMN timezone TEXT;
     ALTER TABLE requests ADD COLUMN cancelled_at REAL;
     ALTER TABLE rejects ADD COLUMN campaign TEXT;
+    ALTER TABLE outbox ADD COLUMN campaign TEXT;
     DROP INDEX requests_due;
     CREATE INDEX requests_due ON requests(agent_id, priority, due_at, seq) WHERE state = 'queued';
     CREATE TABLE pauses (

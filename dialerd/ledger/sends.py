@@ -243,7 +243,9 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
         campaign=campaign,
         at=now,
     )
-    conn.execute("INSERT INTO outbox (line, outcome) VALUES (?, ?)", (line, outcome))
+    conn.execute(
+        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)", (line, outcome, campaign)
+    )
 
 
 def recover_in_flight(conn: sqlite3.Connection) -> int:

@@ -234,11 +234,11 @@ class Ledger:
 
     # -- results -----------------------------------------------------------------------------
 
-    async def outbox(self, limit: int) -> list[tuple[int, str, str]]:
-        """Result lines not yet written: (seq, line, outcome), oldest first."""
+    async def outbox(self, limit: int) -> list[tuple[int, str, str, str | None]]:
+        """Result lines not yet written: (seq, line, outcome, campaign), oldest first."""
         return await self.call(
             lambda conn: conn.execute(
-                "SELECT seq, line, outcome FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, line, outcome, campaign FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         )
 
