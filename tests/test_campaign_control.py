@@ -1,0 +1,240 @@
+"""Campaign control in the ledger (SPEC §2 cancel, pause, resume; §4 campaign, priority,
+timezone; §6 cancelled): what `cancel` says it cancelled is never sent, a pause holds at the
+mark whatever a lane holds in memory, and an agent's due requests go highest priority first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_request import CONFIG
+
+from dialerd.config import CallingHours, RedialPolicy
+from dialerd.hours import CallingWindow
+from dialerd.ledger import MIGRATIONS, SCHEMA, connect, create_schema, status_report
+from dialerd.ledger import control
+from dialerd.ledger.control import Selection, cancel, pause, resume
+from dialerd.ledger.intake import add
+from dialerd.ledger.placed import apply_callback, placed
+from dialerd.ledger.sends import due, mark_sending, retry_later
+from dialerd.ledger.states import State
+from dialerd.request import InvalidRequest, build_request
+from dialerd.results import Outcome
+
+AGENT = "agent-eu"  # test_request's CONFIG's default agent
+BUSY = {"busy": RedialPolicy(attempts=3, delay_s=60)}
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir()
+    conn = connect(state / "ledger.sqlite3")
+    create_schema(conn)
+    conn.close()
+    return state
+
+
+@pytest.fixture
+def conn(state_dir: Path) -> sqlite3.Connection:
+    conn = connect(state_dir / "ledger.sqlite3")
+    yield conn
+    conn.close()
+
+
+def take(conn, request_id: str, number: int = 0, **fields) -> int:
+    request = build_request(
+        {"id": request_id, "to": f"+4477009{number:05d}", **fields}, CONFIG, "test:1"
+    )
+    add(conn, 1, [request], [], None, 0)
+    conn.execute("UPDATE requests SET due_at = 0, created_at = 0 WHERE id = ?", (request_id,))
+    return conn.execute("SELECT seq FROM requests WHERE id = ?", (request_id,)).fetchone()[0]
+
+
+def due_ids(conn) -> list[str]:
+    return [pending.id for pending in due(conn, AGENT, 1e12, 100)[0]]
+
+
+def outcome_of(conn, request_id: str) -> tuple[str, str | None]:
+    return conn.execute(
+        "SELECT state, outcome FROM requests WHERE id = ?", (request_id,)
+    ).fetchone()
+
+
+def results(conn) -> list[dict]:
+    return [json.loads(line) for (line,) in conn.execute("SELECT line FROM outbox ORDER BY seq")]
+
+
+# -- priority, timezone ---------------------------------------------------------------------------
+
+
+def test_due_requests_go_highest_priority_first_then_by_due_time_then_arrival(conn):
+    take(conn, "low-early")
+    take(conn, "high-late", 1, priority=9)
+    take(conn, "mid", 2, priority=5)
+    take(conn, "high-early", 3, priority=9)
+    take(conn, "low-late", 4)
+    conn.execute("UPDATE requests SET due_at = 10 WHERE id IN ('high-late', 'low-late')")
+    assert due_ids(conn) == ["high-early", "high-late", "mid", "low-early", "low-late"]
+    conn.execute("UPDATE requests SET due_at = 5e12 WHERE priority = 9")  # not due yet
+    pending, next_due = due(conn, AGENT, 1e12, 100)
+    assert [p.id for p in pending] == ["mid", "low-early", "low-late"]
+    assert due(conn, AGENT, -1, 100) == ([], 0)  # none due: the next is the earliest
+
+
+@pytest.mark.parametrize("priority", [-1, 10, 1.5, "9", True, None])
+def test_a_priority_is_a_whole_number_from_0_to_9(priority):
+    with pytest.raises(InvalidRequest, match="priority: must be a whole number from 0 to 9"):
+        build_request({"to": "+447700900123", "priority": priority}, CONFIG, "test:1")
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "../../etc/passwd", "", 5, "europe/london"])
+def test_a_timezone_is_a_known_zone_name(zone):
+    with pytest.raises(InvalidRequest, match="timezone: is not a known time zone"):
+        build_request({"to": "+447700900123", "timezone": zone}, CONFIG, "test:1")
+
+
+def test_the_callees_own_zone_decides_the_calling_hours_for_its_request():
+    """A US number whose callee is in London: the window is open in London, not in the US."""
+    london = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC).timestamp()  # 12:00 in London
+    hours = CallingHours(
+        start=dt.time(11), end=dt.time(13), days=frozenset(range(7)),
+        default_timezone="UTC", holidays=frozenset(),
+    )  # fmt: skip
+    window = CallingWindow(hours)
+    us_number = "12015550123"
+    assert window.next_open(us_number, london) > london  # 07:00 in New Jersey: closed
+    assert window.next_open(us_number, london, "Europe/London") == london
+
+
+# -- pause and resume ---------------------------------------------------------------------------
+
+
+def test_a_paused_campaign_is_neither_due_nor_marked_and_goes_on_when_resumed(state_dir, conn):
+    a1 = take(conn, "a1", 1, campaign="A")
+    take(conn, "b1", 2, campaign="B")
+    take(conn, "none", 3)
+    assert pause(state_dir, Selection(campaign="A")) == (True, 1)
+    assert pause(state_dir, Selection(campaign="A")) == (False, 1)  # already
+
+    assert due_ids(conn) == ["a1", "b1", "none"][1:]
+    # A lane that read a1 before the pause: the mark refuses it, in its own statement.
+    assert mark_sending(conn, a1, None, 1, 0.0, None) == (False, None)
+    assert outcome_of(conn, "a1") == (State.QUEUED, None)
+    report = status_report(conn, 0)
+    assert report["paused"] == [{"kind": "campaign", "name": "A", "since": pytest.approx(
+        report["paused"][0]["since"])}]  # fmt: skip
+    assert report["campaigns"]["A"]["paused"] == report["agents"][AGENT]["paused"] == 1
+
+    assert resume(state_dir, Selection(campaign="A")) == (True, 1)
+    assert resume(state_dir, Selection(campaign="A")) == (False, 1)
+    assert due_ids(conn) == ["a1", "b1", "none"]
+    assert mark_sending(conn, a1, None, 1, 0.0, None) == (True, None)
+
+
+def test_a_paused_agent_has_nothing_due_and_nothing_marked(state_dir, conn):
+    seq = take(conn, "r1")
+    pause(state_dir, Selection(agent=AGENT))
+    assert due(conn, AGENT, 1e12, 10) == ([], None)
+    assert mark_sending(conn, seq, None, 1, 0.0, None) == (False, None)
+    resume(state_dir, Selection(agent=AGENT))
+    assert due_ids(conn) == ["r1"]
+
+
+# -- cancel --------------------------------------------------------------------------------------
+
+
+def test_cancel_ends_every_waiting_request_of_the_campaign_and_says_how_each_waited(
+    state_dir, conn
+):
+    for n, request_id in enumerate(["queued", "held", "redial", "sending", "placed", "other"]):
+        take(conn, request_id, n, campaign="B" if request_id != "other" else "C")
+    conn.execute("UPDATE requests SET held = 'calling_hours', due_at = 9e9 WHERE id = 'held'")
+    conn.execute("UPDATE requests SET attempts = 1, due_at = 9e9 WHERE id = 'redial'")
+    for request_id in ("sending", "placed"):
+        (seq,) = conn.execute("SELECT seq FROM requests WHERE id = ?", (request_id,)).fetchone()
+        assert mark_sending(conn, seq, f"t-{request_id}", 1, 0.0, None) == (True, None)
+    placed(conn, 5, "t-placed", 9e9, BUSY, {"attempts": 1, "http_status": 200})
+
+    dry = cancel(state_dir, Selection(campaign="B"), dry_run=True)
+    assert dict(dry.by_state) == {"queued": 1, "held for calling hours": 1,
+                                  "waiting for a redial": 1}  # fmt: skip
+    assert dry.in_flight == 2
+    assert results(conn) == []  # a dry run changes nothing
+
+    done = cancel(state_dir, Selection(campaign="B"))
+    assert dict(done.by_state) == dict(dry.by_state) and done.in_flight == 2
+    cancelled = {r["id"]: r for r in results(conn)}
+    assert set(cancelled) == {"queued", "held", "redial"}
+    assert {(r["outcome"], r["campaign"]) for r in cancelled.values()} == {("cancelled", "B")}
+    assert outcome_of(conn, "other") == (State.QUEUED, None)
+    # In flight: not recalled, but a refusal is not retried, and a busy callback not redialed.
+    retry_later(conn, 4, 0.0, True, "HTTP 503")
+    assert outcome_of(conn, "sending") == (State.FINAL, Outcome.CANCELLED)
+    assert apply_callback(conn, "t-placed", callback("busy", 4), BUSY, 1.0) == (
+        "cancelled", AGENT
+    )  # fmt: skip
+    assert outcome_of(conn, "placed") == (State.FINAL, Outcome.CANCELLED)
+    counts = status_report(conn, 0)["campaigns"]["B"]["outcomes"]
+    assert counts == {"cancelled": 5}
+
+
+def callback(status: str, number: int) -> dict:
+    return {"status": status, "to": f"4477009{number:05d}", "agent_id": AGENT}
+
+
+def test_a_cancelled_call_that_went_unanswered_with_no_redial_left_is_unanswered(state_dir, conn):
+    seq = take(conn, "r1", 7, campaign="B")
+    mark_sending(conn, seq, "t", 1, 0.0, None)
+    placed(conn, seq, "t", 9e9, {}, {"attempts": 1, "http_status": 200})
+    cancel(state_dir, Selection(campaign="B"))
+    assert apply_callback(conn, "t", callback("busy", 7), {}, 1.0) == ("unanswered", AGENT)
+
+
+def test_cancel_by_ids_cancels_nothing_when_one_is_unknown(state_dir, conn):
+    take(conn, "r1")
+    take(conn, "r2", 1)
+    done = cancel(state_dir, Selection(ids=("r1", "nobody", "r2")))
+    assert done.unknown == ["nobody"]
+    assert results(conn) == []
+    done = cancel(state_dir, Selection(ids=("r1",)))
+    assert (done.count, done.final_already) == (1, 0)
+    again = cancel(state_dir, Selection(ids=("r1", "r2")))
+    assert (again.count, again.final_already) == (1, 1)
+    assert [r["id"] for r in results(conn)] == ["r1", "r2"]
+
+
+def test_cancel_is_made_in_batches_and_takes_only_what_was_in_the_ledger_when_it_began(
+    state_dir, conn, monkeypatch
+):
+    monkeypatch.setattr(control, "CANCEL_BATCH", 3)
+    for n in range(10):
+        take(conn, f"r{n}", n, campaign="B")
+    done = cancel(state_dir, Selection(campaign="B"))
+    assert done.count == 10 and len(results(conn)) == 10
+    assert status_report(conn, 0)["campaigns"]["B"]["outcomes"] == {"cancelled": 10}
+
+
+def test_a_ledger_of_version_6_gets_priorities_pauses_and_campaign_counts(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(SCHEMA)
+    for number, migration in enumerate(MIGRATIONS[:6], 1):
+        old.executescript(migration) if isinstance(migration, str) else migration(old)
+        old.execute(f"PRAGMA user_version = {number}")
+    old.execute(
+        "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
+        " outcome, created_at, campaign) VALUES"
+        " ('a', 1, 'x', '447700900123', '{}', 's', 0, 'final', 'dialed', 0, 'A'),"
+        " ('b', 1, 'x', '447700900124', '{}', 's', 0, 'queued', NULL, 0, 'A')"
+    )
+    old.close()
+    conn = connect(path)
+    create_schema(conn)
+    assert conn.execute("SELECT priority FROM requests WHERE id = 'b'").fetchone() == (0,)
+    report = status_report(conn, 0)
+    assert report["campaigns"]["A"]["outcomes"] == {"dialed": 1}
+    assert report["campaigns"]["A"]["queued"] == 1 and report["paused"] == []
