@@ -14,8 +14,7 @@ from test_request import CONFIG
 
 from dialerd.config import CallingHours, RedialPolicy
 from dialerd.hours import CallingWindow
-from dialerd.ledger import MIGRATIONS, SCHEMA, connect, create_schema, status_report
-from dialerd.ledger import control
+from dialerd.ledger import MIGRATIONS, SCHEMA, connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
