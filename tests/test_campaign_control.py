@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
+from conftest import read_results, run_dialerd, wait_for, write_config
+from test_faults import drop
 from test_request import CONFIG
 
 from dialerd.config import CallingHours, RedialPolicy
@@ -237,3 +241,95 @@ def test_a_ledger_of_version_6_gets_priorities_pauses_and_campaign_counts(tmp_pa
     report = status_report(conn, 0)
     assert report["campaigns"]["A"]["outcomes"] == {"dialed": 1}
     assert report["campaigns"]["A"]["queued"] == 1 and report["paused"] == []
+
+
+# -- through the real daemon and the simulator ---------------------------------------------------
+
+
+def ctl(config: Path, *args: str) -> str:
+    done = run_dialerd(*args, "-c", str(config), timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+NUMBERS = {"A": "4477009011", "B": "4477009022"}  # each campaign's numbers start so
+
+
+def two_campaigns(count: int) -> str:
+    """`count` requests of campaigns A and B in turn, each to a number of its own."""
+    lines = []
+    for n in range(count):
+        campaign = "AB"[n % 2]
+        number = f"+{NUMBERS[campaign]}{n:02d}"
+        lines.append({"id": f"{campaign.lower()}-{n}", "to": number, "campaign": campaign})
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def sent_of(sim, campaign: str, after: float = 0.0) -> list[dict]:
+    prefix = NUMBERS[campaign]
+    return [a for a in sim.arrivals() if a["to"].startswith(prefix) and a["wall"] > after]
+
+
+def cancelled_results(path: Path) -> list[dict]:
+    return [r for r in read_results(path) if r["outcome"] == "cancelled"]
+
+
+def rate_one_config(tmp_path: Path, sim, **top) -> Path:
+    api = {"key_env": "VGAI_KEY", "timeout_s": 5, "endpoints": sim.endpoints()}
+    agents = {"agent-a": {"region": "eu", "rate": 1}}
+    return write_config(
+        tmp_path, agents, api=api, default_agent="agent-a", spool={"dir": str(tmp_path / "spool")},
+        **top,
+    )  # fmt: skip
+
+
+def test_pause_holds_a_campaign_across_a_restart_resume_frees_it_and_cancel_ends_the_other(
+    tmp_path, simulator, daemons
+):
+    sim = simulator("--latency", "0.01-0.02", agents=("agent-a=1",))
+    config = rate_one_config(tmp_path, sim)
+    results = tmp_path / "state" / "results.jsonl"
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    drop(tmp_path / "spool", "list.jsonl", two_campaigns(100))
+    wait_for(lambda: len(sim.arrivals()) >= 2, 10, "the first sends")
+
+    paused_at = time.time()
+    assert "campaign A: paused; " in ctl(config, "pause", "--campaign", "A")
+    wait_for(lambda: len(sent_of(sim, "B", paused_at)) >= 3, 10, "B going on")
+    # Obeyed at once: the lane holds A's requests in memory, and each mark checks the pause.
+    assert sent_of(sim, "A", paused_at + 0.1) == []
+
+    assert daemon.stop()[0] == 0
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    restarted_at = time.time()
+    wait_for(lambda: len(sent_of(sim, "B", restarted_at)) >= 2, 10, "B after the restart")
+    assert sent_of(sim, "A", paused_at + 0.1) == []
+    status = json.loads(ctl(config, "status", "--json"))
+    assert [(p["kind"], p["name"]) for p in status["paused"]] == [("campaign", "A")]
+    assert status["campaigns"]["A"]["paused"] == status["campaigns"]["A"]["queued"] > 40
+    assert "paused: campaign A since " in ctl(config, "status")
+
+    resumed_at = time.time()
+    ctl(config, "resume", "--campaign", "A")
+    first_a = wait_for(lambda: sent_of(sim, "A", resumed_at), 10, "A again")[0]
+    assert first_a["wall"] - resumed_at < 2.5  # a second to notice, an interval to send
+
+    printed = ctl(config, "cancel", "--campaign", "B")
+    cancelled_at = time.time()
+    said = re.match(r"cancelled (\d+) request\(s\) of campaign B: (\d+) queued", printed)
+    assert said, printed
+    count = int(said[1])
+    lines = wait_for(
+        lambda: len(c := cancelled_results(results)) >= count and c, 10, "the cancelled results"
+    )
+    wait_for(lambda: len(sent_of(sim, "A", cancelled_at)) >= 2, 10, "A going on")
+    assert daemon.stop()[0] == 0
+
+    assert len(lines) == count and {r["campaign"] for r in lines} == {"B"}
+    in_flight = 1 if "sent and not final yet" in printed else 0
+    assert len(sent_of(sim, "B", cancelled_at)) <= in_flight
+    sent_b = {a["to"] for a in sent_of(sim, "B")}
+    assert {r["to"] for r in lines}.isdisjoint(sent_b)  # what it cancelled was never sent
+    assert len(sent_b) + count + in_flight == 50
