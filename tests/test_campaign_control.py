@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_results, run_dialerd, wait_for, write_config
+from conftest import read_results, run_dialerd, sim_config, wait_for, write_config
 from test_faults import drop
+from test_lifecycle_callbacks import Setup
 from test_request import CONFIG
 
 from dialerd.config import CallingHours, RedialPolicy
@@ -333,3 +334,100 @@ def test_pause_holds_a_campaign_across_a_restart_resume_frees_it_and_cancel_ends
     sent_b = {a["to"] for a in sent_of(sim, "B")}
     assert {r["to"] for r in lines}.isdisjoint(sent_b)  # what it cancelled was never sent
     assert len(sent_b) + count + in_flight == 50
+
+
+def test_no_redial_follows_a_cancel_whether_the_call_was_out_or_waiting_to_be_redialed(
+    tmp_path, simulator, daemons
+):
+    sim = simulator("--unreached", "busy=1", "--callback-delay", "1.5-1.5", "--latency", "0.02")
+    setup = Setup(
+        tmp_path, sim, wait_s=30, redial={"busy": {"attempts": 3, "delay_s": 60}}, spool=True
+    )
+    daemon = daemons("-c", str(setup.config))
+    daemon.wait_running()
+    setup.drop("two.jsonl", [
+        {"id": "out", "to": "+447700900711", "campaign": "X"},
+        {"id": "waiting", "to": "+447700900712", "campaign": "Y"},
+    ])  # fmt: skip
+    wait_for(lambda: len(sim.arrivals()) == 2, 10, "both calls placed")
+
+    printed = ctl(setup.config, "cancel", "--campaign", "X")  # its callback is yet to come
+    assert printed.splitlines() == [
+        "cancelled 0 request(s) of campaign X",
+        "1 sent and not final yet: not recalled; no retry or redial follows",
+    ]
+    wait_for(
+        lambda: json.loads(ctl(setup.config, "status", "--json"))["campaigns"]["Y"]["queued"],
+        10,
+        "Y's busy callback, and its redial queued",
+    )
+    assert ctl(setup.config, "cancel", "--campaign", "Y").splitlines() == [
+        "cancelled 1 request(s) of campaign Y: 1 waiting for a redial"
+    ]
+    results = wait_for(lambda: len(r := read_results(setup.results_file)) == 2 and r, 10, "both")
+    assert daemon.stop()[0] == 0
+    assert {(r["id"], r["outcome"], r["status"]) for r in results} == {
+        ("out", "cancelled", "busy"), ("waiting", "cancelled", "busy"),
+    }  # fmt: skip
+    assert len(sim.arrivals()) == 2  # neither was called again
+
+
+def test_cancel_by_id_says_what_it_would_do_and_refuses_an_unknown_id(tmp_path, conn):
+    for n in range(3):
+        take(conn, f"r{n}", n)
+    config = write_config(tmp_path)
+
+    def cancel_command(*args: str) -> tuple[int, str, str]:
+        done = run_dialerd("cancel", "-c", str(config), *args, timeout=30)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    assert cancel_command("r0", "r1", "--dry-run") == (
+        0, "would cancel 2 request(s) of 2 id(s): 2 queued\n", ""
+    )  # fmt: skip
+    code, out, err = cancel_command("r0", "nobody")
+    assert (code, out) == (65, "")
+    assert err == "dialerd: cancel: no request has the id 'nobody': nothing cancelled\n"
+    assert cancel_command()[0] == cancel_command("r0", "--agent", "agent-eu")[0] == 64
+    assert status_report(conn, 0)["agents"][AGENT]["queued"] == 3  # nothing changed yet
+    assert cancel_command("r0")[:2] == (0, "cancelled 1 request(s) of 1 id(s): 1 queued\n")
+    assert cancel_command("r0", "r1")[1].splitlines() == [
+        "cancelled 1 request(s) of 2 id(s): 1 queued",
+        "1 of the ids given are final already",
+    ]
+
+
+def test_higher_priorities_go_first_and_a_callees_zone_decides_its_calling_hours(
+    tmp_path, simulator, daemons
+):
+    sim = simulator("--latency", "0.01-0.02")
+    now = dt.datetime.now(dt.UTC)
+    hours = {  # open now in London (UTC or an hour ahead of it), closed in every US zone
+        "start": (now - dt.timedelta(minutes=50)).strftime("%H:%M"),
+        "end": (now + dt.timedelta(minutes=130)).strftime("%H:%M"),
+        "default_timezone": "UTC",
+    }
+    config = sim_config(tmp_path, sim, spool={"dir": str(tmp_path / "spool")}, calling_hours=hours)
+    daemon = daemons("-c", str(config))
+    daemon.wait_running()
+    requests = [
+        {"id": "p0-first", "to": "+447700900901"},
+        {"id": "p9", "to": "+447700900902", "priority": 9},
+        {"id": "p3", "to": "+447700900903", "priority": 3},
+        {"id": "p9-later", "to": "+447700900904", "priority": 9},
+        {"id": "p0-second", "to": "+447700900905"},
+        # A US number: closed in every US zone now, but its callee is in London.
+        {"id": "in-london", "to": "+12015550123", "timezone": "Europe/London", "priority": 1},
+        {"id": "in-the-us", "to": "+12015550124"},
+    ]
+    drop(tmp_path / "spool", "mixed.jsonl", "".join(json.dumps(r) + "\n" for r in requests))
+    results_file = tmp_path / "state" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_file)) == 6, 15, "all but the one held")
+    status = json.loads(ctl(config, "status", "--json"))
+    assert daemon.stop()[0] == 0
+
+    order = [a["to"] for a in sim.arrivals()]
+    assert order == [
+        "447700900902", "447700900904", "447700900903", "12015550123", "447700900901",
+        "447700900905",
+    ]  # fmt: skip
+    assert status["agents"]["agent-a"]["held_calling_hours"] == 1  # in-the-us waits

@@ -36,7 +36,7 @@ class Selection:
             return f"campaign {self.campaign}"
         if self.agent is not None:
             return f"agent {self.agent}"
-        return f"{len(self.ids)} ids"
+        return f"{len(self.ids)} id(s)"
 
     def where(self) -> tuple[str, tuple]:
         """Its condition on requests, in SQL, and the condition's parameters."""
