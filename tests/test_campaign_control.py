@@ -17,7 +17,7 @@ from test_faults import drop
 from test_lifecycle_callbacks import Setup
 from test_request import CONFIG
 
-from dialerd.config import CallingHours, RedialPolicy
+from dialerd.config import CallingHours, ConfigError, RedialPolicy, build_config
 from dialerd.hours import CallingWindow
 from dialerd.ledger import MIGRATIONS, SCHEMA, connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
@@ -431,3 +431,15 @@ def test_higher_priorities_go_first_and_a_callees_zone_decides_its_calling_hours
         "447700900905",
     ]  # fmt: skip
     assert status["agents"]["agent-a"]["held_calling_hours"] == 1  # in-the-us waits
+
+
+def test_campaign_metrics_is_a_boolean_of_the_admin_section():
+    admin = {"listen": "127.0.0.1:9090"}
+    base = {"api": {"key_env": "K"}, "agents": {"a": {"region": "eu", "rate": 1}}}
+    assert not build_config({**base, "admin": admin}).admin.campaign_metrics
+    assert build_config(
+        {**base, "admin": {**admin, "campaign_metrics": True}}
+    ).admin.campaign_metrics
+    with pytest.raises(ConfigError) as refused:
+        build_config({**base, "admin": {**admin, "campaign_metrics": "yes"}})
+    assert refused.value.problems == ["admin.campaign_metrics: must be true or false, not 'yes'"]
