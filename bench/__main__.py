@@ -2,7 +2,7 @@
 
 import sys
 
-from . import callbacks, fidelity, lists, memory, scale, spool, startup
+from . import callbacks, control, fidelity, lists, memory, scale, spool, startup
 
 BENCHMARKS = {
     "fidelity": fidelity,
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "spool": spool,
     "scale": scale,
     "startup": startup,
+    "control": control,
 }
 
 

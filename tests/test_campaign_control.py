@@ -443,3 +443,21 @@ def test_campaign_metrics_is_a_boolean_of_the_admin_section():
     with pytest.raises(ConfigError) as refused:
         build_config({**base, "admin": {**admin, "campaign_metrics": "yes"}})
     assert refused.value.problems == ["admin.campaign_metrics: must be true or false, not 'yes'"]
+
+
+@pytest.mark.parametrize(
+    ("selection", "index"),
+    [
+        (Selection(campaign="B"), "requests_by_campaign (campaign=?)"),
+        (Selection(agent=AGENT), "requests_open (agent_id=?)"),
+        (Selection(ids=("r1", "r2")), "sqlite_autoindex_requests_1 (id=?)"),
+    ],
+)
+def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(conn, selection, index):
+    where, params = selection.where()
+    plan = [row[3] for row in conn.execute(
+        f"EXPLAIN QUERY PLAN SELECT seq FROM requests WHERE {where} AND state != 'final'", params
+    )]  # fmt: skip
+    assert f"SEARCH requests USING INDEX {index}" in plan or (
+        f"SEARCH requests USING COVERING INDEX {index}" in plan
+    ), plan

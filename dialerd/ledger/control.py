@@ -14,7 +14,7 @@ from pathlib import Path
 from ..results import Outcome
 from .schema import MIGRATIONS, connect
 from .sends import CANCELLED_ERROR, finish
-from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, State
+from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
 
 CANCEL_BATCH = 500  # requests cancelled per transaction: a daemon's marks wait for no longer
 
@@ -66,29 +66,29 @@ def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Canc
     cancelled when one is unknown (`unknown` says which)."""
     conn = _open(state_dir)
     try:
-        done = _look(conn, selection)
+        done, open_seqs = _look(conn, selection)
         if done.unknown or dry_run:
             return done
-        where, params = selection.where()
-        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()
         # In batches: a daemon sharing the file waits for one batch at a time, not for them all.
-        while _cancel_batch(conn, where, params, last_seq):
-            pass
+        for start in range(0, len(open_seqs), CANCEL_BATCH):
+            _cancel_batch(conn, open_seqs[start : start + CANCEL_BATCH])
         _record(conn, "cancel", selection)
         return done
     finally:
         conn.close()
 
 
-def _look(conn: sqlite3.Connection, selection: Selection) -> Cancelled:
+def _look(conn: sqlite3.Connection, selection: Selection) -> tuple[Cancelled, list[int]]:
+    """What a cancel finds, and the seqs of the open requests it is about."""
     where, params = selection.where()
-    done = Cancelled()
+    done, seqs = Cancelled(), []
     rows = conn.execute(
-        f"SELECT state, held, attempts, {NOT_PAUSED} FROM requests"
+        f"SELECT seq, state, held, attempts, {NOT_PAUSED} FROM requests"
         f" WHERE {where} AND state != '{State.FINAL}'",
         params,
     )
-    for state, held, attempts, not_paused in rows:
+    for seq, state, held, attempts, not_paused in rows:
+        seqs.append(seq)
         if state in (State.SENDING, State.PLACED):
             done.in_flight += 1
         else:
@@ -99,7 +99,7 @@ def _look(conn: sqlite3.Connection, selection: Selection) -> Cancelled:
         )
         done.unknown = [request_id for request_id in selection.ids if request_id not in found]
         done.final_already = sum(state == State.FINAL for state in found.values())
-    return done
+    return done, seqs
 
 
 def _waiting_as(held: str | None, attempts: int, not_paused: int) -> str:
@@ -111,31 +111,25 @@ def _waiting_as(held: str | None, attempts: int, not_paused: int) -> str:
     return "waiting for a redial" if attempts else "queued"
 
 
-def _cancel_batch(conn: sqlite3.Connection, where: str, params: tuple, last_seq: int) -> bool:
-    """One transaction: up to CANCEL_BATCH queued requests end `cancelled`, and sends out get
-    no follow-up; whether there may be more."""
+def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+    """One transaction: those of `seqs` still queued end `cancelled`; those out (a lane may
+    have sent one since the cancel looked) get no retry or redial."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        queued = [
+        out = [
             seq
-            for (seq,) in conn.execute(
-                f"SELECT seq FROM requests WHERE {where} AND state = '{State.QUEUED}'"
-                " AND seq <= ? LIMIT ?",
-                (*params, last_seq, CANCEL_BATCH),
-            )
+            for seq in seqs
+            if not finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL)
         ]
-        for seq in queued:
-            finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR})
-        conn.execute(
-            f"UPDATE requests SET cancelled_at = ? WHERE {where} AND seq <= ?"
+        conn.executemany(
+            f"UPDATE requests SET cancelled_at = ? WHERE seq = ?"
             f" AND state IN ('{State.SENDING}', '{State.PLACED}') AND cancelled_at IS NULL",
-            (time.time(), *params, last_seq),
+            ((time.time(), seq) for seq in out),
         )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return len(queued) == CANCEL_BATCH
 
 
 def pause(state_dir: Path, selection: Selection) -> tuple[bool, int]:

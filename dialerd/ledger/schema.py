@@ -128,8 +128,9 @@ MIGRATIONS = (
     CREATE INDEX pruned_ids_by_age ON pruned_ids(until);
     """,
     # 7: campaign control. `priority` orders an agent's due requests (the index by it, a range
-    # per priority); `timezone`: the callee's zone as the request gave it; `cancelled_at`: an
-    # operator cancelled the request while a send of it was out, so nothing follows that send.
+    # per priority); a campaign's open requests are found by an index of their own;
+    # `timezone`: the callee's zone as the request gave it; `cancelled_at`: an operator
+    # cancelled the request while a send of it was out, so nothing follows that send.
     # `pauses`: the standing rules of `dialerd pause`; `controls`: every cancel, pause and
     # resume, which a running daemon notices by the latest seq; `campaign_counts`: outcomes per
     # campaign, counted as they are reached.
@@ -141,6 +142,7 @@ MIGRATIONS = (
     ALTER TABLE outbox ADD COLUMN campaign TEXT;
     DROP INDEX requests_due;
     CREATE INDEX requests_due ON requests(agent_id, priority, due_at, seq) WHERE state = 'queued';
+    CREATE INDEX requests_by_campaign ON requests(campaign, state) WHERE state != 'final';
     CREATE TABLE pauses (
         kind TEXT NOT NULL, name TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (kind, name)
     ) WITHOUT ROWID;

@@ -210,17 +210,18 @@ def expire_due(conn: sqlite3.Connection, now: float, max_queue_s: float) -> int:
     return len(expired)
 
 
-def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -> None:
-    """The request's outcome, and its result line into the outbox, in one transaction; once."""
+def finish(
+    conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict, how: Move = Move.FINISH
+) -> bool:
+    """The request's outcome, and its result line into the outbox, in one transaction; once.
+    Whether it ended now (not when final already, or, for a cancel, out)."""
     now = time.time()
     columns = {c: fields[c] for c in FINISH_COLUMNS if c in fields}
     if columns.get("response"):
         columns["response"] = columns["response"][:RESPONSE_KEPT]
-    row = move_returning(
-        conn, seq, Move.FINISH, FINISHED_ROW, outcome=outcome, finished_at=now, **columns
-    )
+    row = move_returning(conn, seq, how, FINISHED_ROW, outcome=outcome, finished_at=now, **columns)
     if row is None:
-        return  # already final: a finish is applied once
+        return False  # already final: a finish is applied once
     # A call the API placed, or may have placed, counts against the number's cap.
     settle_number_call(conn, seq, placed=outcome in (Outcome.DIALED, Outcome.IN_DOUBT))
     (
@@ -246,6 +247,7 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
     conn.execute(
         "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)", (line, outcome, campaign)
     )
+    return True
 
 
 def recover_in_flight(conn: sqlite3.Connection) -> int:

@@ -29,6 +29,7 @@ class Move(enum.Enum):
     HOLD = "hold"
     REDIAL = "redial"
     FINISH = "finish"
+    CANCEL = "cancel"
     REQUEUE = "requeue"
 
 
@@ -59,6 +60,8 @@ TRANSITIONS = {
     # A callback said the callee was not reached, and a redial is left.
     Move.REDIAL: Transition((State.PLACED,), State.QUEUED, NOT_CANCELLED),
     Move.FINISH: Transition((State.QUEUED, State.SENDING, State.PLACED), State.FINAL),
+    # An operator's cancel: only of what is not out (a send out is never ended under it).
+    Move.CANCEL: Transition((State.QUEUED,), State.FINAL),
     # The operator's deliberate resend of a send whose answer was lost.
     Move.REQUEUE: Transition((State.FINAL,), State.QUEUED, f"outcome = '{Outcome.IN_DOUBT}'"),
 }
