@@ -287,6 +287,9 @@ def rate_one_config(tmp_path: Path, sim, **top) -> Path:
 def test_pause_holds_a_campaign_across_a_restart_resume_frees_it_and_cancel_ends_the_other(
     tmp_path, simulator, daemons
 ):
+    """At rate 1 the lane holds the next 32 requests in memory (its prefetch) all along: the
+    pause and the cancel each come while it holds requests they are about, and each mark
+    checks them again, so none of those goes out."""
     sim = simulator("--latency", "0.01-0.02", agents=("agent-a=1",))
     config = rate_one_config(tmp_path, sim)
     results = tmp_path / "state" / "results.jsonl"
