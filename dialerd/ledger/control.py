@@ -16,7 +16,12 @@ from .schema import MIGRATIONS, connect
 from .sends import CANCELLED_ERROR, finish
 from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
 
-CANCEL_BATCH = 500  # requests cancelled per transaction: a daemon's marks wait for no longer
+# A cancel shares the file with a running daemon: it ends requests a batch per transaction, of a
+# few milliseconds, and pauses between batches for longer than SQLite's busy handler sleeps
+# (after 1, 2, 5, 10 ms...), so that the daemon's writer gets in between two; a mark, made 50 ms
+# ahead of its send, then waits less than that.
+CANCEL_BATCH = 200
+CANCEL_PAUSE_S = 0.03
 
 
 class LedgerNotCurrent(OSError):
@@ -69,8 +74,9 @@ def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Canc
         done, open_seqs = _look(conn, selection)
         if done.unknown or dry_run:
             return done
-        # In batches: a daemon sharing the file waits for one batch at a time, not for them all.
         for start in range(0, len(open_seqs), CANCEL_BATCH):
+            if start:
+                time.sleep(CANCEL_PAUSE_S)
             _cancel_batch(conn, open_seqs[start : start + CANCEL_BATCH])
         _record(conn, "cancel", selection)
         return done
