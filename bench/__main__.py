@@ -2,7 +2,7 @@
 
 import sys
 
-from . import callbacks, fidelity, lists, memory, scale, soak, spool, startup
+from . import callbacks, control, fidelity, lists, memory, scale, soak, spool, startup
 
 BENCHMARKS = {
     "fidelity": fidelity,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "scale": scale,
     "startup": startup,
     "soak": soak,
+    "control": control,
 }
 
 

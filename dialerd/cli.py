@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,18 @@ from .config import (
     read_admin_token,
     read_api_key,
 )
+from .control_commands import CONTROL_COMMANDS, add_control_commands
+from .exits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Failure,
+)
 from .simulator_options import add_fault_arguments, add_simulator_arguments, faults_from
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
-
-class Failure(Exception):
-    """A clear one-sentence error for stderr, with its exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +46,8 @@ def _config_path(args) -> str:
     return args.config or os.environ.get("DIALERD_CONFIG") or DEFAULT_PATH
 
 
-def _load(args) -> Config:
+def load(args) -> Config:
+    """The config the command names (-c, $DIALERD_CONFIG, the default), or Failure (78)."""
     try:
         return load_config(_config_path(args))
     except ConfigError as error:
@@ -144,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-c", "--config")
     report.add_argument("--json", action="store_true", help="as one JSON object")
+    report.add_argument("--campaign", metavar="C", help="only the outcomes of this campaign")
     report.add_argument(
         "--since", metavar="ISO", help="only outcomes at or after this time (with a UTC offset)"
     )
@@ -160,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("-c", "--config")
     requeue.add_argument("ids", nargs="*", metavar="ID", help="ids of in_doubt requests")
     requeue.add_argument("--in-doubt", action="store_true", help="every in_doubt request")
+
+    add_control_commands(commands, load)
 
     simulate = commands.add_parser("simulate", help="run the API simulator as its own server")
     add_simulator_arguments(simulate)
@@ -215,7 +213,7 @@ def cmd_submit(args) -> int:
 
     options = _input_options(args)
     _refuse_overwriting_an_input(args.ids_out, args.files)
-    config = _load(args)
+    config = load(args)
     if config.spool_dir is None:
         raise Failure("bad config: spool.dir: required to submit", EX_CONFIG)
     submissions = _submissions(args.files, config, options)
@@ -325,7 +323,7 @@ def _load_runnable(args, needs_key: bool) -> Config:
     """The config, refused unless the daemon can run with it as it is."""
     from .preflight import preflight
 
-    config = _load(args)
+    config = load(args)
     try:
         if needs_key:
             read_api_key(config.api)
@@ -345,69 +343,17 @@ def cmd_check(args) -> int:
 
 def cmd_status(args) -> int:
     from .ledger import read_status
+    from .status_text import status_text
 
-    config = _load(args)
+    config = load(args)
     report = _read_ledger(config, read_status)
     if report is None:
         report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        print(_status_text(report, config))
+        print(status_text(report, config))
     return EX_OK
-
-
-def _status_text(report: dict, config: Config) -> str:
-    lines = [
-        f"{'agent':<24} {'rate':>4} {'achieved':>8} {'queued':>8} {'due now':>8} "
-        f"{'in flight':>9} {'awaiting callback':>17} {'drains in':>9}  next due (UTC)"
-    ]
-    for agent_id in sorted(set(config.agents) | set(report["agents"])):
-        entry = report["agents"].get(agent_id, {})
-        rate = config.agents[agent_id].rate if agent_id in config.agents else None
-        queued = entry.get("queued", 0)
-        lines.append(
-            f"{agent_id:<24} {rate or '-':>4} {entry.get('achieved_rate', 0.0):>8.2f} {queued:>8} "
-            f"{entry.get('due_now', 0):>8} {entry.get('in_flight', 0):>9} "
-            f"{entry.get('awaiting_callback', 0):>17} {_drains_in(queued, rate):>9}  "
-            f"{_utc_time(entry.get('next_due'))}"
-        )
-    lines += _held_lines(report)
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
-    lines.append(f"outcomes: {outcomes}")
-    if report["results_unwritten"]:
-        lines.append(f"results not yet written: {report['results_unwritten']}")
-    return "\n".join(lines)
-
-
-HELD_TEXT = {"calling_hours": "wait for the calling hours", "cap": "are over the per-number cap"}
-
-
-def _held_lines(report: dict) -> list[str]:
-    """Per agent, the requests waiting past their due time, and until when the first waits."""
-    lines = []
-    for agent_id, entry in sorted(report["agents"].items()):
-        held = [
-            f"{entry[f'held_{reason}']} {text} (until {_utc_time(entry[f'held_{reason}_until'])})"
-            for reason, text in HELD_TEXT.items()
-            if entry.get(f"held_{reason}")
-        ]
-        if held:
-            lines.append(f"{agent_id}: " + "; ".join(held))
-    return lines
-
-
-def _utc_time(moment: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)) if moment else "-"
-
-
-def _drains_in(queued: int, rate: int | None) -> str:
-    """How long the queue takes at the agent's rate, were it all due now: an estimate."""
-    if not queued or not rate:
-        return "-"
-    seconds = round(queued / rate)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def cmd_report(args) -> int:
@@ -418,19 +364,19 @@ def cmd_report(args) -> int:
     except ValueError as error:
         raise Failure(f"report: --since: {error}", EX_USAGE) from None
     if args.results:
-        tally, source = _results_tally(args.results, since), "results"
+        tally, source = _results_tally(args.results, since, args.campaign), "results"
     else:
-        tally, source = _ledger_tally(_load(args), since), "ledger"
-    report = summarise(tally, source, since)
+        tally, source = _ledger_tally(load(args), since, args.campaign), "ledger"
+    report = summarise(tally, source, since, args.campaign)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return EX_OK
 
 
-def _results_tally(names: list[str], since: float | None):
+def _results_tally(names: list[str], since: float | None, campaign: str | None):
     from .report import read_results
 
     try:
-        tally = read_results(names, since)
+        tally = read_results(names, since, campaign)
     except OSError as error:
         raise Failure(f"cannot read {error.filename or 'stdin'}: {error.strerror}", 66) from None
     for problem in tally.problems:
@@ -438,10 +384,10 @@ def _results_tally(names: list[str], since: float | None):
     return tally
 
 
-def _ledger_tally(config: Config, since: float | None):
+def _ledger_tally(config: Config, since: float | None, campaign: str | None):
     from .report import Tally, read_ledger
 
-    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since))
+    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since, campaign))
     if tally is None:
         print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
         return Tally()
@@ -470,7 +416,7 @@ def cmd_requeue(args) -> int:
 
     if bool(args.ids) == args.in_doubt:
         raise Failure("requeue: name the ids of in_doubt requests, or give --in-doubt", EX_USAGE)
-    config = _load(args)
+    config = load(args)
     try:
         requeued, refused = requeue(config.state_dir, None if args.in_doubt else args.ids)
     except (OSError, sqlite3.Error) as error:
@@ -497,6 +443,7 @@ COMMANDS = {
     "check": cmd_check,
     "status": cmd_status,
     "simulate": cmd_simulate,
+    **CONTROL_COMMANDS,
 }
 
 

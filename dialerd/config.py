@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import re
@@ -68,6 +69,7 @@ class Listen:
 class AdminConfig:
     listen: Listen
     token_file: Path | None  # with it, every request needs its Bearer token
+    campaign_metrics: bool = False  # /metrics counts outcomes by campaign too
 
 
 @dataclass(frozen=True)
@@ -235,11 +237,22 @@ def _time_of_day(raw: Any) -> dt.time:
     return dt.time(int(match[1]), int(match[2]))
 
 
-def _timezone(raw: Any) -> str:
-    try:
-        zoneinfo.ZoneInfo(_string(raw))
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"is not a known time zone: {raw!r}") from None
+def _boolean(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"must be true or false, not {raw!r}")
+    return raw
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def zone_name(raw: Any) -> str:
+    """An IANA time zone's name, as the system's (or tzdata's) zone files know it; ValueError
+    otherwise. Looked up among the names, never opened as a path."""
+    if not isinstance(raw, str) or raw not in _zone_names():
+        raise ValueError(f"is not a known time zone (such as Europe/London): {raw!r}")
     return raw
 
 
@@ -383,10 +396,11 @@ def _read_redial(r: _Reader, node: Any) -> dict[str, RedialPolicy]:
 def _read_admin(r: _Reader, node: Any) -> AdminConfig | None:
     if node is None:
         return None
-    admin = r.mapping(node, "admin", ("listen", "token_file"))
+    admin = r.mapping(node, "admin", ("listen", "token_file", "campaign_metrics"))
     return AdminConfig(
         listen=r.value(admin, "admin", "listen", _listen, Listen("127.0.0.1", 9090)),
         token_file=r.value(admin, "admin", "token_file", lambda v: Path(_string(v))),
+        campaign_metrics=r.value(admin, "admin", "campaign_metrics", _boolean, False),
     )
 
 
@@ -407,7 +421,7 @@ def _read_calling_hours(r: _Reader, node: Any) -> CallingHours | None:
         start=start,
         end=end,
         days=r.value(hours, key, "days", _days, frozenset(range(7))),
-        default_timezone=r.value(hours, key, "default_timezone", _timezone, "UTC"),
+        default_timezone=r.value(hours, key, "default_timezone", zone_name, "UTC"),
         holidays=r.value(hours, key, "holidays", _dates, frozenset()),
     )
 

@@ -46,7 +46,7 @@ LEDGER_CLOSE_S = 1.0  # for the ledger's last commit, kept of shutdown_timeout_s
 SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read is left behind
 STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
-REQUEUE_CHECK_S = 1.0
+CONTROL_CHECK_S = 0.5  # a requeue, cancel, pause or resume is obeyed within a second
 SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
 SWEEP_EVERY_S = 1.0  # the longest a queued request outlives its expires_at
 FORGET_EVERY_S = 3600.0
@@ -122,6 +122,7 @@ class Daemon:
             self.config.stdin == "auto" and stdin_is_data()
         )
         self.metrics = Metrics()
+        self.metrics.by_campaign = bool(self.config.admin and self.config.admin.campaign_metrics)
         self._results = ResultsWriter(
             self.ledger, self.config.results_target(stdin_source), self.metrics
         )
@@ -189,6 +190,7 @@ class Daemon:
         if self._simulator is not None:
             self._simulate_agents(new)
         self.config = new
+        self.metrics.by_campaign = bool(new.admin and new.admin.campaign_metrics)
         self._window = _calling_window(new)
         self._dispatcher.update(new.agents)
         self._dispatcher.release_holds()  # a new key or agent id may be what the API wanted
@@ -291,7 +293,7 @@ class Daemon:
     def _on_callback(self, effect: str, agent_id: str | None) -> None:
         if effect == "redial" and agent_id is not None:
             self._dispatcher.wake([agent_id])
-        elif effect == "unanswered":
+        elif effect in ("unanswered", "cancelled"):
             self._notify_final()
 
     async def live_status(self) -> dict:
@@ -303,15 +305,17 @@ class Daemon:
         report["state"] = "draining" if self._stop.is_set() else "running"
         return report
 
-    async def _notice_requeues(self) -> None:
-        """Requeues come from another process (`dialerd requeue`): wake the lanes for them."""
-        seen = await self.ledger.last_requeue()
+    async def _notice_controls(self) -> None:
+        """Requeues, cancels, pauses and resumes come from another process (the command line):
+        the lanes read their queues again, and the results of a cancel are written."""
+        seen = await self.ledger.last_control()
         while True:
-            await asyncio.sleep(REQUEUE_CHECK_S)
-            latest = await self.ledger.last_requeue()
+            await asyncio.sleep(CONTROL_CHECK_S)
+            latest = await self.ledger.last_control()
             if latest != seen:
                 seen = latest
-                self._dispatcher.wake(self._dispatcher.lanes)
+                self._dispatcher.reread_queues()
+                self._notify_final()
 
     async def _report(self) -> dict | None:
         """The status report for the daemon's own lines; None, said, when it cannot be read:
@@ -402,7 +406,7 @@ class Daemon:
                 background.append(group.create_task(self._settle_placed(), name="settle"))
             self._dispatcher.start(self.config.agents.values(), group)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
-            background.append(group.create_task(self._notice_requeues(), name="requeues"))
+            background.append(group.create_task(self._notice_controls(), name="controls"))
             background.append(group.create_task(self._sweep(), name="sweep"))
             steps = clock.follow_steps(self._clock_stepped)
             background.append(group.create_task(steps, name="clock"))

@@ -126,6 +126,11 @@ class Lane:
     def wake(self) -> None:
         self._wake.set()
 
+    def reread(self) -> None:
+        """Read the queue again before the next send (what it holds may be paused now)."""
+        self._due.clear()
+        self._wake.set()
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -202,7 +207,7 @@ class Lane:
         now = time.time()
         inside, holds = [], []
         for pending in batch:
-            opens_at = window.next_open(pending.body["to"], now)
+            opens_at = window.next_open(pending.body["to"], now, pending.timezone)
             if opens_at == now:
                 inside.append(pending)
             elif _can_wait(pending, opens_at):
@@ -285,9 +290,11 @@ class Lane:
         )
         self._wiring.metrics.marked(self.agent.id, self._loop.time() - marking_since)
         if not marked:
-            if allowed_at is not None and _can_wait(pending, allowed_at):
+            if allowed_at is None:  # no longer queued, or paused: what is held may be too
+                self._due.clear()
+            elif _can_wait(pending, allowed_at):
                 await self._ledger.hold([(pending.seq, allowed_at)], "cap")
-            elif allowed_at is not None:
+            else:
                 error = (
                     f"over max_calls_per_number ({cap.count} per {cap.per_s:g} s) until "
                     f"{_utc(allowed_at)}, after its expires_at"
@@ -400,7 +407,7 @@ class Lane:
             report_mismatch(self._wiring.metrics, status, self.agent.id)
         if effect == "redial":
             self.wake()
-        elif effect == "unanswered":
+        elif effect in ("unanswered", "cancelled"):
             self._wiring.on_final()
 
     async def _held(self, pending: Pending, result: SendResult, hold: Hold) -> None:
@@ -501,6 +508,12 @@ class Dispatcher:
             lane = self.lanes.get(agent_id)
             if lane is not None:
                 lane.wake()
+
+    def reread_queues(self) -> None:
+        """An operator changed what is queued (cancel, pause, resume, requeue): every lane
+        reads its queue again (each send's mark checks once more, whatever a lane holds)."""
+        for lane in self.lanes.values():
+            lane.reread()
 
     def stop(self) -> None:
         for lane in self.lanes.values():

@@ -52,9 +52,10 @@ class CallingWindow:
     def zones(self, to: str) -> tuple[str, ...]:
         return number_zones_of(to) or self._default
 
-    def next_open(self, to: str, now: float) -> float | None:
-        """`now` if `to` may be called now, else the moment it may be (None: never)."""
-        zones = self.zones(to)
+    def next_open(self, to: str, now: float, zone: str | None = None) -> float | None:
+        """`now` if `to` may be called now, else the moment it may be (None: never); in `zone`,
+        when the request gave the callee's, in place of the number's zones."""
+        zones = (zone,) if zone else self.zones(to)
         known = self._known.get(zones)
         if known is None or not (known[0] <= now and (known[1] is None or now < known[1])):
             is_open = self._open_in_all(zones, now)

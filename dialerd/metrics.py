@@ -49,6 +49,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Outcomes by campaign too (admin.campaign_metrics): off unless asked for, since the
+        # names are the submitters' and a series per name is unbounded.
+        self.by_campaign = False
         self._sends = self._labelled(
             Counter,
             "dialerd_sends_total",
@@ -101,6 +104,12 @@ class Metrics:
             "Final results written, by outcome",
             ["outcome"],
         )
+        self._campaign_outcomes = self._labelled(
+            Counter,
+            "dialerd_campaign_outcomes_total",
+            "Final results written, by campaign and outcome (with admin.campaign_metrics)",
+            ["campaign", "outcome"],
+        )
         self._queue_depth = self._labelled(
             Gauge,
             "dialerd_queue_depth",
@@ -141,8 +150,10 @@ class Metrics:
     def callback(self, status: str, effect: str) -> None:
         self._callbacks(status, effect).inc()
 
-    def outcome(self, outcome: str) -> None:
+    def outcome(self, outcome: str, campaign: str | None = None) -> None:
         self._outcomes(outcome).inc()
+        if self.by_campaign and campaign is not None:
+            self._campaign_outcomes(campaign, outcome).inc()
 
     def set_queues(self, agents: Mapping[str, Mapping[str, int]]) -> None:
         """Set the queue gauges from a status report's "agents"; an agent gone from it reads 0."""

@@ -19,7 +19,7 @@ from .results import Outcome
 
 OUTCOMES = (
     Outcome.DIALED, Outcome.UNANSWERED, Outcome.FAILED, Outcome.INVALID, Outcome.DUPLICATE,
-    Outcome.EXPIRED, Outcome.BLOCKED, Outcome.IN_DOUBT,
+    Outcome.EXPIRED, Outcome.BLOCKED, Outcome.IN_DOUBT, Outcome.CANCELLED,
 )  # fmt: skip
 # Rejected at intake: they never reached an agent's queue, and the ledger keeps no agent for them.
 NOT_QUEUED = (Outcome.INVALID, Outcome.DUPLICATE)
@@ -30,10 +30,11 @@ HOUR_S = 3600
 # whole second counted, as a result line's `at` has no fraction.
 LEDGER_FINALS = """
 SELECT outcome, agent_id, status, CAST(finished_at / 3600 AS INTEGER), count(*) FROM requests
- WHERE outcome IS NOT NULL AND finished_at >= :start GROUP BY 1, 2, 3, 4
+ WHERE outcome IS NOT NULL AND finished_at >= :start
+   AND (:campaign IS NULL OR campaign = :campaign) GROUP BY 1, 2, 3, 4
 UNION ALL
 SELECT outcome, NULL, NULL, CAST(at / 3600 AS INTEGER), count(*) FROM rejects
- WHERE at >= :start GROUP BY 1, 4
+ WHERE at >= :start AND (:campaign IS NULL OR campaign = :campaign) GROUP BY 1, 4
 """
 
 
@@ -65,15 +66,16 @@ class Tally:
 # -- the ledger ---------------------------------------------------------------------------------
 
 
-def read_ledger(state_dir: Path, since: float | None) -> Tally | None:
-    """The final outcomes in the ledger, read-only, whether or not a daemon runs; None when
-    there is no ledger. sqlite3.Error when it cannot be read."""
+def read_ledger(state_dir: Path, since: float | None, campaign: str | None = None) -> Tally | None:
+    """The final outcomes in the ledger (of `campaign` only, when given), read-only, whether or
+    not a daemon runs; None when there is no ledger. sqlite3.Error when it cannot be read."""
     path = state_dir / "ledger.sqlite3"
     if not path.exists():
         return None
     conn = connect(path, read_only=True)
     try:
-        rows = conn.execute(LEDGER_FINALS, {"start": _first_second(since)}).fetchall()
+        parameters = {"start": _first_second(since), "campaign": campaign}
+        rows = conn.execute(LEDGER_FINALS, parameters).fetchall()
     finally:
         conn.close()
     tally = Tally()
@@ -90,8 +92,9 @@ def _first_second(since: float | None) -> int:
 # -- result lines -------------------------------------------------------------------------------
 
 
-def read_results(names: list[str], since: float | None) -> Tally:
-    """The final outcomes in files of result lines ('-': stdin). A request's last line counts:
+def read_results(names: list[str], since: float | None, campaign: str | None = None) -> Tally:
+    """The final outcomes in files of result lines ('-': stdin), of `campaign` only when given.
+    A request's last line counts:
     a requeued request has two, and a crash may write a line again. A bad line is counted in
     `problems`, not fatal. OSError when a file cannot be read."""
     latest: dict[str | bytes, tuple[Final, int]] = {}  # by request id, or a rejected one's line
@@ -99,11 +102,12 @@ def read_results(names: list[str], since: float | None) -> Tally:
     for name in names:
         for number, line in _lines(name):
             try:
-                key, counted, at = _result(line)
+                key, counted, at, of = _result(line)
             except ValueError as error:
                 tally.problems.append(f"{name}:{number}: {error}")
                 continue
-            latest[key] = (counted, at)
+            if campaign is None or of == campaign:
+                latest[key] = (counted, at)
     start = _first_second(since)
     tally.finals.update(counted for counted, at in latest.values() if at >= start)
     return tally
@@ -116,8 +120,9 @@ def _lines(name: str) -> Iterator[tuple[int, bytes]]:
                 yield number, line
 
 
-def _result(line: bytes) -> tuple[str | bytes, Final, int]:
-    """A result line as (whose it is, what it counts, its whole second); ValueError if bad."""
+def _result(line: bytes) -> tuple[str | bytes, Final, int, Any]:
+    """A result line as (whose it is, what it counts, its whole second, its campaign);
+    ValueError if bad."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -131,13 +136,13 @@ def _result(line: bytes) -> tuple[str | bytes, Final, int]:
     if outcome in NOT_QUEUED:
         # Each is its own, whatever id it shows (any JSON an invalid request gave, or the id a
         # duplicate repeats); one written again after a crash is the same line.
-        return line.strip(), final(outcome, None, None, at // HOUR_S), at
+        return line.strip(), final(outcome, None, None, at // HOUR_S), at, record.get("campaign")
     request_id, agent_id, status = (record.get(name) for name in ("id", "agent_id", "status"))
     if not isinstance(request_id, str) or not isinstance(agent_id, str):
         raise ValueError(f"not a result: {outcome} without an id and an agent_id")
     if not isinstance(status, str | None):
         raise ValueError("status: neither a string nor null")
-    return request_id, final(outcome, agent_id, status, at // HOUR_S), at
+    return request_id, final(outcome, agent_id, status, at // HOUR_S), at, record.get("campaign")
 
 
 def _whole_second(at: Any) -> int:
@@ -152,7 +157,7 @@ def _whole_second(at: Any) -> int:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def summarise(tally: Tally, source: str, since: float | None) -> dict:
+def summarise(tally: Tally, source: str, since: float | None, campaign: str | None = None) -> dict:
     """The report as one JSON-ready object: counts per outcome, per agent (of queued requests),
     per callback status of `unanswered`, and per UTC hour."""
     outcomes: Counter[str] = Counter()
@@ -168,6 +173,7 @@ def summarise(tally: Tally, source: str, since: float | None) -> dict:
         by_hour[_hour_text(hour)][outcome] += count
     return {
         "source": source,
+        "campaign": campaign,
         "since": None if since is None else _moment_text(since),
         "total": outcomes.total(),
         "outcomes": _in_order(outcomes),
@@ -196,7 +202,8 @@ def _moment_text(moment: float) -> str:
 def report_text(report: dict) -> str:
     """The report as tables for a terminal."""
     since = f" since {report['since']}" if report["since"] else ""
-    heading = f"{report['total']} final outcome(s) in the {report['source']}{since}"
+    of = f" of campaign {report['campaign']}" if report.get("campaign") else ""
+    heading = f"{report['total']} final outcome(s){of} in the {report['source']}{since}"
     if report["bad_lines"]:
         heading += f"; {report['bad_lines']} bad line(s) not counted"
     if not report["total"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from .config import Config
+from .config import Config, zone_name
 from .numbers import NotANumber, normalise
 
 MAX_LINE_BYTES = 64 * 1024
@@ -28,6 +28,8 @@ FIELDS = frozenset(
         "expires_at",
         "meta",
         "campaign",
+        "priority",
+        "timezone",
     }
 )
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -61,6 +63,8 @@ class Request:
     meta: Any
     source: str
     campaign: str | None = None
+    priority: int = 0  # 0-9: among an agent's due requests, higher first
+    timezone: str | None = None  # the callee's zone for calling_hours, given by the submitter
     id_from_content: bool = False  # no `id` given: `id` is content_id(), deduplicated in a window
 
     def __post_init__(self) -> None:
@@ -188,6 +192,12 @@ def _campaign(raw: Any) -> str:
     return raw
 
 
+def _priority(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 9:
+        raise ValueError(f"must be a whole number from 0 to 9, not {raw!r}")
+    return raw
+
+
 def content_id(request: Request) -> str:
     """The id of a request given none: made from what decides the call (the callee, the agent,
     what the agent is told, when, and the campaign), so the same request fed again has the same
@@ -260,6 +270,8 @@ def build_request(fields: Any, config: Config, source: str) -> Request:
             meta=_optional(fields, "meta", _object),
             source=source,
             campaign=_optional(fields, "campaign", _campaign),
+            priority=_optional(fields, "priority", _priority) or 0,
+            timezone=_optional(fields, "timezone", zone_name),
             id_from_content="id" not in fields,
         )
     except InvalidRequest as error:

@@ -55,6 +55,7 @@ RESULT_FIELDS = (
     "error",
     "meta",
     "source",
+    "campaign",
 )
 
 
@@ -111,11 +112,11 @@ class ResultsWriter:
 
     async def _write_outbox(self) -> None:
         while lines := await self._ledger.outbox(self.BATCH):
-            data = "".join(line + "\n" for _seq, line, _outcome in lines).encode()
+            data = "".join(line + "\n" for _seq, line, _outcome, _campaign in lines).encode()
             await asyncio.to_thread(_write_durably, self._fd, data)
             await self._ledger.outbox_written(lines[-1][0])
-            for _seq, _line, outcome in lines:
-                self._metrics.outcome(outcome)
+            for _seq, _line, outcome, campaign in lines:
+                self._metrics.outcome(outcome, campaign)
                 self.written[outcome] += 1
 
     def close(self) -> None:

@@ -43,6 +43,8 @@ CSV_FIELDS = (
     "expires_at",
     "hangup_on_answer_machine",
     "campaign",
+    "priority",
+    "timezone",
 )
 PARAMETER = "session_parameters."  # a column's destination: PARAMETER + the parameter's name
 IGNORED = "-"  # a column's destination: nowhere
@@ -445,6 +447,10 @@ def _csv_document(destinations: list[str], cells: list[str]) -> dict[str, Any]:
             parameters[destination.removeprefix(PARAMETER)] = cell  # kept as written
         elif destination == "hangup_on_answer_machine":
             document[destination] = CSV_BOOLEANS.get(cell.strip().lower(), cell.strip())
+        elif destination == "priority":  # a whole number, as JSON gives it; else refused by name
+            text = cell.strip()
+            whole = text.isascii() and text.isdigit() and len(text) <= 3
+            document[destination] = int(text) if whole else text
         else:
             document[destination] = cell.strip()
     if parameters:
@@ -487,6 +493,10 @@ def spool_document(request: Request) -> dict:
             document[name] = exact_moment(moment)
     if request.campaign is not None:
         document["campaign"] = request.campaign
+    if request.priority:
+        document["priority"] = request.priority
+    if request.timezone is not None:
+        document["timezone"] = request.timezone
     if request.meta is not None:
         document["meta"] = request.meta
     document["source"] = request.source

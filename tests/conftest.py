@@ -96,7 +96,7 @@ def result_lines(text: bytes | str) -> list[dict]:
 REPO = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {
     "id", "to", "agent_id", "outcome", "attempts", "http_status", "conversation_uuid", "status",
-    "error", "meta", "source", "at",
+    "error", "meta", "source", "campaign", "at",
 }  # fmt: skip
 NUMBER_OF_A = "447700900000"
 AGENTS = {

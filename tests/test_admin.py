@@ -150,6 +150,21 @@ async def test_429s_retries_pacing_callbacks_and_outcomes_are_counted(http, admi
     assert sample(scraped, "dialerd_outcomes_total", outcome="in_doubt") == 1
 
 
+async def test_outcomes_are_counted_by_campaign_only_when_the_config_asks(http, admin, metrics):
+    metrics.outcome("dialed", "spring")
+    metrics.by_campaign = True
+    metrics.outcome("dialed", "spring")
+    metrics.outcome("cancelled", "spring")
+    metrics.outcome("dialed", None)
+
+    scraped = await scrape(http, admin)
+
+    assert sample(scraped, "dialerd_outcomes_total", outcome="dialed") == 3
+    counted = {"campaign": "spring"}
+    assert sample(scraped, "dialerd_campaign_outcomes_total", outcome="dialed", **counted) == 1
+    assert sample(scraped, "dialerd_campaign_outcomes_total", outcome="cancelled", **counted) == 1
+
+
 async def test_queue_gauges_follow_the_status_report_and_reset_when_an_agent_leaves_it(
     http, admin, daemon
 ):

@@ -101,7 +101,7 @@ async def test_queued_requests_expire_while_they_wait(ledger, tmp_path):
     assert await ledger.expire_due(time.time(), 432_000) == 0
     await asyncio.sleep(0.3)
     assert await ledger.expire_due(time.time(), 432_000) == 1
-    lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(10)]
+    lines = [json.loads(line) for _seq, line, *_ in await ledger.outbox(10)]
     assert [(r["id"], r["outcome"]) for r in lines] == [("soon", "expired")]
 
 

@@ -130,7 +130,7 @@ async def dispatch(
             await asyncio.sleep(linger)
             dispatcher.stop()
         assert await dispatcher.drain(1.0) == 0
-    lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(10_000)]
+    lines = [json.loads(line) for _seq, line, *_ in await ledger.outbox(10_000)]
     results = {line["id"]: line for line in lines}
     assert len(results) == len(lines) == len(fields), "exactly one result per request"
     return Run(results, dispatcher, finals)
@@ -633,7 +633,7 @@ async def test_a_send_that_raises_in_the_client_holds_the_lane_and_goes_once_it_
             dispatcher.stop()
         assert await dispatcher.drain(1.0) == 0
 
-    lines = [json.loads(line) for _seq, line, _outcome in await ledger.outbox(100)]
+    lines = [json.loads(line) for _seq, line, *_ in await ledger.outbox(100)]
     assert sorted((r["id"], r["outcome"], r["attempts"]) for r in lines) == [
         ("agent-a-0", "dialed", 1), ("agent-a-1", "dialed", 1),
     ]  # fmt: skip

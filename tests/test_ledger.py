@@ -207,6 +207,9 @@ def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
     assert status_report(conn, 0)["outcomes"] == {"dialed": 1, "invalid": 1}
 
 
+OPEN_WORK = ("requests_open", "requests_by_campaign")  # partial indexes: WHERE state != 'final'
+
+
 def test_the_open_work_is_read_by_its_own_index_not_the_history(conn):
     for query in (
         "SELECT agent_id, state, count(*), min(due_at) FROM requests"
@@ -214,7 +217,8 @@ def test_the_open_work_is_read_by_its_own_index_not_the_history(conn):
         "SELECT count(*) FROM requests WHERE state != 'final'",
     ):
         (plan,) = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}")]
-        assert plan == "SCAN requests USING COVERING INDEX requests_open"
+        # Either index of the open requests only (by agent, by campaign): never the history.
+        assert plan in {f"SCAN requests USING COVERING INDEX {index}" for index in OPEN_WORK}
 
 
 async def test_a_status_report_never_waits_for_the_writer(tmp_path):

@@ -383,6 +383,8 @@ CELLS = {
     "expires_at": "2099-01-01T00:00:00Z",
     "hangup_on_answer_machine": "yes",
     "campaign": "spring-2027",
+    "priority": "7",
+    "timezone": "America/Phoenix",
 }
 
 

@@ -74,6 +74,7 @@ def add(
                 "agent_id": request.agent_id,
                 "meta": request.meta,
                 "source": request.source,
+                "campaign": request.campaign,
                 "outcome": Outcome.DUPLICATE,
                 "error": repeated,
             },
@@ -148,8 +149,8 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
     """Whether `request` was queued: not when its id is taken already."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-        " expires_at, due_at, state, created_at, campaign, first_due_at)"
-        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?)",
+        " expires_at, due_at, state, created_at, campaign, first_due_at, priority, timezone)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?)",
         (
             request_id,
             run,
@@ -163,6 +164,8 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
             now,
             request.campaign,
             max(now, request.not_before or now),
+            request.priority,
+            request.timezone,
         ),
     )
     return cursor.rowcount == 1
@@ -179,18 +182,19 @@ def _taken(conn: sqlite3.Connection, request_id: str) -> str:
 def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
     request_id = fields.get("id")  # an invalid request's `id` may be any JSON value
     conn.execute(
-        "INSERT INTO rejects (id, outcome, error, source, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO rejects (id, outcome, error, source, at, campaign) VALUES (?, ?, ?, ?, ?, ?)",
         (
             request_id if isinstance(request_id, str) else None,
             fields["outcome"],
             fields["error"],
             fields["source"],
             now,
+            fields.get("campaign"),
         ),
     )
     conn.execute(
-        "INSERT INTO outbox (line, outcome) VALUES (?, ?)",
-        (result_line(at=now, **fields), fields["outcome"]),
+        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)",
+        (result_line(at=now, **fields), fields["outcome"], fields.get("campaign")),
     )
     count_outcome(conn, REFUSED_AT_INTAKE, fields["outcome"])
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from ..config import RedialPolicy
 from ..request import callback_matches
 from ..results import Outcome
-from .sends import FINISH_COLUMNS, finish, settle_number_call
+from .sends import CANCELLED_IN_FLIGHT, FINISH_COLUMNS, finish, settle_number_call
 from .states import Move, State, move
 
 
@@ -92,10 +92,14 @@ def _unreached(
     else ended."""
     attempts = conn.execute("SELECT attempts FROM requests WHERE seq = ?", (seq,)).fetchone()[0]
     redial_at = None if policy is None else policy.redial_at(attempts, now)
-    if redial_at is not None and move(conn, seq, Move.REDIAL, due_at=redial_at, status=status):
+    if redial_at is None:
+        finish(conn, seq, Outcome.UNANSWERED, {"status": status})
+        return "unanswered"
+    if move(conn, seq, Move.REDIAL, due_at=redial_at, status=status):
         return "redial"
-    finish(conn, seq, Outcome.UNANSWERED, {"status": status})
-    return "unanswered"
+    # An operator cancelled it while the call was out: no redial follows.
+    finish(conn, seq, Outcome.CANCELLED, {"status": status, "error": CANCELLED_IN_FLIGHT})
+    return "cancelled"
 
 
 def settle_placed(conn: sqlite3.Connection, now: float) -> tuple[int, float | None]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import NumberCap
 from ..results import Outcome, result_line
-from .states import Add, Move, State, move, move_returning
+from .states import PAUSED_AGENT, PAUSED_CAMPAIGN, Add, Move, State, move, move_returning
 from .status import count_outcome
 
 RESPONSE_KEPT = 4096  # characters of each API answer kept in the ledger
@@ -20,12 +20,17 @@ RESPONSE_KEPT = 4096  # characters of each API answer kept in the ledger
 EXPIRED_ERROR = "expires_at passed before sending"
 
 
+CANCELLED_ERROR = "cancelled by an operator before it was sent"
+CANCELLED_IN_FLIGHT = "cancelled by an operator while a send was out; not sent again"
+
+
 IN_DOUBT_ERROR = "the daemon stopped while this send was in flight; requeue it to send again"
 
 
 FINISH_COLUMNS = ("attempts", "http_status", "conversation_uuid", "status", "error", "response")
 FINISHED_ROW = (  # what a result line says of a request
-    "id, to_number, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source"
+    "id, to_number, agent_id, attempts, http_status, conversation_uuid, status, error, meta,"
+    " source, campaign"
 )
 
 
@@ -40,25 +45,46 @@ class Pending:
     attempts: int
     retries: int
     expires_at: float | None
+    timezone: str | None = None  # the callee's zone, as the request gave it
+
+
+PRIORITIES = range(9, -1, -1)  # a request's priority, the highest first
 
 
 def due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
-    rows = conn.execute(
-        "SELECT seq, id, body, attempts, retries, expires_at FROM requests"
-        f" WHERE state = '{State.QUEUED}' AND agent_id = ? AND due_at <= ?"
-        " ORDER BY due_at, seq LIMIT ?",
-        (agent_id, now, limit),
-    ).fetchall()
-    pending = [
-        Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires)
-        for seq, id_, body, attempts, retries, expires in rows
+    """Up to `limit` of the agent's due requests, highest priority first, then by due time and
+    arrival; none of a paused agent or campaign. When none is due: when the next one is."""
+    paused = set(conn.execute("SELECT kind, name FROM pauses"))
+    if (PAUSED_AGENT, agent_id) in paused:
+        return [], None
+    campaigns = [name for kind, name in paused if kind == PAUSED_CAMPAIGN]
+    not_paused = f" AND coalesce(campaign, '') NOT IN ({', '.join('?' * len(campaigns))})"
+    where = f"state = '{State.QUEUED}' AND agent_id = ? AND priority = ?" + (
+        not_paused if campaigns else ""
+    )
+    pending: list[Pending] = []
+    for priority in PRIORITIES:  # a range of the index each, however many wait to be due
+        rows = conn.execute(
+            "SELECT seq, id, body, attempts, retries, expires_at, timezone FROM requests"
+            f" WHERE {where} AND due_at <= ? ORDER BY due_at, seq LIMIT ?",
+            (agent_id, priority, *campaigns, now, limit - len(pending)),
+        ).fetchall()
+        pending += [
+            Pending(seq, id_, agent_id, json.loads(body), attempts, retries, expires, zone)
+            for seq, id_, body, attempts, retries, expires, zone in rows
+        ]
+        if len(pending) == limit:
+            break
+    if pending:
+        return pending, None
+    later = [
+        conn.execute(
+            f"SELECT min(due_at) FROM requests WHERE {where} AND due_at > ?",
+            (agent_id, priority, *campaigns, now),
+        ).fetchone()[0]
+        for priority in PRIORITIES
     ]
-    next_due = conn.execute(
-        f"SELECT min(due_at) FROM requests WHERE state = '{State.QUEUED}' AND agent_id = ?"
-        " AND due_at > ?",
-        (agent_id, now),
-    ).fetchone()[0]
-    return pending, next_due
+    return pending, min((moment for moment in later if moment is not None), default=None)
 
 
 def mark_sending(
@@ -128,6 +154,8 @@ def retry_later(
         columns["due_at"] = due_at
     if move(conn, seq, Move.RETRY, **columns):
         settle_number_call(conn, seq, placed=False)
+    else:  # cancelled while the send was out (if it was out at all: finish applies once)
+        finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_IN_FLIGHT})
 
 
 def unmark(conn: sqlite3.Connection, seq: int) -> None:
@@ -182,21 +210,25 @@ def expire_due(conn: sqlite3.Connection, now: float, max_queue_s: float) -> int:
     return len(expired)
 
 
-def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -> None:
-    """The request's outcome, and its result line into the outbox, in one transaction; once."""
+def finish(
+    conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict, how: Move = Move.FINISH
+) -> bool:
+    """The request's outcome, and its result line into the outbox, in one transaction; once.
+    Whether it ended now (not when final already, or, for a cancel, out)."""
     now = time.time()
     columns = {c: fields[c] for c in FINISH_COLUMNS if c in fields}
     if columns.get("response"):
         columns["response"] = columns["response"][:RESPONSE_KEPT]
-    row = move_returning(
-        conn, seq, Move.FINISH, FINISHED_ROW, outcome=outcome, finished_at=now, **columns
-    )
+    row = move_returning(conn, seq, how, FINISHED_ROW, outcome=outcome, finished_at=now, **columns)
     if row is None:
-        return  # already final: a finish is applied once
+        return False  # already final: a finish is applied once
     # A call the API placed, or may have placed, counts against the number's cap.
     settle_number_call(conn, seq, placed=outcome in (Outcome.DIALED, Outcome.IN_DOUBT))
-    count_outcome(conn, row[2], outcome)
-    id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source = row
+    (
+        id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source,
+        campaign,
+    ) = row  # fmt: skip
+    count_outcome(conn, agent_id, outcome, campaign=campaign)
     line = result_line(
         id=id_,
         to=to,
@@ -209,9 +241,13 @@ def finish(conn: sqlite3.Connection, seq: int, outcome: Outcome, fields: dict) -
         error=error,
         meta=None if meta is None else json.loads(meta),
         source=source,
+        campaign=campaign,
         at=now,
     )
-    conn.execute("INSERT INTO outbox (line, outcome) VALUES (?, ?)", (line, outcome))
+    conn.execute(
+        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)", (line, outcome, campaign)
+    )
+    return True
 
 
 def recover_in_flight(conn: sqlite3.Connection) -> int:

@@ -29,6 +29,7 @@ class Move(enum.Enum):
     HOLD = "hold"
     REDIAL = "redial"
     FINISH = "finish"
+    CANCEL = "cancel"
     REQUEUE = "requeue"
 
 
@@ -39,16 +40,28 @@ class Transition:
     guard: str = ""  # a further condition on the row, in SQL
 
 
+PAUSED_AGENT, PAUSED_CAMPAIGN = "agent", "campaign"  # the kinds of `dialerd pause`
+NOT_PAUSED = (  # the request is of no agent or campaign an operator has paused
+    "NOT EXISTS (SELECT 1 FROM pauses WHERE"
+    f" (kind = '{PAUSED_AGENT}' AND name = requests.agent_id)"
+    f" OR (kind = '{PAUSED_CAMPAIGN}' AND name = requests.campaign))"
+)
+NOT_CANCELLED = "cancelled_at IS NULL"  # no operator cancelled it while a send of it was out
+
 TRANSITIONS = {
-    Move.SEND: Transition((State.QUEUED,), State.SENDING),
+    # Checked as the send is marked: a pause or a cancel comes between no lane and its send.
+    Move.SEND: Transition((State.QUEUED,), State.SENDING, NOT_PAUSED),
     Move.PLACE: Transition((State.SENDING,), State.PLACED),
-    # The API refused the send before placing a call: it goes out again later.
-    Move.RETRY: Transition((State.SENDING,), State.QUEUED),
+    # The API refused the send before placing a call: it goes out again later, unless an
+    # operator cancelled it while the send was out.
+    Move.RETRY: Transition((State.SENDING,), State.QUEUED, NOT_CANCELLED),
     # The calling hours or the cap say later: back to the queue, not a retry.
     Move.HOLD: Transition((State.QUEUED,), State.QUEUED),
     # A callback said the callee was not reached, and a redial is left.
-    Move.REDIAL: Transition((State.PLACED,), State.QUEUED),
+    Move.REDIAL: Transition((State.PLACED,), State.QUEUED, NOT_CANCELLED),
     Move.FINISH: Transition((State.QUEUED, State.SENDING, State.PLACED), State.FINAL),
+    # An operator's cancel: only of what is not out (a send out is never ended under it).
+    Move.CANCEL: Transition((State.QUEUED,), State.FINAL),
     # The operator's deliberate resend of a send whose answer was lost.
     Move.REQUEUE: Transition((State.FINAL,), State.QUEUED, f"outcome = '{Outcome.IN_DOUBT}'"),
 }

@@ -7,21 +7,32 @@ import time
 from pathlib import Path
 
 from .schema import connect
-from .states import State
+from .states import NOT_PAUSED, State
 
 HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
 RATE_OVER_S = 60.0  # the achieved rate is taken over this long
 REFUSED_AT_INTAKE = ""  # the agent of outcomes counted for requests that reached no agent
 COUNTED_SINCE = 4  # the schema version that counts outcomes as they are reached
+CAMPAIGNS_SINCE = 7  # the schema version of pauses and counts per campaign
+PLACED = ("dialed", "unanswered")  # the outcomes of a call the API placed
 
 
-def count_outcome(conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1) -> None:
-    """One more (or `by` more; fewer when negative) of the agent's requests has this outcome."""
+def count_outcome(
+    conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1, campaign: str | None = None
+) -> None:
+    """One more (or `by` more; fewer when negative) of the agent's requests, and of its
+    campaign's, has this outcome."""
     conn.execute(
         "INSERT INTO outcome_counts (agent_id, outcome, count) VALUES (?, ?, ?)"
         " ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + excluded.count",
         (agent_id, outcome, by),
     )
+    if campaign is not None:
+        conn.execute(
+            "INSERT INTO campaign_counts (campaign, outcome, count) VALUES (?, ?, ?)"
+            " ON CONFLICT (campaign, outcome) DO UPDATE SET count = count + excluded.count",
+            (campaign, outcome, by),
+        )
 
 
 def empty_agent_status() -> dict:
@@ -34,6 +45,20 @@ def empty_agent_status() -> dict:
         "achieved_rate": 0.0,  # calls placed (or awaiting an answer) per second, last minute
         **{f"held_{reason}": 0 for reason in HELD_REASONS},
         **{f"held_{reason}_until": None for reason in HELD_REASONS},
+        "paused": 0,  # of the queued: not sent while its agent or campaign is paused
+    }
+
+
+def empty_campaign_status() -> dict:
+    return {
+        "queued": 0,
+        "paused": 0,
+        "in_flight": 0,
+        "awaiting_callback": 0,
+        "placed": 0,  # calls the API placed: final, or awaiting a callback
+        "outcomes": {},
+        "achieved_rate": 0.0,
+        "eta_s": None,  # seconds until its queue is empty at the achieved rate
     }
 
 
@@ -73,11 +98,64 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         ):
             agents[agent_id][f"held_{reason}"] = count
             agents[agent_id][f"held_{reason}_until"] = until
-    return {
+    report = {
         "agents": agents,
         "outcomes": _outcomes(conn),
         "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
     }
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= CAMPAIGNS_SINCE:
+        for agent_id, count in conn.execute(
+            f"SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND NOT {NOT_PAUSED}"
+            " GROUP BY agent_id"
+        ):
+            agents[agent_id]["paused"] = count
+        report["paused"] = paused(conn)
+        report["campaigns"] = _campaigns(conn, now)
+    return report
+
+
+def paused(conn: sqlite3.Connection) -> list[dict]:
+    """The pauses in force: kind, name, since (epoch seconds), oldest first."""
+    return [
+        {"kind": kind, "name": name, "since": since}
+        for kind, name, since in conn.execute("SELECT kind, name, since FROM pauses ORDER BY since")
+    ]
+
+
+def _campaigns(conn: sqlite3.Connection, now: float) -> dict[str, dict]:
+    """Per campaign with open work or outcomes: its queue, calls and outcomes, from the open
+    requests and the counters."""
+    campaigns: dict[str, dict] = {}
+    for campaign, state, count in conn.execute(
+        "SELECT campaign, state, count(*) FROM requests"
+        " WHERE state != 'final' AND campaign IS NOT NULL GROUP BY campaign, state"
+    ):
+        entry = campaigns.setdefault(campaign, empty_campaign_status())
+        key = {State.QUEUED: "queued", State.SENDING: "in_flight"}.get(state, "awaiting_callback")
+        entry[key] = count
+    for campaign, count in conn.execute(
+        "SELECT campaign, count(*) FROM requests WHERE state = 'queued'"
+        f" AND campaign IS NOT NULL AND NOT {NOT_PAUSED} GROUP BY campaign"
+    ):
+        campaigns[campaign]["paused"] = count
+    for campaign, outcome, count in conn.execute("SELECT * FROM campaign_counts WHERE count"):
+        campaigns.setdefault(campaign, empty_campaign_status())["outcomes"][outcome] = count
+    for campaign, calls in conn.execute(
+        "SELECT r.campaign, count(*) FROM number_calls AS n JOIN requests AS r ON r.seq = n.seq"
+        " WHERE n.at > ? AND r.campaign IS NOT NULL GROUP BY r.campaign",
+        (now - RATE_OVER_S,),
+    ):
+        campaigns.setdefault(campaign, empty_campaign_status())["achieved_rate"] = (
+            calls / RATE_OVER_S
+        )
+    for entry in campaigns.values():
+        entry["placed"] = entry["awaiting_callback"] + sum(
+            entry["outcomes"].get(outcome, 0) for outcome in PLACED
+        )
+        waiting = entry["queued"] - entry["paused"]
+        if waiting and entry["achieved_rate"]:
+            entry["eta_s"] = waiting / entry["achieved_rate"]
+    return campaigns
 
 
 def _outcomes(conn: sqlite3.Connection) -> dict[str, int]:

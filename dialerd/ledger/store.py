@@ -14,7 +14,7 @@ from ..config import NumberCap, RedialPolicy
 from ..logs import log
 from ..request import Request
 from ..results import Outcome
-from . import intake, placed, retention, sends, status
+from . import control, intake, placed, retention, sends, status
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
 from .schema import connect, create_schema
@@ -181,10 +181,12 @@ class Ledger:
     ) -> tuple[str, str | None] | None:
         """Record a callback and apply it; (effect, agent_id), or None for an unknown token.
 
-        Effects: `redial` (queued again), `unanswered` (final), `early` (before the placed
-        answer was recorded: applied then), `stale` (an earlier attempt's, or the request has
-        moved on), `repeat` (this token's callback was already received), `mismatch` (its `to`,
-        `agent_id` or `conversation_uuid` is another call's: recorded, and changes nothing).
+        Effects: `redial` (queued again), `unanswered` (final), `cancelled` (final: a redial
+        was due, but an operator cancelled the request while the call was out), `early` (before
+        the placed answer was recorded: applied then), `stale` (an earlier attempt's, or the
+        request has moved on), `repeat` (this token's callback was already received),
+        `mismatch` (its `to`, `agent_id` or `conversation_uuid` is another call's: recorded, and
+        changes nothing).
         """
         return await self.call(placed.apply_callback, token, body, redial, time.time())
 
@@ -232,11 +234,11 @@ class Ledger:
 
     # -- results -----------------------------------------------------------------------------
 
-    async def outbox(self, limit: int) -> list[tuple[int, str, str]]:
-        """Result lines not yet written: (seq, line, outcome), oldest first."""
+    async def outbox(self, limit: int) -> list[tuple[int, str, str, str | None]]:
+        """Result lines not yet written: (seq, line, outcome, campaign), oldest first."""
         return await self.call(
             lambda conn: conn.execute(
-                "SELECT seq, line, outcome FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, line, outcome, campaign FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         )
 
@@ -245,11 +247,10 @@ class Ledger:
 
     # -- status ------------------------------------------------------------------------------
 
-    async def last_requeue(self) -> int:
-        """The latest operator's requeue (0: none), so a running daemon notices new ones."""
-        return await self.call(
-            lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM requeues").fetchone()[0]
-        )
+    async def last_control(self) -> int:
+        """The latest operator's change: a requeue, cancel, pause or resume (0: none), so that
+        a running daemon notices new ones."""
+        return await self.call(control.last_control)
 
     async def status(self) -> dict:
         """The status report, read on a connection of its own in another thread: a report

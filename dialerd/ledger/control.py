@@ -1,0 +1,213 @@
+"""An operator's control of what is queued: cancel, pause and resume, made on the ledger file
+by the command line whether or not a daemon runs; a running one notices the latest control
+within a second, and checks pauses and cancels again as it marks each send."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..results import Outcome
+from .schema import MIGRATIONS, connect
+from .sends import CANCELLED_ERROR, finish
+from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
+
+# A cancel shares the file with a running daemon: it ends requests a batch per transaction, of a
+# few milliseconds, and pauses between batches for longer than SQLite's busy handler sleeps
+# (after 1, 2, 5, 10 ms...), so that the daemon's writer gets in between two; a mark, made 50 ms
+# ahead of its send, then waits less than that.
+CANCEL_BATCH = 200
+CANCEL_PAUSE_S = 0.03
+
+
+class LedgerNotCurrent(OSError):
+    """The ledger is of an older schema (its daemon has not upgraded it yet), or newer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a cancel, pause or resume is about: ids, or a campaign, or an agent."""
+
+    ids: tuple[str, ...] = ()
+    campaign: str | None = None
+    agent: str | None = None
+
+    def __str__(self) -> str:
+        if self.campaign is not None:
+            return f"campaign {self.campaign}"
+        if self.agent is not None:
+            return f"agent {self.agent}"
+        return f"{len(self.ids)} id(s)"
+
+    def where(self) -> tuple[str, tuple]:
+        """Its condition on requests, in SQL, and the condition's parameters."""
+        if self.campaign is not None:
+            return "campaign = ?", (self.campaign,)
+        if self.agent is not None:
+            return "agent_id = ?", (self.agent,)
+        return "id IN (SELECT value FROM json_each(?))", (json.dumps(self.ids),)
+
+
+@dataclass
+class Cancelled:
+    """What a cancel did (or, dry, would do): counts by the state each request was in."""
+
+    by_state: collections.Counter[str] = field(default_factory=collections.Counter)
+    in_flight: int = 0  # sent and not final yet: not recalled, but nothing follows them
+    final_already: int = 0  # of the ids given
+    unknown: list[str] = field(default_factory=list)  # ids the ledger has no request of
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_state.values())
+
+
+def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Cancelled:
+    """Cancel what matches `selection` and is in the ledger now. With ids given, none is
+    cancelled when one is unknown (`unknown` says which)."""
+    conn = _open(state_dir)
+    try:
+        done, open_seqs = _look(conn, selection)
+        if done.unknown or dry_run:
+            return done
+        for start in range(0, len(open_seqs), CANCEL_BATCH):
+            if start:
+                time.sleep(CANCEL_PAUSE_S)
+            _cancel_batch(conn, open_seqs[start : start + CANCEL_BATCH])
+        _record(conn, "cancel", selection)
+        return done
+    finally:
+        conn.close()
+
+
+def _look(conn: sqlite3.Connection, selection: Selection) -> tuple[Cancelled, list[int]]:
+    """What a cancel finds, and the seqs of the open requests it is about."""
+    where, params = selection.where()
+    done, seqs = Cancelled(), []
+    rows = conn.execute(
+        f"SELECT seq, state, held, attempts, {NOT_PAUSED} FROM requests"
+        f" WHERE {where} AND state != '{State.FINAL}'",
+        params,
+    )
+    for seq, state, held, attempts, not_paused in rows:
+        seqs.append(seq)
+        if state in (State.SENDING, State.PLACED):
+            done.in_flight += 1
+        else:
+            done.by_state[_waiting_as(held, attempts, not_paused)] += 1
+    if selection.ids:
+        found = dict(
+            conn.execute(f"SELECT id, state FROM requests WHERE {where}", params).fetchall()
+        )
+        done.unknown = [request_id for request_id in selection.ids if request_id not in found]
+        done.final_already = sum(state == State.FINAL for state in found.values())
+    return done, seqs
+
+
+def _waiting_as(held: str | None, attempts: int, not_paused: int) -> str:
+    """How a queued request waits, as `cancel` reports it."""
+    if not not_paused:
+        return "paused"
+    if held is not None:
+        return f"held for {held.replace('_', ' ')}"
+    return "waiting for a redial" if attempts else "queued"
+
+
+def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+    """One transaction: those of `seqs` still queued end `cancelled`; those out (a lane may
+    have sent one since the cancel looked) get no retry or redial."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = [
+            seq
+            for seq in seqs
+            if not finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL)
+        ]
+        conn.executemany(
+            f"UPDATE requests SET cancelled_at = ? WHERE seq = ?"
+            f" AND state IN ('{State.SENDING}', '{State.PLACED}') AND cancelled_at IS NULL",
+            ((time.time(), seq) for seq in out),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def pause(state_dir: Path, selection: Selection) -> tuple[bool, int]:
+    """A standing rule: the agent's or campaign's requests are not sent until resumed. Whether
+    it was not paused before, and how many of its requests are queued now."""
+    return _set_pause(state_dir, selection, paused=True)
+
+
+def resume(state_dir: Path, selection: Selection) -> tuple[bool, int]:
+    """The pause lifted: whether there was one, and how many of its requests are queued now."""
+    return _set_pause(state_dir, selection, paused=False)
+
+
+def _set_pause(state_dir: Path, selection: Selection, paused: bool) -> tuple[bool, int]:
+    kind, name = _pause_key(selection)
+    conn = _open(state_dir)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if paused:
+            changed = conn.execute(
+                "INSERT OR IGNORE INTO pauses (kind, name, since) VALUES (?, ?, ?)",
+                (kind, name, time.time()),
+            ).rowcount
+        else:
+            changed = conn.execute(
+                "DELETE FROM pauses WHERE kind = ? AND name = ?", (kind, name)
+            ).rowcount
+        if changed:
+            _record(conn, "pause" if paused else "resume", selection)
+        conn.execute("COMMIT")
+        where, params = selection.where()
+        (queued,) = conn.execute(
+            f"SELECT count(*) FROM requests WHERE {where} AND state = '{State.QUEUED}'", params
+        ).fetchone()
+        return bool(changed), queued
+    finally:
+        conn.close()
+
+
+def _pause_key(selection: Selection) -> tuple[str, str]:
+    if selection.campaign is not None:
+        return PAUSED_CAMPAIGN, selection.campaign
+    if selection.agent is not None:
+        return PAUSED_AGENT, selection.agent
+    raise ValueError("a pause is of a campaign or an agent")
+
+
+def last_control(conn: sqlite3.Connection) -> int:
+    """The latest operator's change (a requeue, cancel, pause or resume), 0 for none: a running
+    daemon reads it to notice new ones."""
+    (requeues,) = conn.execute("SELECT coalesce(max(seq), 0) FROM requeues").fetchone()
+    (controls,) = conn.execute("SELECT coalesce(max(seq), 0) FROM controls").fetchone()
+    return requeues + controls
+
+
+def _record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
+    conn.execute(
+        "INSERT INTO controls (action, target, at) VALUES (?, ?, ?)",
+        (action, str(selection), time.time()),
+    )
+
+
+def _open(state_dir: Path) -> sqlite3.Connection:
+    path = state_dir / "ledger.sqlite3"
+    if not path.exists():
+        raise FileNotFoundError(f"no ledger at {path}: no request has been taken in yet")
+    conn = connect(path)
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version != len(MIGRATIONS):
+        conn.close()
+        raise LedgerNotCurrent(
+            f"the ledger {path} has schema version {version}, not this dialerd's"
+            f" {len(MIGRATIONS)}: start this dialerd's daemon once to bring it up to date"
+        )
+    return conn
