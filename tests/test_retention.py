@@ -126,15 +126,17 @@ def test_submit_foresees_a_pruned_id_as_taken(tmp_path, conn):
     ]
 
 
-def test_refusals_and_requeues_are_pruned_by_their_age(conn):
+def test_refusals_requeues_and_controls_are_pruned_by_their_age(conn):
     add(conn, 1, [], [{"source": "test:1", "error": "bad", "id": "x"}], None, 0)
     conn.execute("UPDATE rejects SET at = 10")
     conn.execute("INSERT INTO requeues (id, previous_error, at) VALUES ('r', 'e', 10)")
     conn.execute("INSERT INTO requeues (id, previous_error, at) VALUES ('s', 'e', 90)")
+    conn.execute("INSERT INTO controls (action, target, at) VALUES ('pause', 'campaign A', 10)")
 
     assert prune(conn, now=100, retention_s=50, batch=100) == 1
     assert count(conn, "rejects") == 0
     assert conn.execute("SELECT id FROM requeues").fetchall() == [("s",)]
+    assert count(conn, "controls") == 0
 
 
 def test_the_pages_pruning_frees_are_given_back_on_a_new_ledger(conn):

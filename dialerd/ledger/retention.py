@@ -55,6 +55,7 @@ def prune(conn: sqlite3.Connection, now: float, retention_s: float, batch: int) 
         ("number_calls", "rowid", "at", cutoff),
         ("rejects", "seq", "at", cutoff),
         ("requeues", "seq", "at", cutoff),
+        ("controls", "seq", "at", cutoff),
         ("pruned_ids", "digest", "until", now),
     ):
         deleted = conn.execute(
