@@ -9,21 +9,23 @@ import json
 import re
 import sqlite3
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import read_results, run_dialerd, sim_config, wait_for, write_config
 from test_faults import drop
-from test_lifecycle_callbacks import Setup
+from test_lifecycle_callbacks import Setup, free_port
 from test_request import CONFIG
 
+from dialerd.cli import main
 from dialerd.config import CallingHours, ConfigError, RedialPolicy, build_config
 from dialerd.hours import CallingWindow
 from dialerd.ledger import MIGRATIONS, SCHEMA, connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
-from dialerd.ledger.sends import due, mark_sending, retry_later
+from dialerd.ledger.sends import due, expire_due, finish, mark_sending, retry_later
 from dialerd.ledger.states import State
 from dialerd.request import InvalidRequest, build_request
 from dialerd.results import Outcome
@@ -291,7 +293,8 @@ def test_pause_holds_a_campaign_across_a_restart_resume_frees_it_and_cancel_ends
     pause and the cancel each come while it holds requests they are about, and each mark
     checks them again, so none of those goes out."""
     sim = simulator("--latency", "0.01-0.02", agents=("agent-a=1",))
-    config = rate_one_config(tmp_path, sim)
+    admin_port = free_port()
+    config = rate_one_config(tmp_path, sim, admin={"listen": f"127.0.0.1:{admin_port}"})
     results = tmp_path / "state" / "results.jsonl"
     daemon = daemons("-c", str(config))
     daemon.wait_running()
@@ -314,6 +317,9 @@ def test_pause_holds_a_campaign_across_a_restart_resume_frees_it_and_cancel_ends
     assert [(p["kind"], p["name"]) for p in status["paused"]] == [("campaign", "A")]
     assert status["campaigns"]["A"]["paused"] == status["campaigns"]["A"]["queued"] > 40
     assert "paused: campaign A since " in ctl(config, "status")
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=10) as answer:
+        live = json.load(answer)  # the admin listener says the same, for an interface on it
+    assert live["paused"] == status["paused"] and live["campaigns"]["A"]["paused"] > 40
 
     resumed_at = time.time()
     ctl(config, "resume", "--campaign", "A")
@@ -464,3 +470,46 @@ def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(conn,
     assert f"SEARCH requests USING INDEX {index}" in plan or (
         f"SEARCH requests USING COVERING INDEX {index}" in plan
     ), plan
+
+
+# -- a campaign's report, and a pause's limits ---------------------------------------------------
+
+
+def test_a_campaigns_report_counts_the_same_from_the_ledger_and_from_its_results(
+    tmp_path, state_dir, conn, capsys
+):
+    for n, campaign in enumerate("AABBA"):
+        take(conn, f"r{n}", n, campaign=campaign)
+    repeat = build_request({"id": "r0", "to": "+447700900000", "campaign": "A"}, CONFIG, "t:9")
+    add(conn, 1, [repeat], [], None, 0)  # a duplicate of campaign A
+    for seq, outcome in ((1, Outcome.DIALED), (2, Outcome.FAILED), (3, Outcome.DIALED)):
+        finish(conn, seq, outcome, {})
+    cancel(state_dir, Selection(campaign="A"))  # r4
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(line + "\n" for (line,) in conn.execute("SELECT line FROM outbox")))
+    config = write_config(tmp_path)
+
+    def report(*args: str) -> dict:
+        assert main(["report", "--json", "--campaign", "A", *args]) == 0
+        numbers = json.loads(capsys.readouterr().out)
+        assert numbers.pop("source") in ("ledger", "results")
+        return numbers
+
+    from_ledger = report("-c", str(config))
+    assert from_ledger == report("--results", str(results))
+    assert from_ledger["campaign"] == "A"
+    assert from_ledger["outcomes"] == {"dialed": 1, "failed": 1, "duplicate": 1, "cancelled": 1}
+
+
+def test_a_paused_request_still_expires_by_its_expires_at_and_by_max_queue_s(state_dir, conn):
+    take(conn, "expiring", 1, campaign="A", expires_at="2030-01-01T00:00:00Z")
+    take(conn, "waiting", 2, campaign="A")
+    take(conn, "fresh", 3, campaign="A")
+    conn.execute("UPDATE requests SET first_due_at = 0")
+    conn.execute("UPDATE requests SET first_due_at = 1e12 WHERE id = 'fresh'")
+    pause(state_dir, Selection(campaign="A"))
+    now = dt.datetime(2030, 1, 2, tzinfo=dt.UTC).timestamp()
+    assert expire_due(conn, now, max_queue_s=86400) == 2
+    assert {r["id"]: r["outcome"] for r in results(conn)} == {
+        "expiring": "expired", "waiting": "expired",
+    }  # fmt: skip
