@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dialerd.ledger import MIGRATIONS, SCHEMA
 from dialerd.simulator import Faults, Simulator
 
 TEST_KEY = "test-key-not-secret"
@@ -306,3 +308,14 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def check_result_shape(result: dict) -> None:
     assert set(result) == RESULT_KEYS, result
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", result["at"]), result
+
+
+def ledger_of_version(path: Path, version: int) -> sqlite3.Connection:
+    """A ledger as the dialerd of schema `version` made it (its first `version` migrations), for
+    a test to fill before the version of now upgrades it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA)
+    for number, migration in enumerate(MIGRATIONS[:version], 1):
+        conn.executescript(migration) if isinstance(migration, str) else migration(conn)
+        conn.execute(f"PRAGMA user_version = {number}")
+    return conn

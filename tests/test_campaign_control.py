@@ -13,7 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import read_results, run_dialerd, sim_config, wait_for, write_config
+from conftest import (
+    ledger_of_version,
+    read_results,
+    run_dialerd,
+    sim_config,
+    wait_for,
+    write_config,
+)
 from test_faults import drop
 from test_lifecycle_callbacks import Setup, free_port
 from test_request import CONFIG
@@ -21,7 +28,7 @@ from test_request import CONFIG
 from dialerd.cli import main
 from dialerd.config import CallingHours, ConfigError, RedialPolicy, build_config
 from dialerd.hours import CallingWindow
-from dialerd.ledger import MIGRATIONS, SCHEMA, connect, control, create_schema, status_report
+from dialerd.ledger import connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
@@ -226,11 +233,7 @@ def test_cancel_is_made_in_batches_and_takes_only_what_was_in_the_ledger_when_it
 
 def test_a_ledger_of_version_6_gets_priorities_pauses_and_campaign_counts(tmp_path):
     path = tmp_path / "ledger.sqlite3"
-    old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(SCHEMA)
-    for number, migration in enumerate(MIGRATIONS[:6], 1):
-        old.executescript(migration) if isinstance(migration, str) else migration(old)
-        old.execute(f"PRAGMA user_version = {number}")
+    old = ledger_of_version(path, 6)
     old.execute(
         "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
         " outcome, created_at, campaign) VALUES"

@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ledger_of_version
 from test_request import CONFIG
 
 from dialerd.config import RedialPolicy
-from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, status_report
+from dialerd.ledger import Ledger, connect, create_schema, status_report
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
 from dialerd.ledger.requeue import requeue
@@ -180,11 +181,7 @@ def test_outcomes_are_counted_as_they_are_reached(tmp_path, conn):
 
 def ledger_of_version_3(path: Path, request_id: str, agent_id: str, outcome: Outcome):
     """A ledger as dialerd wrote it before outcomes were counted, holding one final request."""
-    old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(SCHEMA)
-    for number, migration in enumerate(MIGRATIONS[:3], 1):
-        old.executescript(migration) if isinstance(migration, str) else migration(old)
-        old.execute(f"PRAGMA user_version = {number}")
+    old = ledger_of_version(path, 3)
     old.execute(
         "INSERT INTO requests (id, run, agent_id, to_number, body, source, due_at, state,"
         " outcome, created_at) VALUES (?, 1, ?, '447700900123', '{}', 's', 0, 'final', ?, 0)",

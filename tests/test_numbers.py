@@ -12,13 +12,13 @@ from collections import Counter
 
 import phonenumbers
 import pytest
-from conftest import result_lines, run_dialerd, sim_config
+from conftest import ledger_of_version, result_lines, run_dialerd, sim_config
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from dialerd.config import ConfigError, build_config
-from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger
+from dialerd.ledger import MIGRATIONS, Ledger
 from dialerd.numbers import NotANumber, normalise
 from dialerd.request import InvalidRequest, build_request
 
@@ -247,10 +247,7 @@ def test_trunk_zero_forms_are_blocked_by_the_list_and_counted_together_by_the_ca
 def test_numbers_an_older_ledger_stored_are_rewritten(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    conn = sqlite3.connect(state / "ledger.sqlite3", isolation_level=None)
-    conn.executescript(SCHEMA)
-    for number, migration in enumerate(MIGRATIONS[:2], 1):
-        conn.executescript(f"{migration}; PRAGMA user_version = {number};")
+    conn = ledger_of_version(state / "ledger.sqlite3", 2)
     old = "49030123456"  # +49 030 123456 as the version before kept it
     for seq, (state_of, sender) in enumerate([("queued", "4407700900000"), ("final", None)], 1):
         body = {"to": old, **({"from": sender} if sender else {"agent_id": "a"})}
