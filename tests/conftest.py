@@ -224,7 +224,10 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def read_results(path: Path) -> list[dict]:
-    return result_lines(path.read_text()) if path.exists() else []
+    """The result lines written so far: a line the daemon is writing at this moment (no newline
+    yet) is not one yet."""
+    text = path.read_text() if path.exists() else ""
+    return result_lines(text[: text.rfind("\n") + 1])
 
 
 class Daemon:

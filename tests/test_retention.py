@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from conftest import read_results, sim_config, wait_for, write_config
 from test_campaign import closed_window_now
-from test_faults import drop, ledger_rows
+from test_faults import complete_results, drop, ledger_rows
 from test_request import CONFIG
 
 from dialerd import studio
@@ -243,7 +243,7 @@ def test_final_requests_and_their_done_files_go_and_their_ids_stay_taken(
     ids = [f"r{n}" for n in range(10)]
 
     drop(spool, "first.jsonl", requests_file(ids))
-    wait_for(lambda: len(read_results(results)) == 10, 20, "ten results")
+    wait_for(lambda: len(complete_results(results)) == 10, 20, "ten results")
     wait_for(
         lambda: (
             ledger_rows(ledger, "SELECT count(*) FROM requests") == [(0,)]
@@ -255,7 +255,7 @@ def test_final_requests_and_their_done_files_go_and_their_ids_stay_taken(
     assert ledger_rows(ledger, "SELECT count(*) FROM calls, number_calls") == [(0,)]
 
     drop(spool, "again.jsonl", requests_file(ids))
-    again = wait_for(lambda: len(r := read_results(results)) == 20 and r[10:], 20, "ten more")
+    again = wait_for(lambda: len(r := complete_results(results)) == 20 and r[10:], 20, "ten more")
     assert {result["outcome"] for result in again} == {"duplicate"}, again
     assert all("(pruned since, taken " in result["error"] for result in again)
     assert len(sim.placed()) == 10 and set(sim.placed().values()) == {1}  # each called once
@@ -281,7 +281,8 @@ def test_the_ledger_stops_growing_when_what_it_takes_in_is_pruned(tmp_path, daem
         expires = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).isoformat()
         ids = [f"round{round_}-{n}" for n in range(2000)]
         drop(spool, f"round{round_}.jsonl", requests_file(ids, expires_at=expires))
-        wait_for(lambda r=round_: len(read_results(results)) == 2000 * (r + 1), 30, "expired")
+        expired = 2000 * (round_ + 1)
+        wait_for(lambda n=expired: len(complete_results(results)) == n, 30, "expired")
         wait_for(
             lambda: (
                 ledger_rows(ledger, "SELECT count(*) FROM requests") == [(0,)]

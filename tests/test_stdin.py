@@ -58,7 +58,8 @@ def test_piped_requests_are_each_placed_once_and_the_run_ends(tmp_path, simulato
         assert result | {"conversation_uuid": None, "at": None} == {
             "id": request["id"], "to": to, "agent_id": request["agent_id"], "outcome": "dialed",
             "attempts": 1, "http_status": 200, "conversation_uuid": None, "status": None,
-            "error": None, "meta": {"row": number}, "source": f"stdin:{number}", "at": None,
+            "error": None, "meta": {"row": number}, "source": f"stdin:{number}", "campaign": None,
+            "at": None,
         }  # fmt: skip
         assert result["conversation_uuid"] == arrivals[to]["conversation_uuid"]
         assert arrivals[to]["region"] == ("eu" if request["agent_id"] == "agent-a" else "us")
