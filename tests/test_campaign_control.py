@@ -516,3 +516,22 @@ def test_a_paused_request_still_expires_by_its_expires_at_and_by_max_queue_s(sta
     assert {r["id"]: r["outcome"] for r in results(conn)} == {
         "expiring": "expired", "waiting": "expired",
     }  # fmt: skip
+
+
+def test_what_a_lane_sends_while_the_cancel_runs_is_counted_as_out_not_as_cancelled(
+    state_dir, conn, monkeypatch
+):
+    for n in range(4):
+        take(conn, f"r{n}", n, campaign="B")
+    looked = control._look
+
+    def look_then_a_lane_sends(*args):
+        found = looked(*args)
+        assert mark_sending(conn, 2, "t", 1, 0.0, None) == (True, None)  # r1, after the look
+        return found
+
+    monkeypatch.setattr(control, "_look", look_then_a_lane_sends)
+    done = cancel(state_dir, Selection(campaign="B"))
+    assert (dict(done.by_state), done.in_flight) == ({"queued": 3}, 1)
+    assert [r["id"] for r in results(conn)] == ["r0", "r2", "r3"]
+    assert conn.execute("SELECT cancelled_at IS NOT NULL FROM requests WHERE seq = 2").fetchone()

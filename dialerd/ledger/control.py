@@ -22,10 +22,11 @@ from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
 # ahead of its send, then waits less than that.
 CANCEL_BATCH = 200
 CANCEL_PAUSE_S = 0.03
+IN_FLIGHT = "in flight"  # how a request that is out waits, as far as a cancel is concerned
 
 
 class LedgerNotCurrent(OSError):
-    """The ledger is of an older schema (its daemon has not upgraded it yet), or newer."""
+    """The ledger is of an older schema: its daemon has not upgraded it yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,31 +75,34 @@ def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Canc
         done, open_seqs = _look(conn, selection)
         if done.unknown or dry_run:
             return done
-        for start in range(0, len(open_seqs), CANCEL_BATCH):
+        seqs = list(open_seqs)
+        for start in range(0, len(seqs), CANCEL_BATCH):
             if start:
                 time.sleep(CANCEL_PAUSE_S)
-            _cancel_batch(conn, open_seqs[start : start + CANCEL_BATCH])
+            for seq, state in _cancel_batch(conn, seqs[start : start + CANCEL_BATCH]).items():
+                _recount(done, open_seqs[seq], state)
         _record(conn, "cancel", selection)
         return done
     finally:
         conn.close()
 
 
-def _look(conn: sqlite3.Connection, selection: Selection) -> tuple[Cancelled, list[int]]:
-    """What a cancel finds, and the seqs of the open requests it is about."""
+def _look(conn: sqlite3.Connection, selection: Selection) -> tuple[Cancelled, dict[int, str]]:
+    """What a cancel finds, and how each open request it is about waits (IN_FLIGHT: out)."""
     where, params = selection.where()
-    done, seqs = Cancelled(), []
+    done, seqs = Cancelled(), {}
     rows = conn.execute(
         f"SELECT seq, state, held, attempts, {NOT_PAUSED} FROM requests"
         f" WHERE {where} AND state != '{State.FINAL}'",
         params,
     )
     for seq, state, held, attempts, not_paused in rows:
-        seqs.append(seq)
         if state in (State.SENDING, State.PLACED):
+            seqs[seq] = IN_FLIGHT
             done.in_flight += 1
         else:
-            done.by_state[_waiting_as(held, attempts, not_paused)] += 1
+            seqs[seq] = _waiting_as(held, attempts, not_paused)
+            done.by_state[seqs[seq]] += 1
     if selection.ids:
         found = dict(
             conn.execute(f"SELECT id, state FROM requests WHERE {where}", params).fetchall()
@@ -117,25 +121,41 @@ def _waiting_as(held: str | None, attempts: int, not_paused: int) -> str:
     return "waiting for a redial" if attempts else "queued"
 
 
-def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     """One transaction: those of `seqs` still queued end `cancelled`; those out (a lane may
-    have sent one since the cancel looked) get no retry or redial."""
+    have sent one since the cancel looked) get no retry or redial. The state of each one not
+    cancelled."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        out = [
-            seq
-            for seq in seqs
-            if not finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL)
-        ]
+        kept = {}
+        for seq in seqs:
+            if not finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL):
+                (kept[seq],) = conn.execute(
+                    "SELECT state FROM requests WHERE seq = ?", (seq,)
+                ).fetchone()
         conn.executemany(
             f"UPDATE requests SET cancelled_at = ? WHERE seq = ?"
             f" AND state IN ('{State.SENDING}', '{State.PLACED}') AND cancelled_at IS NULL",
-            ((time.time(), seq) for seq in out),
+            ((time.time(), seq) for seq, state in kept.items() if state != State.FINAL),
         )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return kept
+
+
+def _recount(done: Cancelled, waited_as: str, state: str) -> None:
+    """A request the cancel found but did not end: out since (a lane took it first), or final
+    by other means (expired meanwhile); it was counted as one to cancel, or as out."""
+    if waited_as == IN_FLIGHT:
+        if state == State.FINAL:
+            done.in_flight -= 1
+        return
+    done.by_state[waited_as] -= 1
+    done.by_state += collections.Counter()  # drop a count that fell to 0
+    if state != State.FINAL:
+        done.in_flight += 1
 
 
 def pause(state_dir: Path, selection: Selection) -> tuple[bool, int]:
