@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 from collections.abc import Callable
 
 from .config import Config
 from .exits import EX_CANTCREAT, EX_DATAERR, EX_OK, EX_USAGE, Failure
+from .request import CAMPAIGN
 
 Load = Callable[[argparse.Namespace], Config]
 
@@ -38,7 +40,16 @@ def _selection(args: argparse.Namespace, ids_allowed: bool):
     if sum(given) != 1:
         what = "ids, --campaign C or --agent A" if ids_allowed else "--campaign C or --agent A"
         raise Failure(f"{args.command}: give one of {what}", EX_USAGE)
+    if args.campaign is not None and not CAMPAIGN.fullmatch(args.campaign):
+        message = f"{args.command}: --campaign {args.campaign!r}: expected 1-64 of A-Za-z0-9._:-"
+        raise Failure(message, EX_USAGE)
     return Selection(tuple(getattr(args, "ids", ()) or ()), args.campaign, args.agent)
+
+
+def _say_unknown_agent(selection, config: Config) -> None:
+    """An agent the config does not have may be a typo, or one removed with requests left."""
+    if selection.agent is not None and selection.agent not in config.agents:
+        print(f"dialerd: note: agent {selection.agent!r} is not in the config", file=sys.stderr)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -46,6 +57,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     selection = _selection(args, ids_allowed=True)
     config = args.load(args)
+    _say_unknown_agent(selection, config)
     try:
         done = cancel(config.state_dir, selection, dry_run=args.dry_run)
     except (OSError, sqlite3.Error) as error:
@@ -79,6 +91,7 @@ def _pause_or_resume(args: argparse.Namespace, pausing: bool) -> int:
 
     selection = _selection(args, ids_allowed=False)
     config = args.load(args)
+    _say_unknown_agent(selection, config)
     try:
         changed, queued = (pause if pausing else resume)(config.state_dir, selection)
     except (OSError, sqlite3.Error) as error:

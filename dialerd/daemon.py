@@ -292,7 +292,7 @@ class Daemon:
 
     def _on_callback(self, effect: str, agent_id: str | None) -> None:
         if effect == "redial" and agent_id is not None:
-            self._dispatcher.wake([agent_id])
+            self._dispatcher.wake([agent_id], reread=True)
         elif effect in ("unanswered", "cancelled"):
             self._notify_final()
 
@@ -307,15 +307,28 @@ class Daemon:
 
     async def _notice_controls(self) -> None:
         """Requeues, cancels, pauses and resumes come from another process (the command line):
-        the lanes read their queues again, and the results of a cancel are written."""
-        seen = await self.ledger.last_control()
+        paused campaigns are left out of the index of due requests (resumed ones put back), the
+        lanes read their queues again, and the results of a cancel are written."""
+        seen = None  # at the start too: left out or put back while no daemon ran
         while True:
-            await asyncio.sleep(CONTROL_CHECK_S)
             latest = await self.ledger.last_control()
             if latest != seen:
                 seen = latest
+                await self._sync_pauses()
                 self._dispatcher.reread_queues()
                 self._notify_final()
+            await asyncio.sleep(CONTROL_CHECK_S)
+
+    async def _sync_pauses(self) -> None:
+        """Paused campaigns' queued requests left out of the index of due requests, resumed
+        ones put back: a batch at a time, the ledger's other calls between, as pruning does."""
+        to_leave_out, to_put_back = await self.ledger.pause_targets()
+        changes = [(c, True) for c in to_leave_out] + [(c, False) for c in to_put_back]
+        for campaign, paused in changes:
+            more = True
+            while more:
+                more = await self.ledger.set_paused(campaign, paused)
+                await asyncio.sleep(PRUNE_PAUSE_S if more else 0)
 
     async def _report(self) -> dict | None:
         """The status report for the daemon's own lines; None, said, when it cannot be read:
@@ -446,7 +459,7 @@ class Daemon:
                 task.cancel()
 
     def _on_queued(self, agent_ids: frozenset[str]) -> None:
-        self._dispatcher.wake(agent_ids)
+        self._dispatcher.wake(agent_ids, reread=True)  # what came may go before what it holds
 
     async def _stop_when_stdin_done(self, stdin_task: asyncio.Task) -> None:
         """stdin as the only source: the run ends once all it gave, and all it found open from

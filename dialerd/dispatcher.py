@@ -406,7 +406,7 @@ class Lane:
         for status in mismatched:
             report_mismatch(self._wiring.metrics, status, self.agent.id)
         if effect == "redial":
-            self.wake()
+            self.reread()
         elif effect in ("unanswered", "cancelled"):
             self._wiring.on_final()
 
@@ -503,11 +503,16 @@ class Dispatcher:
                 self.lanes[agent_id].reconfigure(agent)
         self._add_lanes([agent for agent_id, agent in agents.items() if agent_id not in self.lanes])
 
-    def wake(self, agent_ids: Iterable[str]) -> None:
+    def wake(self, agent_ids: Iterable[str], reread: bool = False) -> None:
+        """Wake the agents' lanes; `reread`: new work is queued, which may go before what each
+        holds in memory (a higher priority)."""
         for agent_id in agent_ids:
             lane = self.lanes.get(agent_id)
             if lane is not None:
-                lane.wake()
+                if reread:
+                    lane.reread()
+                else:
+                    lane.wake()
 
     def reread_queues(self) -> None:
         """An operator changed what is queued (cancel, pause, resume, requeue): every lane

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .ledger import connect
+from .ledger.status import CAMPAIGNS_SINCE
 from .request import parse_moment
 from .results import Outcome
 
@@ -34,8 +35,10 @@ SELECT outcome, agent_id, status, CAST(finished_at / 3600 AS INTEGER), count(*) 
    AND (:campaign IS NULL OR campaign = :campaign) GROUP BY 1, 2, 3, 4
 UNION ALL
 SELECT outcome, NULL, NULL, CAST(at / 3600 AS INTEGER), count(*) FROM rejects
- WHERE at >= :start AND (:campaign IS NULL OR campaign = :campaign) GROUP BY 1, 4
+ WHERE at >= :start AND {rejects_of_campaign} GROUP BY 1, 4
 """
+REJECTS_OF_CAMPAIGN = "(:campaign IS NULL OR campaign = :campaign)"
+REJECTS_BEFORE_CAMPAIGNS = ":campaign IS NULL"  # an older ledger's refusals have no campaign
 
 
 class Final(NamedTuple):
@@ -75,7 +78,10 @@ def read_ledger(state_dir: Path, since: float | None, campaign: str | None = Non
     conn = connect(path, read_only=True)
     try:
         parameters = {"start": _first_second(since), "campaign": campaign}
-        rows = conn.execute(LEDGER_FINALS, parameters).fetchall()
+        upgraded = conn.execute("PRAGMA user_version").fetchone()[0] >= CAMPAIGNS_SINCE
+        rejects = REJECTS_OF_CAMPAIGN if upgraded else REJECTS_BEFORE_CAMPAIGNS
+        sql = LEDGER_FINALS.format(rejects_of_campaign=rejects)
+        rows = conn.execute(sql, parameters).fetchall()
     finally:
         conn.close()
     tally = Tally()

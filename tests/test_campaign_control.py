@@ -32,8 +32,11 @@ from dialerd.ledger import connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
-from dialerd.ledger.sends import due, expire_due, finish, mark_sending, retry_later
+from dialerd.ledger.requeue import requeue
+from dialerd.ledger.retention import prune
+from dialerd.ledger.sends import due, expire_due, finish, mark_sending, retry_later, unmark
 from dialerd.ledger.states import State
+from dialerd.report import read_ledger
 from dialerd.request import InvalidRequest, build_request
 from dialerd.results import Outcome
 
@@ -535,3 +538,103 @@ def test_what_a_lane_sends_while_the_cancel_runs_is_counted_as_out_not_as_cancel
     assert (dict(done.by_state), done.in_flight) == ({"queued": 3}, 1)
     assert [r["id"] for r in results(conn)] == ["r0", "r2", "r3"]
     assert conn.execute("SELECT cancelled_at IS NOT NULL FROM requests WHERE seq = 2").fetchone()
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+
+def test_a_paused_campaign_is_left_out_of_the_due_index_and_put_back_when_resumed(state_dir, conn):
+    for n in range(5):
+        take(conn, f"a{n}", n, campaign="A")
+    pause(state_dir, Selection(campaign="A"))
+    take(conn, "late", 9, campaign="A")  # taken while paused: left out at once
+    assert control.pause_targets(conn) == (["A"], [])
+    assert control.set_paused(conn, "A", paused=True) == 5
+    assert control.set_paused(conn, "A", paused=True) == 0
+    flagged = conn.execute("SELECT count(*) FROM requests WHERE paused = 1").fetchone()
+    assert flagged == (6,)
+    resume(state_dir, Selection(campaign="A"))
+    assert control.pause_targets(conn) == ([], ["A"])
+    assert control.set_paused(conn, "A", paused=False) == 6
+    assert len(due_ids(conn)) == 6 and control.pause_targets(conn) == ([], [])
+
+
+def test_a_campaign_to_pause_or_cancel_is_named_as_requests_name_one(tmp_path, conn):
+    config = write_config(tmp_path)
+    for command in ("pause", "cancel"):
+        done = run_dialerd(command, "-c", str(config), "--campaign", "", timeout=30)
+        assert done.returncode == 64, done.stderr
+        assert b"--campaign '': expected 1-64 of A-Za-z0-9._:-" in done.stderr
+    done = run_dialerd("pause", "-c", str(config), "--agent", "agnet-eu", timeout=30)
+    assert done.returncode == 0
+    assert b"note: agent 'agnet-eu' is not in the config" in done.stderr
+
+
+def test_report_reads_a_ledger_its_daemon_has_not_upgraded_yet(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    old = ledger_of_version(state / "ledger.sqlite3", 6)
+    old.execute("INSERT INTO rejects (outcome, source, at) VALUES ('invalid', 's', 0)")
+    old.close()
+    assert read_ledger(state, None).finals.total() == 1
+
+
+def test_a_send_marked_and_cancelled_as_a_stop_begins_ends_cancelled_not_in_doubt(state_dir, conn):
+    seq = take(conn, "r1", campaign="B")
+    mark_sending(conn, seq, None, 1, 0.0, None)
+    cancel(state_dir, Selection(campaign="B"))  # out: flagged
+    unmark(conn, seq)  # the stop: it never left
+    assert outcome_of(conn, "r1") == (State.FINAL, Outcome.CANCELLED)
+
+
+def test_a_requeue_is_a_new_send_and_counts_move_with_it(state_dir, conn):
+    seq = take(conn, "r1", campaign="B")
+    mark_sending(conn, seq, None, 1, 0.0, None)
+    cancel(state_dir, Selection(campaign="B"))
+    finish(conn, seq, Outcome.IN_DOUBT, {})
+    conn.close()
+    assert requeue(state_dir, ["r1"]) == (["r1"], {})
+    conn = connect(state_dir / "ledger.sqlite3")
+    row = conn.execute("SELECT state, cancelled_at FROM requests WHERE seq = ?", (seq,))
+    assert row.fetchone() == (State.QUEUED, None)
+    assert status_report(conn, 0)["campaigns"]["B"]["outcomes"] == {}
+    assert control.last_control(conn) == 2  # the cancel and the requeue
+
+
+def test_a_request_found_out_then_queued_again_and_cancelled_is_counted_as_cancelled(
+    state_dir, conn, monkeypatch
+):
+    seq = take(conn, "r1", campaign="B")
+    mark_sending(conn, seq, None, 1, 0.0, None)
+    looked = control._look
+
+    def look_then_it_is_refused(*args):
+        found = looked(*args)
+        retry_later(conn, seq, 0.0, True, "HTTP 429")  # queued again before its batch
+        return found
+
+    monkeypatch.setattr(control, "_look", look_then_it_is_refused)
+    done = cancel(state_dir, Selection(campaign="B"))
+    assert (dict(done.by_state), done.in_flight) == ({"queued": 1}, 0)
+    assert outcome_of(conn, "r1") == (State.FINAL, Outcome.CANCELLED)
+
+
+def test_a_campaign_long_over_leaves_the_status_and_the_controls_counter_never_goes_back(
+    state_dir, conn
+):
+    seq = take(conn, "r1", campaign="old")
+    finish(conn, seq, Outcome.DIALED, {})
+    conn.execute("UPDATE campaign_counts SET last_at = 10")
+    conn.execute("UPDATE requests SET finished_at = 10")
+    pause(state_dir, Selection(campaign="x"))
+    conn.execute("UPDATE controls SET at = 10")
+    before = control.last_control(conn)
+    prune(conn, now=1000, retention_s=100, batch=100)
+    assert status_report(conn, 0)["campaigns"] == {}
+    assert count_rows(conn, "controls") == 0
+    resume(state_dir, Selection(campaign="x"))
+    assert control.last_control(conn) == before + 1
+
+
+def count_rows(conn, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]

@@ -23,6 +23,7 @@ from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
 CANCEL_BATCH = 200
 CANCEL_PAUSE_S = 0.03
 IN_FLIGHT = "in flight"  # how a request that is out waits, as far as a cancel is concerned
+OUT = (State.SENDING, State.PLACED)
 
 
 class LedgerNotCurrent(OSError):
@@ -81,7 +82,7 @@ def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Canc
                 time.sleep(CANCEL_PAUSE_S)
             for seq, state in _cancel_batch(conn, seqs[start : start + CANCEL_BATCH]).items():
                 _recount(done, open_seqs[seq], state)
-        _record(conn, "cancel", selection)
+        record(conn, "cancel", selection)
         return done
     finally:
         conn.close()
@@ -123,39 +124,46 @@ def _waiting_as(held: str | None, attempts: int, not_paused: int) -> str:
 
 def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     """One transaction: those of `seqs` still queued end `cancelled`; those out (a lane may
-    have sent one since the cancel looked) get no retry or redial. The state of each one not
-    cancelled."""
+    have sent one since the cancel looked) get no retry or redial. The state of each: `queued`
+    for those cancelled now."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        kept = {}
+        states = {}
         for seq in seqs:
-            if not finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL):
-                (kept[seq],) = conn.execute(
+            if finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR}, Move.CANCEL):
+                states[seq] = State.QUEUED  # as it was when cancelled
+            else:
+                (states[seq],) = conn.execute(
                     "SELECT state FROM requests WHERE seq = ?", (seq,)
                 ).fetchone()
         conn.executemany(
             f"UPDATE requests SET cancelled_at = ? WHERE seq = ?"
             f" AND state IN ('{State.SENDING}', '{State.PLACED}') AND cancelled_at IS NULL",
-            ((time.time(), seq) for seq, state in kept.items() if state != State.FINAL),
+            ((time.time(), seq) for seq, state in states.items() if state in OUT),
         )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return kept
+    return states
 
 
 def _recount(done: Cancelled, waited_as: str, state: str) -> None:
-    """A request the cancel found but did not end: out since (a lane took it first), or final
-    by other means (expired meanwhile); it was counted as one to cancel, or as out."""
-    if waited_as == IN_FLIGHT:
-        if state == State.FINAL:
+    """The count of a request as the cancel found it (`waited_as`), put right by what it was
+    in when its batch came (`state`): a lane may have sent it since, it may have ended by other
+    means (expired), or, found out, it may have been queued again (a retry) and cancelled."""
+    found_out = waited_as == IN_FLIGHT
+    if state == State.QUEUED:  # cancelled
+        if found_out:
             done.in_flight -= 1
+            done.by_state["queued"] += 1
         return
-    done.by_state[waited_as] -= 1
-    done.by_state += collections.Counter()  # drop a count that fell to 0
-    if state != State.FINAL:
-        done.in_flight += 1
+    if not found_out:
+        done.by_state[waited_as] -= 1
+        done.by_state += collections.Counter()  # drop a count that fell to 0
+        done.in_flight += state in OUT
+    elif state not in OUT:
+        done.in_flight -= 1
 
 
 def pause(state_dir: Path, selection: Selection) -> tuple[bool, int]:
@@ -184,7 +192,7 @@ def _set_pause(state_dir: Path, selection: Selection, paused: bool) -> tuple[boo
                 "DELETE FROM pauses WHERE kind = ? AND name = ?", (kind, name)
             ).rowcount
         if changed:
-            _record(conn, "pause" if paused else "resume", selection)
+            record(conn, "pause" if paused else "resume", selection)
         conn.execute("COMMIT")
         where, params = selection.where()
         (queued,) = conn.execute(
@@ -203,15 +211,44 @@ def _pause_key(selection: Selection) -> tuple[str, str]:
     raise ValueError("a pause is of a campaign or an agent")
 
 
+PAUSE_SYNC_BATCH = 1000  # requests left out of (or put back into) the due index per call
+
+
+def pause_targets(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+    """The campaigns whose queued requests are to be left out of the index of due requests
+    (paused), and those whose requests are to be put back (resumed, or paused no more)."""
+    paused = [name for (name,) in conn.execute(_PAUSED_CAMPAIGNS)]
+    flagged = conn.execute(  # `!= final`: the index of open requests, by campaign
+        "SELECT DISTINCT campaign FROM requests"
+        f" WHERE state != '{State.FINAL}' AND state = '{State.QUEUED}' AND paused = 1"
+    ).fetchall()
+    return paused, [campaign for (campaign,) in flagged if campaign not in paused]
+
+
+_PAUSED_CAMPAIGNS = f"SELECT name FROM pauses WHERE kind = '{PAUSED_CAMPAIGN}'"
+
+
+def set_paused(conn: sqlite3.Connection, campaign: str, paused: bool) -> int:
+    """Up to PAUSE_SYNC_BATCH of the campaign's queued requests left out of the index of due
+    requests (or put back); how many. The campaign's index reads each batch as a range."""
+    now_is = "paused IS NULL" if paused else "paused = 1"
+    return conn.execute(
+        "UPDATE requests SET paused = ? WHERE seq IN (SELECT seq FROM requests WHERE campaign = ?"
+        f" AND state != '{State.FINAL}' AND state = '{State.QUEUED}' AND {now_is} LIMIT ?)",
+        (1 if paused else None, campaign, PAUSE_SYNC_BATCH),
+    ).rowcount
+
+
 def last_control(conn: sqlite3.Connection) -> int:
     """The latest operator's change (a requeue, cancel, pause or resume), 0 for none: a running
-    daemon reads it to notice new ones."""
-    (requeues,) = conn.execute("SELECT coalesce(max(seq), 0) FROM requeues").fetchone()
-    (controls,) = conn.execute("SELECT coalesce(max(seq), 0) FROM controls").fetchone()
-    return requeues + controls
+    daemon reads it to notice new ones. The counter of AUTOINCREMENT: it never goes back, even
+    once retention has pruned the controls."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'controls'").fetchone()
+    return row[0] if row else 0
 
 
-def _record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
+def record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
+    """An operator's change, for a running daemon to notice."""
     conn.execute(
         "INSERT INTO controls (action, target, at) VALUES (?, ?, ?)",
         (action, str(selection), time.time()),

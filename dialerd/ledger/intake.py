@@ -7,7 +7,7 @@ import itertools
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +59,9 @@ def add(
     now = time.time()
     agents = set()
     accepted = 0
+    paused = {name for (name,) in conn.execute("SELECT name FROM pauses WHERE kind = 'campaign'")}
     for request in requests:
-        request_id, repeated = take(conn, run, request, now, dedupe_window_s)
+        request_id, repeated = take(conn, run, request, now, dedupe_window_s, paused)
         if repeated is None:
             agents.add(request.agent_id)
             accepted += 1
@@ -87,7 +88,12 @@ def add(
 
 
 def take(
-    conn: sqlite3.Connection, run: int, request: Request, now: float, window: float
+    conn: sqlite3.Connection,
+    run: int,
+    request: Request,
+    now: float,
+    window: float,
+    paused: Collection[str] = (),
 ) -> tuple[str, str | None]:
     """The id `request` is recorded under, queued, or, when it repeats an earlier request, the
     id it repeats and the duplicate's error."""
@@ -96,7 +102,7 @@ def take(
         return request_id, repeated
     # _intake_id has looked among the pruned ids for an id made from the content.
     free = request.id_from_content or pruned_taken_at(conn, request_id) is None
-    if free and _insert(conn, run, request, request_id, now):
+    if free and _insert(conn, run, request, request_id, now, request.campaign in paused):
         return request_id, None
     return request_id, _taken(conn, request_id)
 
@@ -145,12 +151,20 @@ def _taken_at(conn: sqlite3.Connection, request_id: str) -> tuple[float, str | N
     return None if taken_at is None else (taken_at, None)
 
 
-def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: str, now: float):
-    """Whether `request` was queued: not when its id is taken already."""
+def _insert(
+    conn: sqlite3.Connection,
+    run: int,
+    request: Request,
+    request_id: str,
+    now: float,
+    paused: bool,
+) -> bool:
+    """Whether `request` was queued (`paused`: of a paused campaign); not when its id is taken
+    already."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
-        " expires_at, due_at, state, created_at, campaign, first_due_at, priority, timezone)"
-        f" VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?)",
+        " expires_at, due_at, state, created_at, campaign, first_due_at, priority, timezone,"
+        f" paused) VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?,?)",
         (
             request_id,
             run,
@@ -166,6 +180,7 @@ def _insert(conn: sqlite3.Connection, run: int, request: Request, request_id: st
             max(now, request.not_before or now),
             request.priority,
             request.timezone,
+            1 if paused else None,
         ),
     )
     return cursor.rowcount == 1

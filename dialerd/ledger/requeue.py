@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 from ..results import Outcome
+from .control import Selection, record
 from .schema import connect
 from .states import Move, move
-from .status import COUNTED_SINCE, count_outcome
+from .status import CAMPAIGNS_SINCE, COUNTED_SINCE, count_outcome
 
 FIRST_DUE_SINCE = 5  # the schema version that keeps a request's first due time
 
@@ -29,8 +30,11 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
         # time: the upgrade makes them from what is there.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         counted = version >= COUNTED_SINCE
+        campaigns = version >= CAMPAIGNS_SINCE
         now = time.time()
         due_again = {"first_due_at": now} if version >= FIRST_DUE_SINCE else {}
+        if campaigns:  # a cancel while its send was out is over: this is a new send
+            due_again["cancelled_at"] = None
         if ids is None:
             ids = [
                 r[0]
@@ -40,24 +44,28 @@ def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str
             ]
         requeued, refused = [], {}
         for request_id in ids:
+            campaign = "campaign" if campaigns else "NULL"
             row = conn.execute(
-                "SELECT seq, outcome, error, agent_id FROM requests WHERE id = ?", (request_id,)
+                f"SELECT seq, outcome, error, agent_id, {campaign} FROM requests WHERE id = ?",
+                (request_id,),
             ).fetchone()
             if row is None or row[1] != Outcome.IN_DOUBT:
                 refused[request_id] = "no such request" if row is None else _not_in_doubt(row[1])
                 continue
-            seq, _outcome, error, agent_id = row
+            seq, _outcome, error, agent_id, of = row
             moved = move(
                 conn, seq, Move.REQUEUE,
                 outcome=None, finished_at=None, error=None, retries=0, due_at=now, **due_again,
             )  # fmt: skip
             if moved and counted:
-                count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1)
+                count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1, campaign=of)
             conn.execute(
                 "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
                 (request_id, error, time.time()),
             )
             requeued.append(request_id)
+        if campaigns and requeued:
+            record(conn, "requeue", Selection(ids=tuple(requeued)))
         conn.execute("COMMIT")
         return requeued, refused
     finally:

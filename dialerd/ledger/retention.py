@@ -64,6 +64,13 @@ def prune(conn: sqlite3.Connection, now: float, retention_s: float, batch: int) 
             (before, batch),
         ).rowcount
         pruned = max(pruned, deleted)
+    # A campaign's counts, once it has no open request and no outcome within retention_s.
+    conn.execute(
+        "DELETE FROM campaign_counts WHERE campaign IN (SELECT campaign FROM campaign_counts"
+        " GROUP BY campaign HAVING max(last_at) < ?) AND campaign NOT IN (SELECT campaign"
+        f" FROM requests WHERE state != '{State.FINAL}' AND campaign IS NOT NULL)",
+        (cutoff,),
+    )
     return pruned
 
 

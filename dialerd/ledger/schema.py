@@ -130,31 +130,41 @@ MIGRATIONS = (
     # 7: campaign control. `priority` orders an agent's due requests (the index by it, a range
     # per priority); a campaign's open requests are found by an index of their own;
     # `timezone`: the callee's zone as the request gave it; `cancelled_at`: an operator
-    # cancelled the request while a send of it was out, so nothing follows that send.
-    # `pauses`: the standing rules of `dialerd pause`; `controls`: every cancel, pause and
-    # resume, which a running daemon notices by the latest seq; `campaign_counts`: outcomes per
-    # campaign, counted as they are reached.
+    # cancelled the request while a send of it was out, so nothing follows that send; `paused`
+    # (1): of a paused campaign, kept out of the index of due requests (by intake, and by the
+    # daemon as pauses come and go), so that a large paused campaign costs no read of what is
+    # due; the pause itself is checked at the mark.
+    # `pauses`: the standing rules of `dialerd pause`; `controls`: every requeue, cancel, pause
+    # and resume, which a running daemon notices by the latest seq (never given out twice);
+    # `campaign_counts`: outcomes per campaign, counted as they are reached, with the last one's
+    # time, so that a campaign long over is pruned.
     """
     ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE requests ADD COLUMN timezone TEXT;
     ALTER TABLE requests ADD COLUMN cancelled_at REAL;
+    ALTER TABLE requests ADD COLUMN paused INTEGER;
     ALTER TABLE rejects ADD COLUMN campaign TEXT;
     ALTER TABLE outbox ADD COLUMN campaign TEXT;
     DROP INDEX requests_due;
-    CREATE INDEX requests_due ON requests(agent_id, priority, due_at, seq) WHERE state = 'queued';
-    CREATE INDEX requests_by_campaign ON requests(campaign, state) WHERE state != 'final';
+    CREATE INDEX requests_due ON requests(agent_id, priority, due_at, seq)
+        WHERE state = 'queued' AND paused IS NULL;
+    CREATE INDEX requests_by_campaign ON requests(campaign, state, paused)
+        WHERE state != 'final';
     CREATE TABLE pauses (
         kind TEXT NOT NULL, name TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (kind, name)
     ) WITHOUT ROWID;
     CREATE TABLE controls (
-        seq INTEGER PRIMARY KEY, action TEXT NOT NULL, target TEXT NOT NULL, at REAL NOT NULL
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        action TEXT NOT NULL, target TEXT NOT NULL, at REAL NOT NULL
     );
     CREATE TABLE campaign_counts (
         campaign TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
-        PRIMARY KEY (campaign, outcome)
+        last_at REAL NOT NULL, PRIMARY KEY (campaign, outcome)
     ) WITHOUT ROWID;
-    INSERT INTO campaign_counts SELECT campaign, outcome, count(*) FROM requests
-        WHERE outcome IS NOT NULL AND campaign IS NOT NULL GROUP BY campaign, outcome;
+    INSERT INTO campaign_counts
+        SELECT campaign, outcome, count(*), coalesce(max(finished_at), max(created_at))
+        FROM requests WHERE outcome IS NOT NULL AND campaign IS NOT NULL
+        GROUP BY campaign, outcome;
     """,
 )
 

@@ -59,9 +59,10 @@ def due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
         return [], None
     campaigns = [name for kind, name in paused if kind == PAUSED_CAMPAIGN]
     not_paused = f" AND coalesce(campaign, '') NOT IN ({', '.join('?' * len(campaigns))})"
-    where = f"state = '{State.QUEUED}' AND agent_id = ? AND priority = ?" + (
-        not_paused if campaigns else ""
-    )
+    # `paused IS NULL`: the index of due requests, which leaves paused campaigns out; the
+    # campaigns' names still, for a request queued again since (a retry) and not yet left out.
+    index_range = f"state = '{State.QUEUED}' AND paused IS NULL AND agent_id = ? AND priority = ?"
+    where = index_range + (not_paused if campaigns else "")
     pending: list[Pending] = []
     for priority in PRIORITIES:  # a range of the index each, however many wait to be due
         rows = conn.execute(
@@ -163,6 +164,8 @@ def unmark(conn: sqlite3.Connection, seq: int) -> None:
     and not counted against its number."""
     if move(conn, seq, Move.RETRY, held=None):
         settle_number_call(conn, seq, placed=False)
+    else:  # cancelled as it was marked: it was never sent, so it ends as cancelled
+        finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR})
 
 
 def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) -> None:

@@ -29,9 +29,10 @@ def count_outcome(
     )
     if campaign is not None:
         conn.execute(
-            "INSERT INTO campaign_counts (campaign, outcome, count) VALUES (?, ?, ?)"
-            " ON CONFLICT (campaign, outcome) DO UPDATE SET count = count + excluded.count",
-            (campaign, outcome, by),
+            "INSERT INTO campaign_counts (campaign, outcome, count, last_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (campaign, outcome) DO UPDATE SET count = count + excluded.count,"
+            " last_at = excluded.last_at",
+            (campaign, outcome, by, time.time()),
         )
 
 
@@ -138,7 +139,9 @@ def _campaigns(conn: sqlite3.Connection, now: float) -> dict[str, dict]:
         f" AND campaign IS NOT NULL AND NOT {NOT_PAUSED} GROUP BY campaign"
     ):
         campaigns[campaign]["paused"] = count
-    for campaign, outcome, count in conn.execute("SELECT * FROM campaign_counts WHERE count"):
+    for campaign, outcome, count in conn.execute(
+        "SELECT campaign, outcome, count FROM campaign_counts WHERE count"
+    ):
         campaigns.setdefault(campaign, empty_campaign_status())["outcomes"][outcome] = count
     for campaign, calls in conn.execute(
         "SELECT r.campaign, count(*) FROM number_calls AS n JOIN requests AS r ON r.seq = n.seq"

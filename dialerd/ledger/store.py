@@ -247,6 +247,15 @@ class Ledger:
 
     # -- status ------------------------------------------------------------------------------
 
+    async def pause_targets(self) -> tuple[list[str], list[str]]:
+        """Campaigns to leave out of the index of due requests, and campaigns to put back."""
+        return await self.call(control.pause_targets)
+
+    async def set_paused(self, campaign: str, paused: bool) -> bool:
+        """A batch of the campaign's queued requests left out (or put back); whether there may
+        be more."""
+        return await self.call(control.set_paused, campaign, paused) == control.PAUSE_SYNC_BATCH
+
     async def last_control(self) -> int:
         """The latest operator's change: a requeue, cancel, pause or resume (0: none), so that
         a running daemon notices new ones."""
