@@ -205,6 +205,22 @@ def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
 
 
 OPEN_WORK = ("requests_open", "requests_by_campaign")  # partial indexes: WHERE state != 'final'
+# Partial indexes of some open requests only, and the rows of the last minute's calls.
+OPEN_INDEXES = (*OPEN_WORK, "requests_due", "requests_waiting", "requests_held", "requests_placed")
+
+
+def test_no_query_of_a_status_report_reads_the_history(conn):
+    """Every statement the report runs, planned: a table's rows are read by a partial index of
+    open requests, a key, or the last minute's calls, never scanned (SPEC 8.9)."""
+    statements = []
+    conn.set_trace_callback(statements.append)
+    status_report(conn, 0)
+    conn.set_trace_callback(None)
+    for sql in (s for s in statements if s.lstrip().upper().startswith("SELECT")):
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        for step in plan:
+            scans_requests = step.startswith(("SCAN requests", "SCAN r "))
+            assert not scans_requests or any(index in step for index in OPEN_INDEXES), (sql, plan)
 
 
 def test_the_open_work_is_read_by_its_own_index_not_the_history(conn):

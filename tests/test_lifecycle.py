@@ -304,8 +304,9 @@ def test_a_missing_key_exits_78(tmp_path, command):
 
 def test_the_api_key_never_appears_in_logs_results_or_state(tmp_path, simulator):
     key = "vgai-DISTINCT-k3y-7f3a9c51"
-    # agent-b is refused for its first second, as one not yet published: held, logged, then sent.
-    sim = simulator("--error-rate", "0.2", "--refuse-agent", "agent-b:unknown:1")
+    # agent-b is refused for its first seconds, as one not yet published: held, logged, then
+    # sent (3 s: the daemon's start on a loaded machine must not outlast the refusal).
+    sim = simulator("--error-rate", "0.2", "--refuse-agent", "agent-b:unknown:3")
     config = sim_config(tmp_path, sim)
     stdin = jsonl([
         *({"id": f"k{n}", "to": f"447700900{300 + n}"} for n in range(4)),

@@ -196,7 +196,9 @@ def _set_pause(state_dir: Path, selection: Selection, paused: bool) -> tuple[boo
         conn.execute("COMMIT")
         where, params = selection.where()
         (queued,) = conn.execute(
-            f"SELECT count(*) FROM requests WHERE {where} AND state = '{State.QUEUED}'", params
+            f"SELECT count(*) FROM requests WHERE {where} AND state != '{State.FINAL}'"
+            f" AND state = '{State.QUEUED}'",
+            params,
         ).fetchone()
         return bool(changed), queued
     finally:

@@ -180,7 +180,8 @@ def follow_clock_step(conn: sqlite3.Connection, step: float, stepped_at: float) 
     How many requests moved."""
     moved = conn.execute(
         "UPDATE requests SET due_at = due_at + :step, first_due_at = first_due_at + :step"
-        f" WHERE state IN ('{State.QUEUED}', '{State.PLACED}') AND (due_at <= :stepped_at"
+        f" WHERE state != '{State.FINAL}' AND state IN ('{State.QUEUED}', '{State.PLACED}')"
+        " AND (due_at <= :stepped_at"
         # Fixed moments: a not_before (never sent, not held) and the calling hours' opening.
         " OR NOT (coalesce(held, '') = 'calling_hours' OR (sent_at IS NULL AND held IS NULL)))",
         {"step": step, "stepped_at": stepped_at},

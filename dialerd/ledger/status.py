@@ -78,9 +78,10 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
             entry["in_flight"] = count
         else:
             entry["awaiting_callback"] = count
+    # `!= final`, here and below: read by the index of open requests, never among the history.
     for agent_id, due_now in conn.execute(
-        "SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND due_at <= ?"
-        " GROUP BY agent_id",
+        "SELECT agent_id, count(*) FROM requests WHERE state != 'final' AND state = 'queued'"
+        " AND due_at <= ? GROUP BY agent_id",
         (now,),
     ):
         agents[agent_id]["due_now"] = due_now
@@ -106,8 +107,8 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
     }
     if conn.execute("PRAGMA user_version").fetchone()[0] >= CAMPAIGNS_SINCE:
         for agent_id, count in conn.execute(
-            f"SELECT agent_id, count(*) FROM requests WHERE state = 'queued' AND NOT {NOT_PAUSED}"
-            " GROUP BY agent_id"
+            "SELECT agent_id, count(*) FROM requests WHERE state != 'final' AND state = 'queued'"
+            f" AND NOT {NOT_PAUSED} GROUP BY agent_id"
         ):
             agents[agent_id]["paused"] = count
         report["paused"] = paused(conn)
