@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from ..config import RedialPolicy
 from ..request import callback_matches
 from ..results import Outcome
-from .sends import CANCELLED_IN_FLIGHT, FINISH_COLUMNS, finish, settle_number_call
+from .sends import (
+    CANCELLED_IN_FLIGHT,
+    FINISH_COLUMNS,
+    cancelled_while_out,
+    finish,
+    settle_number_call,
+)
 from .states import Move, State, move
 
 
@@ -97,9 +103,10 @@ def _unreached(
         return "unanswered"
     if move(conn, seq, Move.REDIAL, due_at=redial_at, status=status):
         return "redial"
-    # An operator cancelled it while the call was out: no redial follows.
-    finish(conn, seq, Outcome.CANCELLED, {"status": status, "error": CANCELLED_IN_FLIGHT})
-    return "cancelled"
+    if cancelled_while_out(conn, seq):  # an operator cancelled it: no redial follows
+        finish(conn, seq, Outcome.CANCELLED, {"status": status, "error": CANCELLED_IN_FLIGHT})
+        return "cancelled"
+    return "stale"  # it has moved on meanwhile
 
 
 def settle_placed(conn: sqlite3.Connection, now: float) -> tuple[int, float | None]:

@@ -155,7 +155,7 @@ def retry_later(
         columns["due_at"] = due_at
     if move(conn, seq, Move.RETRY, **columns):
         settle_number_call(conn, seq, placed=False)
-    else:  # cancelled while the send was out (if it was out at all: finish applies once)
+    elif cancelled_while_out(conn, seq):
         finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_IN_FLIGHT})
 
 
@@ -164,8 +164,20 @@ def unmark(conn: sqlite3.Connection, seq: int) -> None:
     and not counted against its number."""
     if move(conn, seq, Move.RETRY, held=None):
         settle_number_call(conn, seq, placed=False)
-    else:  # cancelled as it was marked: it was never sent, so it ends as cancelled
+    elif cancelled_while_out(conn, seq):  # as it was marked: never sent, so cancelled
         finish(conn, seq, Outcome.CANCELLED, {"error": CANCELLED_ERROR})
+
+
+def cancelled_while_out(conn: sqlite3.Connection, seq: int) -> bool:
+    """Whether an operator cancelled the request while a send of it was out (and it is)."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM requests WHERE seq = ? AND cancelled_at IS NOT NULL"
+            f" AND state IN ('{State.SENDING}', '{State.PLACED}')",
+            (seq,),
+        ).fetchone()
+        is not None
+    )
 
 
 def hold(conn: sqlite3.Connection, holds: list[tuple[int, float]], reason: str) -> None:
