@@ -108,7 +108,7 @@ def run() -> list[str]:
 def _measure(directory: Path, config: Path) -> list[str]:
     _drop(directory / "spool", "work.jsonl", _work())
     deadline = time.monotonic() + DEADLINE_S
-    while _status(config)["campaigns"].get("drop", {}).get("queued", 0) < QUEUED:
+    while _status(config).get("campaigns", {}).get("drop", {}).get("queued", 0) < QUEUED:
         assert time.monotonic() < deadline, "the work was not taken in"
         time.sleep(1)
     time.sleep(BEFORE_S)

@@ -347,8 +347,14 @@ def cmd_status(args) -> int:
 
     config = load(args)
     report = _read_ledger(config, read_status)
-    if report is None:
-        report = {"agents": {}, "outcomes": {}, "results_unwritten": 0}
+    if report is None:  # no ledger yet: the report of an empty one
+        report = {
+            "agents": {},
+            "outcomes": {},
+            "results_unwritten": 0,
+            "paused": [],
+            "campaigns": {},
+        }
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -638,3 +638,10 @@ def test_a_campaign_long_over_leaves_the_status_and_the_controls_counter_never_g
 
 def count_rows(conn, table: str) -> int:
     return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_status_of_no_ledger_yet_has_the_keys_of_any_other(tmp_path):
+    status = json.loads(ctl(write_config(tmp_path), "status", "--json"))
+    assert status == {
+        "agents": {}, "outcomes": {}, "results_unwritten": 0, "paused": [], "campaigns": {},
+    }  # fmt: skip
