@@ -39,6 +39,7 @@ from .results import ResultsWriter
 from .simulator import Faults, Simulator
 from .sources import Intake, StdinSource, stdin_is_data
 from .spool import SpoolSource
+from .upkeep import Upkeep
 
 SIMULATED_KEY = "simulated-key"
 DRAIN_GRACE_S = 1.0  # beyond api.timeout_s, for sends to record their answer
@@ -47,14 +48,6 @@ SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read
 STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 CONTROL_CHECK_S = 0.5  # a requeue, cancel, pause or resume is obeyed within a second
-SETTLE_EVERY_S = 1.0  # the longest a placed call waits past wait_s to end `dialed`
-SWEEP_EVERY_S = 1.0  # the longest a queued request outlives its expires_at
-FORGET_EVERY_S = 3600.0
-PRUNE_EVERY_S = 60.0  # how often retention_s is applied once the ledger is pruned up to now
-# (or every retention_s, when that is shorter: nothing stays much past it)
-PRUNE_PAUSE_S = 0.05  # between batches while there is more: the ledger's other calls go first
-NUMBER_CALLS_KEPT_S = 7 * 86400  # placed calls remembered beyond the cap's window, so that a
-# cap set later still counts the week before it
 
 
 class Daemon:
@@ -74,6 +67,7 @@ class Daemon:
         self._listeners: list[CallbackListener | AdminListener] = []
         self._admin: AdminListener | None = None
         self.ledger = Ledger(config.state_dir)
+        self._upkeep = Upkeep(self.ledger, lambda: self.config, self._notify_final)
         self._started_at = 0.0  # loop time the tasks started, for the summary
         self._stdin_done = False  # the run ends because stdin did: it gets a summary
 
@@ -314,21 +308,10 @@ class Daemon:
             latest = await self.ledger.last_control()
             if latest != seen:
                 seen = latest
-                await self._sync_pauses()
+                await self._upkeep.sync_pauses()
                 self._dispatcher.reread_queues()
                 self._notify_final()
             await asyncio.sleep(CONTROL_CHECK_S)
-
-    async def _sync_pauses(self) -> None:
-        """Paused campaigns' queued requests left out of the index of due requests, resumed
-        ones put back: a batch at a time, the ledger's other calls between, as pruning does."""
-        to_leave_out, to_put_back = await self.ledger.pause_targets()
-        changes = [(c, True) for c in to_leave_out] + [(c, False) for c in to_put_back]
-        for campaign, paused in changes:
-            more = True
-            while more:
-                more = await self.ledger.set_paused(campaign, paused)
-                await asyncio.sleep(PRUNE_PAUSE_S if more else 0)
 
     async def _report(self) -> dict | None:
         """The status report for the daemon's own lines; None, said, when it cannot be read:
@@ -350,30 +333,6 @@ class Daemon:
         agents = len(self._dispatcher.lanes)
         return f"{queued} queued, {in_flight} in flight; {agents} agents, {rates} calls/s in all"
 
-    async def _settle_placed(self) -> None:
-        """Placed calls that no callback reported unreached within wait_s end `dialed`."""
-        while True:
-            settled, next_end = await self.ledger.settle_placed(time.time())
-            if settled:
-                self._notify_final()
-            wait = SETTLE_EVERY_S if next_end is None else next_end - time.time()
-            await asyncio.sleep(min(SETTLE_EVERY_S, max(0.0, wait)))
-
-    async def _sweep(self) -> None:
-        """Queued requests whose expires_at passes while they wait end `expired` then, not only
-        when their turn comes; placed calls older than any cap looks back are forgotten."""
-        forgotten_at = 0.0
-        while True:
-            now = time.time()
-            if await self.ledger.expire_due(now, self.config.max_queue_s):
-                self._notify_final()
-            if now - forgotten_at >= FORGET_EVERY_S:
-                cap = self.config.max_calls_per_number
-                kept_s = max(NUMBER_CALLS_KEPT_S, cap.per_s if cap else 0.0)
-                await self.ledger.forget_number_calls(now - kept_s)
-                forgotten_at = now
-            await asyncio.sleep(SWEEP_EVERY_S)
-
     async def _clock_stepped(self, step: float, stepped_at: float) -> None:
         moved = await self.ledger.follow_clock_step(step, stepped_at)
         log.warning(
@@ -382,15 +341,6 @@ class Daemon:
             requests_moved=moved,
         )
         self._dispatcher.wake(self._dispatcher.lanes)
-
-    async def _prune(self) -> None:
-        """What retention_s lets go is pruned a batch at a time, then the pages it held are
-        given back; never in one long transaction that would hold up a send's mark."""
-        while True:
-            retention_s = self.config.retention_s
-            more = await self.ledger.prune(time.time(), retention_s)
-            more |= await self.ledger.vacuum()  # beside pruning, not after it: a burst is long
-            await asyncio.sleep(PRUNE_PAUSE_S if more else min(PRUNE_EVERY_S, retention_s))
 
     async def _supervise(self, client: studio.StudioClient, stdin_source: bool) -> None:
         intake = Intake(self.ledger, lambda: self.config, self._on_queued, self._notify_final)
@@ -416,14 +366,14 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             background = [group.create_task(self._results.run(), name="results")]
             if self.config.callbacks is not None:
-                background.append(group.create_task(self._settle_placed(), name="settle"))
+                background.append(group.create_task(self._upkeep.settle_placed(), name="settle"))
             self._dispatcher.start(self.config.agents.values(), group)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_controls(), name="controls"))
-            background.append(group.create_task(self._sweep(), name="sweep"))
+            background.append(group.create_task(self._upkeep.sweep(), name="sweep"))
             steps = clock.follow_steps(self._clock_stepped)
             background.append(group.create_task(steps, name="clock"))
-            background.append(group.create_task(self._prune(), name="retention"))
+            background.append(group.create_task(self._upkeep.prune(), name="retention"))
             background.append(group.create_task(self._dnc.watch(), name="do-not-call"))
             background.append(group.create_task(self._report_progress(), name="progress"))
             if self._notifier.enabled:
