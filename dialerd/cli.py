@@ -346,7 +346,7 @@ def cmd_status(args) -> int:
     from .status_text import status_text
 
     config = load(args)
-    report = _read_ledger(config, read_status)
+    report = _read_ledger(config, lambda state_dir: read_status(state_dir, config.cluster))
     if report is None:  # no ledger yet: the report of an empty one
         report = {
             "agents": {},
@@ -424,7 +424,9 @@ def cmd_requeue(args) -> int:
         raise Failure("requeue: name the ids of in_doubt requests, or give --in-doubt", EX_USAGE)
     config = load(args)
     try:
-        requeued, refused = requeue(config.state_dir, None if args.in_doubt else args.ids)
+        requeued, refused = requeue(
+            config.state_dir, None if args.in_doubt else args.ids, config.cluster
+        )
     except (OSError, sqlite3.Error) as error:
         raise Failure(f"cannot requeue: {error}", EX_CANTCREAT) from None
     for request_id, reason in refused.items():

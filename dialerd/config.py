@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import re
+import socket
 import unicodedata
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -106,6 +107,16 @@ class NumberCap:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster mode (SPEC §9): the ledger on PostgreSQL, shared with other daemons."""
+
+    url: str  # postgresql://..., never with a password in it
+    instance: str  # this daemon's name among them
+    lease_s: float  # how long an agent's lease lasts unrenewed
+    password_file: Path | None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     api: ApiConfig
@@ -126,6 +137,7 @@ class Config:
     dedupe_window_s: float  # a request without id repeating one taken this recently is a duplicate
     max_queue_s: float = 432_000.0  # a request not sent this long after it was due ends expired
     retention_s: float = 2_592_000.0  # final requests are pruned this long after their outcome
+    cluster: ClusterConfig | None = None  # None: the ledger is SQLite in state_dir
 
     def agent_by_number(self, number: str) -> AgentConfig | None:
         return next((a for a in self.agents.values() if a.number == number), None)
@@ -459,7 +471,14 @@ TOP_KEYS = (
     "dedupe_window_s",
     "max_queue_s",
     "retention_s",
+    "ledger",
+    "instance",
+    "lease_s",
+    "ledger_password_file",
 )
+CLUSTER_KEYS = ("instance", "lease_s", "ledger_password_file")
+INSTANCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+LEASE_S = (2, 300)
 
 
 def build_config(document: Any, path: Path | None = None) -> Config:
@@ -507,6 +526,7 @@ def build_config(document: Any, path: Path | None = None) -> Config:
         dedupe_window_s=r.value(top, "", "dedupe_window_s", _window, 86400.0),
         max_queue_s=r.value(top, "", "max_queue_s", _positive(float), 432_000.0),
         retention_s=r.value(top, "", "retention_s", _positive(float), 2_592_000.0),
+        cluster=_read_cluster(r, top),
     )
     cap = config.max_calls_per_number
     if cap is not None and cap.per_s > config.retention_s:
@@ -524,6 +544,49 @@ def build_config(document: Any, path: Path | None = None) -> Config:
     if r.problems:
         raise ConfigError(r.problems)
     return config
+
+
+def _read_cluster(r: _Reader, top: dict) -> ClusterConfig | None:
+    if top.get("ledger") is None:
+        for key in CLUSTER_KEYS:
+            if top.get(key) is not None:
+                r.fail(key, "is of cluster mode: it needs ledger (a postgresql:// url)")
+        return None
+    return ClusterConfig(
+        url=r.value(top, "", "ledger", _ledger_url, ""),
+        instance=r.value(top, "", "instance", _instance, _instance(socket.gethostname())),
+        lease_s=r.value(top, "", "lease_s", _lease_s, 10.0),
+        password_file=r.value(top, "", "ledger_password_file", lambda v: Path(_string(v))),
+    )
+
+
+def _ledger_url(raw: Any) -> str:
+    from psycopg.conninfo import conninfo_to_dict  # psycopg takes 0.1 s: only for a ledger url
+
+    if not isinstance(raw, str) or not raw.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"must be a postgresql:// url, not {raw!r}")
+    try:
+        fields = conninfo_to_dict(raw)
+    except Exception as error:  # psycopg's ProgrammingError names what libpq refused
+        raise ValueError(f"is not a url libpq reads: {error}") from None
+    if "password" in fields:
+        raise ValueError(
+            "must not hold a password: give it in ledger_password_file or the PG* environment"
+        )
+    return raw
+
+
+def _instance(raw: Any) -> str:
+    if not isinstance(raw, str) or not INSTANCE.fullmatch(raw):
+        raise ValueError(f"must be 1-64 of A-Za-z0-9._-, not {raw!r}")
+    return raw
+
+
+def _lease_s(raw: Any) -> float:
+    seconds = _positive(float)(raw)
+    if not LEASE_S[0] <= seconds <= LEASE_S[1]:
+        raise ValueError(f"must be from {LEASE_S[0]} to {LEASE_S[1]} seconds, not {raw!r}")
+    return seconds
 
 
 def _nested(a: Path, b: Path) -> bool:
@@ -546,6 +609,7 @@ def restart_needed(running: Config, new: Config) -> list[str]:
             "callbacks.max_connections": callbacks and callbacks.max_connections,
             "callbacks.public_url": callbacks and callbacks.public_url,
             "admin.listen": config.admin and config.admin.listen,
+            "ledger": config.cluster,  # and instance, lease_s, ledger_password_file
         }
 
     before, after = fixed(running), fixed(new)

@@ -59,7 +59,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config = args.load(args)
     _say_unknown_agent(selection, config)
     try:
-        done = cancel(config.state_dir, selection, dry_run=args.dry_run)
+        done = cancel(config.state_dir, selection, args.dry_run, config.cluster)
     except (OSError, sqlite3.Error) as error:
         raise Failure(f"cannot cancel: {error}", EX_CANTCREAT) from None
     if done.unknown:
@@ -93,7 +93,9 @@ def _pause_or_resume(args: argparse.Namespace, pausing: bool) -> int:
     config = args.load(args)
     _say_unknown_agent(selection, config)
     try:
-        changed, queued = (pause if pausing else resume)(config.state_dir, selection)
+        changed, queued = (pause if pausing else resume)(
+            config.state_dir, selection, config.cluster
+        )
     except (OSError, sqlite3.Error) as error:
         raise Failure(f"cannot {args.command}: {error}", EX_CANTCREAT) from None
     if pausing:

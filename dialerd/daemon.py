@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import sqlite3
 import time
@@ -30,7 +31,9 @@ from .dispatcher import Dispatcher, Wiring
 from .dnc import DoNotCall
 from .holds import Hold
 from .hours import CallingWindow
+from .leases import Leases
 from .ledger import Ledger, empty_agent_status
+from .ledger.leases import InstanceRunning
 from .logs import log
 from .metrics import Metrics
 from .notify import Notifier
@@ -66,7 +69,9 @@ class Daemon:
         self._simulator: Simulator | None = None
         self._listeners: list[CallbackListener | AdminListener] = []
         self._admin: AdminListener | None = None
-        self.ledger = Ledger(config.state_dir)
+        self.ledger = Ledger(config.state_dir, config.cluster)
+        self._leases: Leases | None = None  # cluster mode
+        self._lease_task: asyncio.Task | None = None
         self._upkeep = Upkeep(self.ledger, lambda: self.config, self._notify_final)
         self._started_at = 0.0  # loop time the tasks started, for the summary
         self._stdin_done = False  # the run ends because stdin did: it gets a summary
@@ -108,9 +113,12 @@ class Daemon:
             await asyncio.to_thread(self.ledger.close, self._ledger_close_s())
 
     async def _run_with_ledger(self) -> None:
-        parked = await self.ledger.recover_in_flight()
-        if parked:
-            log.warning("sends in flight at the last stop are in_doubt", count=parked)
+        if self.config.cluster is not None:
+            await self._join_cluster(self.config.cluster.lease_s)
+        else:  # in cluster mode, each agent's when its lease is taken (leases.take)
+            parked = await self.ledger.recover_in_flight()
+            if parked:
+                log.warning("sends in flight at the last stop are in_doubt", count=parked)
         await self.ledger.release_held(time.time())
         stdin_source = self.config.stdin is True or (
             self.config.stdin == "auto" and stdin_is_data()
@@ -131,6 +139,26 @@ class Daemon:
             if self._simulator is not None:
                 await self._simulator.stop()
             self._results.close()
+
+    async def _join_cluster(self, lease_s: float) -> None:
+        """Join under this instance's name. A run of that name still alive by its heartbeat is
+        waited for until it runs out (a restart just after a crash); one that goes on renewing
+        is another daemon with this name, and this one does not start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + lease_s * 2
+        while (left := await self.ledger.join()) is not None:
+            if loop.time() + left > deadline:
+                raise InstanceRunning(
+                    f"another daemon named {self.config.cluster.instance!r} is running on this"
+                    " ledger: give each daemon its own instance"
+                )
+            log.warning(
+                "an earlier run of this instance is alive by its heartbeat: waiting for it",
+                instance=self.config.cluster.instance,
+                wait_s=round(left, 3),
+            )
+            await asyncio.sleep(left + 0.05)
+        log.info("joined the cluster", instance=self.config.cluster.instance, run=self.ledger.run)
 
     async def _api(self) -> tuple[str, Mapping[str, str]]:
         """The key and endpoints: the configured API, or the built-in simulator."""
@@ -186,7 +214,7 @@ class Daemon:
         self.config = new
         self.metrics.by_campaign = bool(new.admin and new.admin.campaign_metrics)
         self._window = _calling_window(new)
-        self._dispatcher.update(new.agents)
+        self._dispatcher.update(new.agents, open_new=new.cluster is None)
         self._dispatcher.release_holds()  # a new key or agent id may be what the API wanted
         if await self.ledger.release_held(time.time()):
             self._dispatcher.wake(self._dispatcher.lanes)
@@ -206,12 +234,18 @@ class Daemon:
                     queued=entry["queued"],
                 )
 
-    def _wiring(self, client: studio.StudioClient) -> Wiring:
+    async def _callback_secret(self) -> bytes:
+        """The key of the status_urls' tokens: every daemon of a cluster checks the others'."""
+        if self.config.cluster is None:
+            return load_secret(self.config.state_dir)
+        return await self.ledger.shared_secret("callbacks", secrets.token_bytes(32))
+
+    async def _wiring(self, client: studio.StudioClient) -> Wiring:
         """What the lanes share; with callbacks on, a status_url per send."""
         callbacks = self.config.callbacks
         self._status_urls = None
         if callbacks is not None:
-            secret = load_secret(self.config.state_dir)
+            secret = await self._callback_secret()
             self._status_urls = StatusUrls(callbacks.public_url or "http://localhost", secret)
         return Wiring(
             ledger=self.ledger,
@@ -334,6 +368,10 @@ class Daemon:
         return f"{queued} queued, {in_flight} in flight; {agents} agents, {rates} calls/s in all"
 
     async def _clock_stepped(self, step: float, stepped_at: float) -> None:
+        if self.config.cluster is not None:
+            # The other daemons' clocks did not step: the shared ledger's times stay.
+            log.warning("the wall clock was stepped", step_s=round(step, 3))
+            return
         moved = await self.ledger.follow_clock_step(step, stepped_at)
         log.warning(
             "the wall clock was stepped; waits keep their length",
@@ -351,7 +389,7 @@ class Daemon:
         except OSError as error:  # gone since `run` checked it: still the config's own fault
             raise ConfigError([f"dnc_file: cannot read it: {error}"]) from None
         self._client = client
-        self._dispatcher = Dispatcher(self._wiring(client))
+        self._dispatcher = Dispatcher(await self._wiring(client))
         try:
             await self._start_listeners()
             await self._run_tasks(intake, stdin_source)
@@ -367,7 +405,14 @@ class Daemon:
             background = [group.create_task(self._results.run(), name="results")]
             if self.config.callbacks is not None:
                 background.append(group.create_task(self._upkeep.settle_placed(), name="settle"))
-            self._dispatcher.start(self.config.agents.values(), group)
+            if self.config.cluster is None:
+                self._dispatcher.start(self.config.agents.values(), group)
+            else:  # the leases open the lanes of the agents this daemon holds
+                self._dispatcher.start([], group)
+                self._leases = Leases(
+                    self.ledger, self._dispatcher, lambda: self.config, self.metrics
+                )
+                self._lease_task = group.create_task(self._leases.run(), name="leases")
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_controls(), name="controls"))
             background.append(group.create_task(self._upkeep.sweep(), name="sweep"))
@@ -454,11 +499,15 @@ class Daemon:
             for task in stuck_sources:
                 log.warning("a source did not stop in time; leaving it", source=task.get_name())
                 task.cancel()
+        if self._lease_task is not None:  # no lane opens from here on
+            self._lease_task.cancel()
         self._dispatcher.stop()
         grace = min(self.config.api.timeout_s + DRAIN_GRACE_S, max(0.0, deadline - loop.time()))
         stuck = await self._dispatcher.drain(grace)
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
+        if self._leases is not None:
+            await self._leases.leave(max(0.0, deadline - loop.time()))
         await self._stop_listeners()
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):

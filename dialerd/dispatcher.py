@@ -29,7 +29,7 @@ from .callbacks import StatusUrls, report_mismatch
 from .config import AgentConfig, NumberCap, RedialPolicy
 from .holds import Hold
 from .hours import CallingWindow
-from .ledger import EXPIRED_ERROR, Ledger, Pending
+from .ledger import EXPIRED_ERROR, LeaseLost, Ledger, Pending
 from .logs import log
 from .metrics import Metrics
 from .results import Outcome
@@ -45,6 +45,19 @@ WIDEN_STEP = 0.01
 WIDEN_MAX = 0.02
 WIDEN_FOR_S = 60.0
 MARK_LEAD_S = 0.05  # the longest a send is marked in the ledger before it leaves
+
+
+@dataclass
+class Fence:
+    """Cluster mode: the lease a lane sends under. `valid_until` (loop time) is when the lease
+    runs out unless renewed, counted from before the renewal began, so never later than the
+    database counts it."""
+
+    epoch: int
+    valid_until: float
+
+    def valid(self, now: float) -> bool:
+        return now < self.valid_until
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,9 @@ def backoff(retries: int) -> float:
 class Lane:
     """Everything one agent sends goes through its lane."""
 
-    def __init__(self, agent: AgentConfig, wiring: Wiring):
+    def __init__(self, agent: AgentConfig, wiring: Wiring, fence: Fence | None = None):
         self.agent = agent
+        self.fence = fence
         self._wiring = wiring
         self._ledger = wiring.ledger
         self._loop = asyncio.get_running_loop()
@@ -106,8 +120,14 @@ class Lane:
         self._wake = asyncio.Event()
         self._stopping = False
         self.in_flight: set[asyncio.Task] = set()
+        self.task: asyncio.Task | None = None  # its run(), once started
         for hold in self._holds():
             hold.watch(self)
+
+    @property
+    def done(self) -> bool:
+        """Ended, with no send of it in flight."""
+        return self.task is not None and self.task.done() and not self.in_flight
 
     @property
     def interval(self) -> float:
@@ -226,10 +246,9 @@ class Lane:
     async def _continue_cadence(self) -> None:
         """Space the first send from the agent's last one, sent maybe by a run just before this
         one (a restart, a crash): the API's window does not start again with the daemon."""
-        last_sent_at = await self._ledger.last_sent_at(self.agent.id)
-        if last_sent_at is None:
+        since = await self._ledger.since_last_send(self.agent.id)
+        if since is None:
             return
-        since = time.time() - last_sent_at
         if since < 0:  # the clock was stepped back since: a moment not yet reached is now
             log.warning(
                 "the last send recorded is ahead of the clock; spacing from now",
@@ -285,9 +304,18 @@ class Lane:
         body, token = self._outgoing(pending)
         cap = self._wiring.number_cap()
         marking_since = self._loop.time()
-        marked, allowed_at = await self._ledger.mark_sending(
-            pending.seq, token, pending.attempts + 1, cap
-        )
+        epoch = None if self.fence is None else self.fence.epoch
+        try:
+            marked, allowed_at = await self._ledger.mark_sending(
+                pending.seq, token, pending.attempts + 1, cap, epoch
+            )
+        except LeaseLost:
+            self._wiring.metrics.fenced(self.agent.id)
+            log.warning(
+                "the agent's lease is another daemon's now: not sending", agent=self.agent.id
+            )
+            self.stop()
+            return None
         self._wiring.metrics.marked(self.agent.id, self._loop.time() - marking_since)
         if not marked:
             if allowed_at is None:  # no longer queued, or paused: what is held may be too
@@ -304,7 +332,9 @@ class Lane:
         # Marked: it goes out at its moment, unless a stop began meanwhile (the mark may have
         # waited long on a slow or full disk): it is then queued again as it was, not sent.
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
-        if self._stopping:
+        # A lease that ran out meanwhile (the process was stopped, the renewals failed): the
+        # send may be another daemon's to make now.
+        if self._stopping or (self.fence is not None and not self.fence.valid(self._loop.time())):
             await self._ledger.unmark(pending.seq)
             return None
         self._wiring.metrics.paced(self.agent.id, self._loop.time() - waiting_since)
@@ -472,36 +502,83 @@ class Dispatcher:
     def __init__(self, wiring: Wiring):
         self._wiring = wiring
         self.lanes: dict[str, Lane] = {}
-        self._retired: list[Lane] = []  # lanes of agents removed by a reload, still draining
+        self._retired: list[Lane] = []  # lanes stopped by a reload or a lease given up
+        self._retired_counts: dict[str, tuple[int, int]] = {}  # of those done with, per agent
         self._lane_tasks: list[asyncio.Task] = []
         self._group: asyncio.TaskGroup | None = None
 
     def start(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
+        """Lanes for `agents`; in cluster mode none yet (the leases open them)."""
         self._group = group
         self._add_lanes(list(agents))
 
-    def _add_lanes(self, agents: list[AgentConfig]) -> None:
+    def _add_lanes(self, agents: list[AgentConfig], fences: Mapping[str, Fence] = {}) -> None:
         """Start a lane per agent, staggered over one second so agents never send in step."""
         for index, agent in enumerate(agents):
-            lane = Lane(agent, self._wiring)
+            lane = Lane(agent, self._wiring, fences.get(agent.id))
             self.lanes[agent.id] = lane
             task = self._group.create_task(
                 lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}"
             )
             self._lane_tasks.append(task)
+            lane.task = task
+            task.add_done_callback(self._lane_ended)
 
-    def update(self, agents: Mapping[str, AgentConfig]) -> None:
-        """Agents after a reload: new ones get a lane, removed ones' lanes stop (their requests
-        wait in the ledger), changed ones take their new rate; unchanged ones keep their timing.
+    def _lane_ended(self, task: asyncio.Task) -> None:
+        if task in self._lane_tasks:
+            self._lane_tasks.remove(task)
+
+    def open_lanes(self, agents: list[AgentConfig], fences: Mapping[str, Fence]) -> None:
+        """Cluster mode: lanes for agents whose leases this daemon has taken."""
+        self._add_lanes(agents, fences)
+
+    def retire(self, agent_ids: Iterable[str]) -> list[Lane]:
+        """Stop these agents' lanes (their requests wait in the ledger); the lanes, whose sends
+        in flight may still be awaited (see settled())."""
+        self._forget_retired()
+        retired = []
+        for agent_id in agent_ids:
+            lane = self.lanes.pop(agent_id, None)
+            if lane is not None:
+                lane.stop()
+                self._retired.append(lane)
+                retired.append(lane)
+        return retired
+
+    def _forget_retired(self) -> None:
+        """Retired lanes that are done (ended, nothing in flight) leave only their counts: a
+        daemon whose leases move for months keeps no lane it no longer has."""
+        for lane in [lane for lane in self._retired if lane.done]:
+            self._retired.remove(lane)
+            sent, placed = self._retired_counts.get(lane.agent.id, (0, 0))
+            self._retired_counts[lane.agent.id] = (sent + lane.sent, placed + lane.placed)
+
+    async def settled(self, lanes: list[Lane], timeout: float) -> bool:
+        """Wait until the lanes have ended and their sends have their answers recorded, for
+        `timeout` at most; whether they did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(lane.done for lane in lanes):
+            waiting = [lane.task for lane in lanes if lane.task and not lane.task.done()]
+            waiting += [task for lane in lanes for task in lane.in_flight]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(waiting, timeout=remaining)
+        return True
+
+    def update(self, agents: Mapping[str, AgentConfig], open_new: bool = True) -> None:
+        """Agents after a reload: new ones get a lane (not in cluster mode: `open_new` False,
+        the leases open them), removed ones' lanes stop (their requests wait in the ledger),
+        changed ones take their new rate; unchanged ones keep their timing.
         """
-        for agent_id in self.lanes.keys() - agents.keys():
-            lane = self.lanes.pop(agent_id)
-            lane.stop()
-            self._retired.append(lane)
+        self.retire(self.lanes.keys() - agents.keys())
         for agent_id, agent in agents.items():
             if agent_id in self.lanes and self.lanes[agent_id].agent != agent:
                 self.lanes[agent_id].reconfigure(agent)
-        self._add_lanes([agent for agent_id, agent in agents.items() if agent_id not in self.lanes])
+        if open_new:
+            new = [agent for agent_id, agent in agents.items() if agent_id not in self.lanes]
+            self._add_lanes(new)
 
     def wake(self, agent_ids: Iterable[str], reread: bool = False) -> None:
         """Wake the agents' lanes; `reread`: new work is queued, which may go before what each
@@ -530,10 +607,11 @@ class Dispatcher:
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Per agent, the sends that left in this run and the calls placed of them."""
-        return {
-            lane.agent.id: (lane.sent, lane.placed)
-            for lane in [*self._retired, *self.lanes.values()]
-        }
+        counts = dict(self._retired_counts)
+        for lane in [*self._retired, *self.lanes.values()]:
+            sent, placed = counts.get(lane.agent.id, (0, 0))
+            counts[lane.agent.id] = (sent + lane.sent, placed + lane.placed)
+        return counts
 
     def stalled_for(self) -> float:
         """The longest any lane has been stuck in one step (a ledger call, a departure)."""

@@ -91,6 +91,24 @@ class Metrics:
             ["agent"],
             buckets=MARK_LATENCY_BUCKETS,
         )
+        self._fenced = self._labelled(
+            Counter,
+            "dialerd_fenced_marks_total",
+            "Cluster mode: sends not made because the agent's lease was another daemon's",
+            ["agent"],
+        )
+        self._leases_held = self._labelled(
+            Gauge,
+            "dialerd_leases_held",
+            "Cluster mode: agents whose lease this daemon holds",
+            [],
+        )
+        self._lease_moves = self._labelled(
+            Counter,
+            "dialerd_lease_moves_total",
+            "Cluster mode: leases taken and given up by this daemon, and lost to another",
+            ["change"],
+        )
         self._callbacks = self._labelled(
             Counter,
             "dialerd_callbacks_total",
@@ -146,6 +164,15 @@ class Metrics:
 
     def marked(self, agent_id: str, latency_s: float) -> None:
         self._mark_latency(agent_id).observe(latency_s)
+
+    def fenced(self, agent_id: str) -> None:
+        self._fenced(agent_id).inc()
+
+    def leases(self, held: int, change: str | None = None, count: int = 0) -> None:
+        """How many leases are held now; `change` (taken, given_up, lost): by how many."""
+        self._leases_held().set(held)
+        if change is not None:
+            self._lease_moves(change).inc(count)
 
     def callback(self, status: str, effect: str) -> None:
         self._callbacks(status, effect).inc()

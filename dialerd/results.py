@@ -114,7 +114,7 @@ class ResultsWriter:
         while lines := await self._ledger.outbox(self.BATCH):
             data = "".join(line + "\n" for _seq, line, _outcome, _campaign in lines).encode()
             await asyncio.to_thread(_write_durably, self._fd, data)
-            await self._ledger.outbox_written(lines[-1][0])
+            await self._ledger.outbox_written([line[0] for line in lines])
             for _seq, _line, outcome, campaign in lines:
                 self._metrics.outcome(outcome, campaign)
                 self.written[outcome] += 1

@@ -4,6 +4,8 @@ their own process), and the real dialerd process."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -19,8 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pg_server import fresh_schema, shared_server_dsn, skip_or_fail, unreachable_reason
 
-from dialerd.ledger import MIGRATIONS, SCHEMA
+from dialerd.config import ClusterConfig
+from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, postgres
 from dialerd.simulator import Faults, Simulator
 
 TEST_KEY = "test-key-not-secret"
@@ -322,3 +326,83 @@ def ledger_of_version(path: Path, version: int) -> sqlite3.Connection:
         conn.executescript(migration) if isinstance(migration, str) else migration(conn)
         conn.execute(f"PRAGMA user_version = {number}")
     return conn
+
+
+# -- the ledger on either engine ------------------------------------------------------------
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@functools.cache
+def _shared_postgres_problem() -> str | None:
+    return unreachable_reason(shared_server_dsn())
+
+
+@pytest.fixture
+def pg_dsn() -> Iterator[str]:
+    """A fresh schema of its own on the shared PostgreSQL server, dropped after the test. Without
+    a server the test fails in CI and is skipped, with the reason, elsewhere."""
+    problem = _shared_postgres_problem()
+    if problem is not None:
+        skip_or_fail(problem)
+    with fresh_schema(shared_server_dsn()) as dsn:
+        yield dsn
+
+
+def cluster_of(dsn: str, instance: str = "test-1", lease_s: float = 10.0) -> ClusterConfig:
+    return ClusterConfig(dsn, instance, lease_s, None)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each test that asks for it runs on SQLite and on PostgreSQL."""
+    return request.param
+
+
+@pytest.fixture
+def ledger_conn(backend: str, tmp_path: Path, request) -> Iterator[Any]:
+    """A connection to a new ledger of the current schema, on the backend's engine."""
+    if backend == "sqlite":
+        conn = connect(tmp_path / "ledger.sqlite3")
+        create_schema(conn)
+    else:
+        conn = postgres.connect(request.getfixturevalue("pg_dsn"))
+        postgres.create_schema(conn)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def new_ledger(backend: str, tmp_path: Path, request) -> Callable[..., Ledger]:
+    """Ledger(state_dir), on the backend's engine: the same ledger for every call in a test."""
+    cluster = None if backend == "sqlite" else cluster_of(request.getfixturevalue("pg_dsn"))
+
+    def make(state_dir: Path | None = None, **cluster_fields: Any) -> Ledger:
+        given = cluster and dataclasses.replace(cluster, **cluster_fields)
+        return Ledger(state_dir or tmp_path / "state", given)
+
+    return make
+
+
+@pytest.fixture
+def ledger_where(backend: str, tmp_path: Path, request) -> tuple[Path, ClusterConfig | None]:
+    """Where the command line's functions find the ledger_conn's ledger: (state_dir, cluster)."""
+    if backend == "sqlite":
+        return tmp_path, None
+    return tmp_path, cluster_of(request.getfixturevalue("pg_dsn"))
+
+
+def another_connection(conn: Any, tmp_path: Path) -> Any:
+    """A second connection to ledger_conn's ledger, as another process would have."""
+    if isinstance(conn, postgres.PgConn):
+        return postgres.connect(conn.raw.info.dsn)
+    return connect(tmp_path / "ledger.sqlite3")
+
+
+@pytest.fixture
+def sqlite_conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """For what only SQLite has: its query plans, its files, its older schema versions."""
+    conn = connect(tmp_path / "ledger.sqlite3")
+    create_schema(conn)
+    yield conn
+    conn.close()

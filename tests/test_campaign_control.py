@@ -469,7 +469,7 @@ def test_campaign_metrics_is_a_boolean_of_the_admin_section():
     ],
 )
 def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(conn, selection, index):
-    where, params = selection.where()
+    where, params = selection.where(conn)
     plan = [row[3] for row in conn.execute(
         f"EXPLAIN QUERY PLAN SELECT seq FROM requests WHERE {where} AND state != 'final'", params
     )]  # fmt: skip

@@ -10,11 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ledger_of_version
+from conftest import another_connection, ledger_of_version
 from test_request import CONFIG
 
 from dialerd.config import RedialPolicy
 from dialerd.ledger import Ledger, connect, create_schema, status_report
+from dialerd.ledger.dialect import dialect
 from dialerd.ledger.intake import add
 from dialerd.ledger.placed import apply_callback, placed
 from dialerd.ledger.requeue import requeue
@@ -25,10 +26,9 @@ from dialerd.results import Outcome
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
-    conn = connect(tmp_path / "ledger.sqlite3")
-    create_schema(conn)
-    return conn
+def conn(ledger_conn):
+    """Each test of the ledger's guarantees runs on SQLite and on PostgreSQL."""
+    return ledger_conn
 
 
 def queued(conn: sqlite3.Connection, request_id: str = "r1") -> int:
@@ -85,10 +85,10 @@ def test_two_processes_marking_one_send_mark_it_once(tmp_path, conn):
     """Two daemons on one ledger: each marks the send in its own transaction; the second finds
     the request no longer queued, and must not send it."""
     seq = queued(conn)
-    other = connect(tmp_path / "ledger.sqlite3")
+    other = another_connection(conn, tmp_path)
     marked = []
     for each in (conn, other):
-        each.execute("BEGIN IMMEDIATE")
+        each.execute(dialect(each).begin)
         marked.append(mark_sending(each, seq, None, 1, 100.0, None))
         each.execute("COMMIT")
     assert marked == [(True, None), (False, None)]
@@ -140,12 +140,12 @@ def test_a_redial_is_decided_by_the_policy_and_recorded_as_a_move(conn):
     assert result_lines(conn) == 1
 
 
-def test_requeue_moves_only_requests_in_doubt(tmp_path, conn):
+def test_requeue_moves_only_requests_in_doubt(ledger_where, conn):
     doubt, failed = queued(conn, "doubt"), queued(conn, "failed")
     finish(conn, doubt, Outcome.IN_DOUBT, {"error": "stopped"})
     finish(conn, failed, Outcome.FAILED, {"error": "refused"})
-    conn.commit()
-    requeued, refused = requeue(tmp_path, ["doubt", "failed", "nobody"])
+    state_dir, cluster = ledger_where
+    requeued, refused = requeue(state_dir, ["doubt", "failed", "nobody"], cluster)
     assert requeued == ["doubt"]
     assert refused == {"failed": "is failed, not in_doubt", "nobody": "no such request"}
     assert state_of(conn, doubt) == (State.QUEUED, None)
@@ -166,7 +166,7 @@ def counted_the_slow_way(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def test_outcomes_are_counted_as_they_are_reached(tmp_path, conn):
+def test_outcomes_are_counted_as_they_are_reached(ledger_where, conn):
     seqs = [queued(conn, f"r{n}") for n in range(6)]
     for seq, outcome in zip(seqs, [Outcome.DIALED, Outcome.DIALED, Outcome.IN_DOUBT,
                                    Outcome.EXPIRED, Outcome.FAILED], strict=False):  # fmt: skip
@@ -174,7 +174,7 @@ def test_outcomes_are_counted_as_they_are_reached(tmp_path, conn):
     finish(conn, seqs[0], Outcome.FAILED, {})  # final already: not counted again
     request = build_request({"id": "r1", "to": "+447700900124"}, CONFIG, "test:2")
     add(conn, 1, [request], [{"source": "test:3", "error": "bad"}], None, 0)  # duplicate, invalid
-    requeue(tmp_path, ["r2"])  # in_doubt no more
+    requeue(*ledger_where[:1], ["r2"], ledger_where[1])  # in_doubt no more
     expected = {"dialed": 2, "expired": 1, "failed": 1, "duplicate": 1, "invalid": 1}
     assert status_report(conn, 0)["outcomes"] == counted_the_slow_way(conn) == expected
 
@@ -209,9 +209,10 @@ OPEN_WORK = ("requests_open", "requests_by_campaign")  # partial indexes: WHERE 
 OPEN_INDEXES = (*OPEN_WORK, "requests_due", "requests_waiting", "requests_held", "requests_placed")
 
 
-def test_no_query_of_a_status_report_reads_the_history(conn):
+def test_no_query_of_a_status_report_reads_the_history(sqlite_conn):
     """Every statement the report runs, planned: a table's rows are read by a partial index of
     open requests, a key, or the last minute's calls, never scanned (SPEC 8.9)."""
+    conn = sqlite_conn
     statements = []
     conn.set_trace_callback(statements.append)
     status_report(conn, 0)
@@ -223,7 +224,8 @@ def test_no_query_of_a_status_report_reads_the_history(conn):
             assert not scans_requests or any(index in step for index in OPEN_INDEXES), (sql, plan)
 
 
-def test_the_open_work_is_read_by_its_own_index_not_the_history(conn):
+def test_the_open_work_is_read_by_its_own_index_not_the_history(sqlite_conn):
+    conn = sqlite_conn
     for query in (
         "SELECT agent_id, state, count(*), min(due_at) FROM requests"
         " WHERE state != 'final' GROUP BY agent_id, state",

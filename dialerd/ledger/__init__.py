@@ -1,4 +1,5 @@
-"""The ledger: every request and its fate in SQLite, written from one thread in group commits.
+"""The ledger: every request and its fate in SQLite (or, in cluster mode, PostgreSQL), written
+from one thread in group commits.
 
 - `schema`: the tables, the migrations from older versions, opening the file;
 - `lock`: one daemon per state_dir;
@@ -8,6 +9,8 @@
 - `sends`: a request's way out (due, marked, retried, held, finished);
 - `placed`: placed calls and what their callbacks do;
 - `status`, `requeue`: what operators read and do, whether or not a daemon runs;
+- `dialect`, `postgres`: what differs on PostgreSQL (cluster mode), and its tables;
+- `leases`: which daemon sends for each agent, in cluster mode;
 - `store`: the `Ledger` the daemon's tasks call.
 """
 
@@ -16,7 +19,7 @@ from .intake import Intake, SpoolChunk, SpoolRecord, foresee_intake
 from .lock import LedgerLocked
 from .requeue import requeue
 from .schema import MIGRATIONS, SCHEMA, LedgerTooNew, connect, create_schema
-from .sends import EXPIRED_ERROR, RESPONSE_KEPT, Pending
+from .sends import EXPIRED_ERROR, RESPONSE_KEPT, LeaseLost, Pending
 from .states import State
 from .status import HELD_REASONS, empty_agent_status, read_status, status_report
 from .store import Ledger
@@ -28,6 +31,7 @@ __all__ = [
     "RESPONSE_KEPT",
     "SCHEMA",
     "Intake",
+    "LeaseLost",
     "Ledger",
     "LedgerLocked",
     "LedgerTooNew",

@@ -10,9 +10,12 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..config import ClusterConfig
 from ..results import Outcome
-from .schema import MIGRATIONS, connect
+from .dialect import dialect
+from .opening import open_current
 from .sends import CANCELLED_ERROR, finish
 from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
 
@@ -24,10 +27,6 @@ CANCEL_BATCH = 200
 CANCEL_PAUSE_S = 0.03
 IN_FLIGHT = "in flight"  # how a request that is out waits, as far as a cancel is concerned
 OUT = (State.SENDING, State.PLACED)
-
-
-class LedgerNotCurrent(OSError):
-    """The ledger is of an older schema: its daemon has not upgraded it yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +44,13 @@ class Selection:
             return f"agent {self.agent}"
         return f"{len(self.ids)} id(s)"
 
-    def where(self) -> tuple[str, tuple]:
+    def where(self, conn: Any) -> tuple[str, tuple]:
         """Its condition on requests, in SQL, and the condition's parameters."""
         if self.campaign is not None:
             return "campaign = ?", (self.campaign,)
         if self.agent is not None:
             return "agent_id = ?", (self.agent,)
-        return "id IN (SELECT value FROM json_each(?))", (json.dumps(self.ids),)
+        return f"id IN ({dialect(conn).json_texts})", (json.dumps(self.ids),)
 
 
 @dataclass
@@ -68,10 +67,15 @@ class Cancelled:
         return sum(self.by_state.values())
 
 
-def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Cancelled:
+def cancel(
+    state_dir: Path,
+    selection: Selection,
+    dry_run: bool = False,
+    cluster: ClusterConfig | None = None,
+) -> Cancelled:
     """Cancel what matches `selection` and is in the ledger now. With ids given, none is
     cancelled when one is unknown (`unknown` says which)."""
-    conn = _open(state_dir)
+    conn = open_current(state_dir, cluster)
     try:
         done, open_seqs = _look(conn, selection)
         if done.unknown or dry_run:
@@ -90,7 +94,7 @@ def cancel(state_dir: Path, selection: Selection, dry_run: bool = False) -> Canc
 
 def _look(conn: sqlite3.Connection, selection: Selection) -> tuple[Cancelled, dict[int, str]]:
     """What a cancel finds, and how each open request it is about waits (IN_FLIGHT: out)."""
-    where, params = selection.where()
+    where, params = selection.where(conn)
     done, seqs = Cancelled(), {}
     rows = conn.execute(
         f"SELECT seq, state, held, attempts, {NOT_PAUSED} FROM requests"
@@ -126,7 +130,7 @@ def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
     """One transaction: those of `seqs` still queued end `cancelled`; those out (a lane may
     have sent one since the cancel looked) get no retry or redial. The state of each: `queued`
     for those cancelled now."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(dialect(conn).begin)
     try:
         states = {}
         for seq in seqs:
@@ -166,25 +170,31 @@ def _recount(done: Cancelled, waited_as: str, state: str) -> None:
         done.in_flight -= 1
 
 
-def pause(state_dir: Path, selection: Selection) -> tuple[bool, int]:
+def pause(
+    state_dir: Path, selection: Selection, cluster: ClusterConfig | None = None
+) -> tuple[bool, int]:
     """A standing rule: the agent's or campaign's requests are not sent until resumed. Whether
     it was not paused before, and how many of its requests are queued now."""
-    return _set_pause(state_dir, selection, paused=True)
+    return _set_pause(state_dir, selection, True, cluster)
 
 
-def resume(state_dir: Path, selection: Selection) -> tuple[bool, int]:
+def resume(
+    state_dir: Path, selection: Selection, cluster: ClusterConfig | None = None
+) -> tuple[bool, int]:
     """The pause lifted: whether there was one, and how many of its requests are queued now."""
-    return _set_pause(state_dir, selection, paused=False)
+    return _set_pause(state_dir, selection, False, cluster)
 
 
-def _set_pause(state_dir: Path, selection: Selection, paused: bool) -> tuple[bool, int]:
+def _set_pause(
+    state_dir: Path, selection: Selection, paused: bool, cluster: ClusterConfig | None
+) -> tuple[bool, int]:
     kind, name = _pause_key(selection)
-    conn = _open(state_dir)
+    conn = open_current(state_dir, cluster)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(dialect(conn).begin)
         if paused:
             changed = conn.execute(
-                "INSERT OR IGNORE INTO pauses (kind, name, since) VALUES (?, ?, ?)",
+                "INSERT INTO pauses (kind, name, since) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (kind, name, time.time()),
             ).rowcount
         else:
@@ -194,7 +204,7 @@ def _set_pause(state_dir: Path, selection: Selection, paused: bool) -> tuple[boo
         if changed:
             record(conn, "pause" if paused else "resume", selection)
         conn.execute("COMMIT")
-        where, params = selection.where()
+        where, params = selection.where(conn)
         (queued,) = conn.execute(
             f"SELECT count(*) FROM requests WHERE {where} AND state != '{State.FINAL}'"
             f" AND state = '{State.QUEUED}'",
@@ -245,7 +255,7 @@ def last_control(conn: sqlite3.Connection) -> int:
     """The latest operator's change (a requeue, cancel, pause or resume), 0 for none: a running
     daemon reads it to notice new ones. The counter of AUTOINCREMENT: it never goes back, even
     once retention has pruned the controls."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'controls'").fetchone()
+    row = conn.execute(dialect(conn).last_control).fetchone()
     return row[0] if row else 0
 
 
@@ -255,18 +265,3 @@ def record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
         "INSERT INTO controls (action, target, at) VALUES (?, ?, ?)",
         (action, str(selection), time.time()),
     )
-
-
-def _open(state_dir: Path) -> sqlite3.Connection:
-    path = state_dir / "ledger.sqlite3"
-    if not path.exists():
-        raise FileNotFoundError(f"no ledger at {path}: no request has been taken in yet")
-    conn = connect(path)
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version != len(MIGRATIONS):
-        conn.close()
-        raise LedgerNotCurrent(
-            f"the ledger {path} has schema version {version}, not this dialerd's"
-            f" {len(MIGRATIONS)}: start this dialerd's daemon once to bring it up to date"
-        )
-    return conn

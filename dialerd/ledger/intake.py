@@ -68,6 +68,7 @@ def add(
             continue
         _reject(
             conn,
+            run,
             now,
             {
                 "id": request_id,
@@ -81,7 +82,7 @@ def add(
             },
         )
     for fields in invalid:
-        _reject(conn, now, {"outcome": Outcome.INVALID, **fields})
+        _reject(conn, run, now, {"outcome": Outcome.INVALID, **fields})
     if spool_file is not None:
         _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
@@ -162,9 +163,10 @@ def _insert(
     """Whether `request` was queued (`paused`: of a paused campaign); not when its id is taken
     already."""
     cursor = conn.execute(
-        "INSERT OR IGNORE INTO requests (id, run, agent_id, to_number, body, meta, source,"
+        "INSERT INTO requests (id, run, agent_id, to_number, body, meta, source,"
         " expires_at, due_at, state, created_at, campaign, first_due_at, priority, timezone,"
-        f" paused) VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?,?)",
+        f" paused) VALUES (?,?,?,?,?,?,?,?,?,'{State.QUEUED}',?,?,?,?,?,?)"
+        " ON CONFLICT DO NOTHING",
         (
             request_id,
             run,
@@ -194,7 +196,7 @@ def _taken(conn: sqlite3.Connection, request_id: str) -> str:
     )
 
 
-def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
+def _reject(conn: sqlite3.Connection, run: int, now: float, fields: dict) -> None:
     request_id = fields.get("id")  # an invalid request's `id` may be any JSON value
     conn.execute(
         "INSERT INTO rejects (id, outcome, error, source, at, campaign) VALUES (?, ?, ?, ?, ?, ?)",
@@ -208,8 +210,8 @@ def _reject(conn: sqlite3.Connection, now: float, fields: dict) -> None:
         ),
     )
     conn.execute(
-        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)",
-        (result_line(at=now, **fields), fields["outcome"], fields.get("campaign")),
+        "INSERT INTO outbox (line, outcome, campaign, run) VALUES (?, ?, ?, ?)",
+        (result_line(at=now, **fields), fields["outcome"], fields.get("campaign"), run),
     )
     count_outcome(conn, REFUSED_AT_INTAKE, fields["outcome"])
 
@@ -258,7 +260,9 @@ def _record_spool_chunk(conn: sqlite3.Connection, chunk: SpoolChunk, items: int)
     if chunk.start == 0:
         conn.execute("DELETE FROM spool_file_errors WHERE name = ?", (chunk.name,))
     conn.execute(
-        "INSERT OR REPLACE INTO spool_files (name, digest, errors, items) VALUES (?, ?, NULL, ?)",
+        "INSERT INTO spool_files (name, digest, errors, items) VALUES (?, ?, NULL, ?)"
+        " ON CONFLICT (name) DO UPDATE SET digest = excluded.digest, errors = NULL,"
+        " items = excluded.items",
         (chunk.name, chunk.digest, None if chunk.last else chunk.start + items),
     )
     if chunk.errors:

@@ -5,30 +5,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..config import ClusterConfig
 from ..results import Outcome
 from .control import Selection, record
-from .schema import connect
+from .dialect import dialect, tables_version
+from .opening import open_ledger
 from .states import Move, move
 from .status import CAMPAIGNS_SINCE, COUNTED_SINCE, count_outcome
 
 FIRST_DUE_SINCE = 5  # the schema version that keeps a request's first due time
 
 
-def requeue(state_dir: Path, ids: list[str] | None) -> tuple[list[str], dict[str, str]]:
+def requeue(
+    state_dir: Path, ids: list[str] | None, cluster: ClusterConfig | None = None
+) -> tuple[list[str], dict[str, str]]:
     """Queue `in_doubt` requests again (all of them when `ids` is None): the operator's
     deliberate resend, recorded in the ledger. Works whether or not a daemon runs.
 
     Returns the ids requeued, and why each other id was not.
     """
-    path = state_dir / "ledger.sqlite3"
-    if not path.exists():
-        raise FileNotFoundError(f"no ledger in {state_dir}")
-    conn = connect(path)
+    conn = open_ledger(state_dir, cluster)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(dialect(conn).begin)
         # A ledger its daemon has not upgraded yet counts no outcomes and keeps no first due
         # time: the upgrade makes them from what is there.
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = tables_version(conn)
         counted = version >= COUNTED_SINCE
         campaigns = version >= CAMPAIGNS_SINCE
         now = time.time()

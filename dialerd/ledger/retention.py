@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
+from .dialect import SQLITE, dialect
 from .states import State
 
 VACUUM_PAGES = 250  # pages (1 MiB) given back in one call: a few ms of the writer's time
@@ -40,7 +41,8 @@ def prune(conn: sqlite3.Connection, now: float, retention_s: float, batch: int) 
         (cutoff, batch),
     ).fetchall()
     conn.executemany(
-        "INSERT OR REPLACE INTO pruned_ids (digest, taken_at, until) VALUES (?, ?, ?)",
+        "INSERT INTO pruned_ids (digest, taken_at, until) VALUES (?, ?, ?) ON CONFLICT (digest)"
+        " DO UPDATE SET taken_at = excluded.taken_at, until = excluded.until",
         ((id_digest(request_id), taken_at, now + retention_s) for _, request_id, taken_at in ended),
     )
     seqs = [(seq,) for seq, _, _ in ended]
@@ -76,7 +78,9 @@ def prune(conn: sqlite3.Connection, now: float, retention_s: float, batch: int) 
 
 def vacuum(conn: sqlite3.Connection) -> int:
     """Give back up to VACUUM_PAGES free pages (a ledger made before retention keeps them for
-    reuse); how many pages are still free."""
+    reuse); how many pages are still free. PostgreSQL's autovacuum does this itself."""
+    if dialect(conn) is not SQLITE:
+        return 0
     (free,) = conn.execute("PRAGMA freelist_count").fetchone()
     (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
     if mode != 2:  # not INCREMENTAL

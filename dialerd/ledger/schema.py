@@ -166,6 +166,11 @@ MIGRATIONS = (
         FROM requests WHERE outcome IS NOT NULL AND campaign IS NOT NULL
         GROUP BY campaign, outcome;
     """,
+    # 8: the run that took each result line's request in: in cluster mode its daemon, and only
+    # its, writes the line (the same schema on PostgreSQL, postgres.py).
+    """
+    ALTER TABLE outbox ADD COLUMN run INTEGER;
+    """,
 )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import NumberCap
 from ..results import Outcome, result_line
+from .dialect import dialect
 from .states import PAUSED_AGENT, PAUSED_CAMPAIGN, Add, Move, State, move, move_returning
 from .status import count_outcome
 
@@ -30,7 +31,7 @@ IN_DOUBT_ERROR = "the daemon stopped while this send was in flight; requeue it t
 FINISH_COLUMNS = ("attempts", "http_status", "conversation_uuid", "status", "error", "response")
 FINISHED_ROW = (  # what a result line says of a request
     "id, to_number, agent_id, attempts, http_status, conversation_uuid, status, error, meta,"
-    " source, campaign"
+    " source, campaign, run"
 )
 
 
@@ -88,6 +89,11 @@ def due(conn: sqlite3.Connection, agent_id: str, now: float, limit: int):
     return pending, min((moment for moment in later if moment is not None), default=None)
 
 
+class LeaseLost(Exception):
+    """Cluster mode: a send's mark found that this run holds the agent's lease no more (or
+    under another epoch): another daemon sends for it now."""
+
+
 def mark_sending(
     conn: sqlite3.Connection,
     seq: int,
@@ -95,13 +101,23 @@ def mark_sending(
     attempt: int,
     now: float,
     cap: NumberCap | None,
+    fence: tuple[int, int] | None = None,
 ) -> tuple[bool, float | None]:
+    """See Ledger.mark_sending. `fence`: (run, epoch) of the agent's lease, in cluster mode;
+    the send is then stamped by the database's clock."""
     row = conn.execute(
-        f"SELECT to_number FROM requests WHERE seq = ? AND state = '{State.QUEUED}'", (seq,)
+        f"SELECT to_number, agent_id FROM requests WHERE seq = ? AND state = '{State.QUEUED}'",
+        (seq,),
     ).fetchone()
     if row is None:
         return False, None
-    to = row[0]
+    to, agent_id = row
+    if fence is not None:
+        now = _fenced_clock(conn, agent_id, *fence)
+        if now is None:
+            raise LeaseLost(agent_id)
+    if cap is not None and dialect(conn).lock_number:  # two daemons' marks: one at a time
+        conn.execute(dialect(conn).lock_number, (to,))
     allowed_at = None if cap is None else _cap_allows_at(conn, to, now, cap)
     if allowed_at is not None:
         return False, allowed_at
@@ -111,9 +127,9 @@ def mark_sending(
         "INSERT INTO number_calls (seq, to_number, at, placed) VALUES (?, ?, ?, 0)", (seq, to, now)
     )
     conn.execute(
-        "INSERT INTO agent_sends (agent_id, last_sent_at) SELECT agent_id, ? FROM requests"
-        " WHERE seq = ? ON CONFLICT (agent_id) DO UPDATE SET last_sent_at = excluded.last_sent_at",
-        (now, seq),
+        "INSERT INTO agent_sends (agent_id, last_sent_at) VALUES (?, ?)"
+        " ON CONFLICT (agent_id) DO UPDATE SET last_sent_at = excluded.last_sent_at",
+        (agent_id, now),
     )
     if token is not None:
         conn.execute(
@@ -121,6 +137,26 @@ def mark_sending(
             (token, seq, attempt, now),
         )
     return True, None
+
+
+def since_last_send(conn: Any, agent_id: str, now: float) -> float | None:
+    clock = dialect(conn).db_clock
+    params = (now, agent_id) if clock == "?" else (agent_id,)
+    row = conn.execute(
+        f"SELECT {clock} - last_sent_at FROM agent_sends WHERE agent_id = ?", params
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _fenced_clock(conn: Any, agent_id: str, run: int, epoch: int) -> float | None:
+    """The database's clock now, if this run still holds the agent's lease under `epoch`; the
+    row is locked against a takeover until the transaction ends (a send's mark)."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM clock_timestamp()) FROM leases WHERE agent_id = ?"
+        " AND run = ? AND epoch = ? AND expires_at > clock_timestamp() FOR SHARE",
+        (agent_id, run, epoch),
+    ).fetchone()
+    return None if row is None else float(row[0])
 
 
 def _cap_allows_at(conn: sqlite3.Connection, to: str, now: float, cap: NumberCap) -> float | None:
@@ -242,7 +278,7 @@ def finish(
     settle_number_call(conn, seq, placed=outcome in (Outcome.DIALED, Outcome.IN_DOUBT))
     (
         id_, to, agent_id, attempts, http_status, conversation_uuid, status, error, meta, source,
-        campaign,
+        campaign, run,
     ) = row  # fmt: skip
     count_outcome(conn, agent_id, outcome, campaign=campaign)
     line = result_line(
@@ -260,8 +296,10 @@ def finish(
         campaign=campaign,
         at=now,
     )
+    # Of the run that took the request in: its daemon writes the line (cluster mode).
     conn.execute(
-        "INSERT INTO outbox (line, outcome, campaign) VALUES (?, ?, ?)", (line, outcome, campaign)
+        "INSERT INTO outbox (line, outcome, campaign, run) VALUES (?, ?, ?, ?)",
+        (line, outcome, campaign, run),
     )
     return True
 

@@ -6,7 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .schema import connect
+from ..config import ClusterConfig
+from .dialect import tables_version
+from .opening import open_ledger
 from .states import NOT_PAUSED, State
 
 HELD_REASONS = ("calling_hours", "cap")  # why a queued request may wait past its own due time
@@ -24,13 +26,15 @@ def count_outcome(
     campaign's, has this outcome."""
     conn.execute(
         "INSERT INTO outcome_counts (agent_id, outcome, count) VALUES (?, ?, ?)"
-        " ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + excluded.count",
+        " ON CONFLICT (agent_id, outcome)"
+        " DO UPDATE SET count = outcome_counts.count + excluded.count",
         (agent_id, outcome, by),
     )
     if campaign is not None:
         conn.execute(
             "INSERT INTO campaign_counts (campaign, outcome, count, last_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (campaign, outcome) DO UPDATE SET count = count + excluded.count,"
+            " ON CONFLICT (campaign, outcome)"
+            " DO UPDATE SET count = campaign_counts.count + excluded.count,"
             " last_at = excluded.last_at",
             (campaign, outcome, by, time.time()),
         )
@@ -85,7 +89,7 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         (now,),
     ):
         agents[agent_id]["due_now"] = due_now
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # number_calls: since version 1
+    if tables_version(conn) >= 1:  # number_calls: since version 1
         for agent_id, calls in conn.execute(
             "SELECT r.agent_id, count(*) FROM number_calls AS n JOIN requests AS r ON r.seq = n.seq"
             " WHERE n.at > ? GROUP BY r.agent_id",
@@ -93,7 +97,7 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         ):
             if agent_id in agents:  # the agents with open work, as the rest of the report
                 agents[agent_id]["achieved_rate"] = calls / RATE_OVER_S
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:  # else a daemon not yet upgraded
+    if tables_version(conn) >= 1:  # else a daemon not yet upgraded
         for agent_id, reason, count, until in conn.execute(
             "SELECT agent_id, held, count(*), min(due_at) FROM requests"
             " WHERE state = 'queued' AND held IS NOT NULL GROUP BY agent_id, held"
@@ -105,7 +109,7 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
         "outcomes": _outcomes(conn),
         "results_unwritten": conn.execute("SELECT count(*) FROM outbox").fetchone()[0],
     }
-    if conn.execute("PRAGMA user_version").fetchone()[0] >= CAMPAIGNS_SINCE:
+    if tables_version(conn) >= CAMPAIGNS_SINCE:
         for agent_id, count in conn.execute(
             "SELECT agent_id, count(*) FROM requests WHERE state != 'final' AND state = 'queued'"
             f" AND NOT {NOT_PAUSED} GROUP BY agent_id"
@@ -141,7 +145,7 @@ def _campaigns(conn: sqlite3.Connection, now: float) -> dict[str, dict]:
     ):
         campaigns[campaign]["paused"] = count
     for campaign, outcome, count in conn.execute(
-        "SELECT campaign, outcome, count FROM campaign_counts WHERE count"
+        "SELECT campaign, outcome, count FROM campaign_counts WHERE count != 0"
     ):
         campaigns.setdefault(campaign, empty_campaign_status())["outcomes"][outcome] = count
     for campaign, calls in conn.execute(
@@ -163,7 +167,7 @@ def _campaigns(conn: sqlite3.Connection, now: float) -> dict[str, dict]:
 
 
 def _outcomes(conn: sqlite3.Connection) -> dict[str, int]:
-    if conn.execute("PRAGMA user_version").fetchone()[0] < COUNTED_SINCE:
+    if tables_version(conn) < COUNTED_SINCE:
         # A ledger its daemon has not upgraded yet: counted the slow way, this once.
         sql = (
             "SELECT outcome, count(*) FROM requests WHERE outcome IS NOT NULL GROUP BY outcome"
@@ -178,12 +182,12 @@ def _outcomes(conn: sqlite3.Connection) -> dict[str, int]:
     return outcomes
 
 
-def read_status(state_dir: Path) -> dict | None:
-    """The status from the ledger file, whether or not a daemon runs; None if there is none."""
-    path = state_dir / "ledger.sqlite3"
-    if not path.exists():
+def read_status(state_dir: Path, cluster: ClusterConfig | None = None) -> dict | None:
+    """The status from the ledger, whether or not a daemon runs; None if there is none."""
+    try:
+        conn = open_ledger(state_dir, cluster, read_only=True)
+    except FileNotFoundError:
         return None
-    conn = connect(path, read_only=True)
     try:
         return status_report(conn, time.time())
     finally:

@@ -1,4 +1,5 @@
-"""The ledger as the daemon's tasks use it: every call runs in the writer thread."""
+"""The ledger as the daemon's tasks use it: every call runs in the writer thread, on SQLite in
+the state_dir or (cluster mode) on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,36 +11,54 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import NumberCap, RedialPolicy
+from ..config import ClusterConfig, NumberCap, RedialPolicy
 from ..logs import log
 from ..request import Request
 from ..results import Outcome
-from . import control, intake, placed, retention, sends, status
+from . import control, intake, leases, placed, retention, sends, status
+from .dialect import POSTGRES
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
 from .schema import connect, create_schema
 from .sends import Pending
 from .states import State
-from .writer import Writer
+from .writer import Engine, Writer
 
 # Records pruned in one call: one commit's worth that holds up the sends' marks in it by a few
 # milliseconds at most.
 PRUNE_BATCH = 200
+# Calls in one group commit on PostgreSQL: each is a subtransaction, and past 64 of them in one
+# transaction every other session's snapshot checks get slower (the subtransaction cache).
+PG_BATCH_CALLS = 60
 
 
 class Ledger:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, cluster: ClusterConfig | None = None):
         self.state_dir = state_dir
+        self.cluster = cluster
         self.path = state_dir / "ledger.sqlite3"
         self._lock_fd: int | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
         self._writer: Writer | None = None
         self.run = 0
+
+    @property
+    def where(self) -> str:
+        """The ledger as the log and errors name it."""
+        if self.cluster is None:
+            return str(self.path)
+        from .postgres import describe
+
+        return describe(self.cluster.url)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock the state_dir, open the database and start this run; blocking, called once."""
+        """Open the database and start this run (on SQLite, with the state_dir locked);
+        blocking, called once."""
+        if self.cluster is not None:
+            self._open_postgres(self.cluster)
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = lock_state_dir(self.state_dir)
         try:
@@ -56,7 +75,39 @@ class Ledger:
             self.close()
             raise
         self.run = cursor.lastrowid
-        self._writer = Writer(self._conn, self.path)
+        self._writer = Writer(self._conn, Engine(str(self.path)))
+
+    def _open_postgres(self, cluster: ClusterConfig) -> None:
+        from . import postgres  # psycopg takes 0.1 s to import: only in cluster mode
+
+        try:
+            self._conn = self._connect_postgres()
+            postgres.create_schema(self._conn)
+            (self.run,) = self._conn.execute(
+                "INSERT INTO runs (pid, started_at) VALUES (?, ?) RETURNING run",
+                (os.getpid(), time.time()),
+            ).fetchone()
+        except postgres.psycopg.Error as error:
+            self.close()
+            raise OSError(f"cannot open the ledger {self.where}: {error}") from None
+        except OSError:
+            self.close()
+            raise
+        engine = Engine(
+            self.where,
+            POSTGRES,
+            batch_calls=PG_BATCH_CALLS,
+            reconnect=self._connect_postgres,
+            fault=postgres.is_transient,
+            lasting=postgres.is_outage,
+        )
+        self._writer = Writer(self._conn, engine)
+
+    def _connect_postgres(self) -> Any:
+        from . import postgres
+
+        cluster = self.cluster
+        return postgres.connect(cluster.url, cluster.password_file, f"dialerd {cluster.instance}")
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued calls, stop the thread, close the database and release the lock; a
@@ -114,7 +165,12 @@ class Ledger:
         return await self.call(sends.due, agent_id, now, limit)
 
     async def mark_sending(
-        self, seq: int, token: str | None = None, attempt: int = 0, cap: NumberCap | None = None
+        self,
+        seq: int,
+        token: str | None = None,
+        attempt: int = 0,
+        cap: NumberCap | None = None,
+        epoch: int | None = None,
     ) -> tuple[bool, float | None]:
         """A send is about to go out; `token` is its status_url's, when callbacks are on.
 
@@ -122,8 +178,12 @@ class Ledger:
         or (allowed_at None) the request is no longer queued, e.g. expired while it waited.
         The cap is checked in the same transaction as the mark, so two sends to one number from
         two lanes cannot both pass it.
+
+        Cluster mode: `epoch` is that of the agent's lease, which the mark checks is still this
+        run's (sends.LeaseLost when it is not); the send is stamped by the database's clock.
         """
-        return await self.call(sends.mark_sending, seq, token, attempt, time.time(), cap)
+        fence = None if epoch is None else (self.run, epoch)
+        return await self.call(sends.mark_sending, seq, token, attempt, time.time(), cap, fence)
 
     async def unmark(self, seq: int) -> None:
         """A marked send that never left (a stop began first): queued again as it was."""
@@ -140,9 +200,9 @@ class Ledger:
         return await self.call(
             lambda conn: (
                 conn.execute(
-                    "UPDATE requests SET due_at = min(due_at, ?), held = NULL"
-                    f" WHERE state = '{State.QUEUED}' AND held IS NOT NULL",
-                    (now,),
+                    "UPDATE requests SET due_at = CASE WHEN due_at < ? THEN due_at ELSE ? END,"
+                    f" held = NULL WHERE state = '{State.QUEUED}' AND held IS NOT NULL",
+                    (now, now),
                 ).rowcount
             )
         )
@@ -194,14 +254,10 @@ class Ledger:
         """Placed calls whose wait for a callback is over end `dialed`; (count, next wait end)."""
         return await self.call(placed.settle_placed, now)
 
-    async def last_sent_at(self, agent_id: str) -> float | None:
-        """When the agent's latest send left, in this run or one before (wall clock)."""
-        row = await self.call(
-            lambda conn: conn.execute(
-                "SELECT last_sent_at FROM agent_sends WHERE agent_id = ?", (agent_id,)
-            ).fetchone()
-        )
-        return row[0] if row else None
+    async def since_last_send(self, agent_id: str) -> float | None:
+        """How long ago the agent's latest send left, in this run or one before, or (cluster
+        mode) from another daemon: by the clock that stamped it (the database's, there)."""
+        return await self.call(sends.since_last_send, agent_id, time.time())
 
     async def retry_later(
         self, seq: int, due_at: float | None, counts_retry: bool, error: str
@@ -235,15 +291,53 @@ class Ledger:
     # -- results -----------------------------------------------------------------------------
 
     async def outbox(self, limit: int) -> list[tuple[int, str, str, str | None]]:
-        """Result lines not yet written: (seq, line, outcome, campaign), oldest first."""
+        """Result lines not yet written: (seq, line, outcome, campaign), oldest first; in
+        cluster mode, those of the requests this daemon's instance took in."""
+        if self.cluster is None:
+            sql, params = "SELECT seq, line, outcome, campaign FROM outbox", ()
+        else:
+            sql = (
+                "SELECT seq, line, outcome, campaign FROM outbox"
+                " WHERE run IN (SELECT run FROM runs WHERE instance = ?)"
+            )
+            params = (self.cluster.instance,)
         return await self.call(
-            lambda conn: conn.execute(
-                "SELECT seq, line, outcome, campaign FROM outbox ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+            lambda conn: conn.execute(f"{sql} ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         )
 
-    async def outbox_written(self, last_seq: int) -> None:
-        await self.call(_execute, "DELETE FROM outbox WHERE seq <= ?", (last_seq,))
+    async def outbox_written(self, seqs: list[int]) -> None:
+        """Those lines are written. By their seqs, not up to the last: on PostgreSQL a line of
+        a lower seq may commit after one of a higher (seqs are given out before commits)."""
+        await self.call(
+            lambda conn: conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+        )
+
+    # -- leases (cluster mode) ---------------------------------------------------------------
+
+    async def shared_secret(self, name: str, new: bytes) -> bytes:
+        """The secret of this name every daemon of the cluster shares; `new` if it is the
+        first to ask."""
+        return await self.call(leases.shared_secret, name, new)
+
+    async def join(self) -> float | None:
+        """This run joins the cluster under its instance name; when a live run has that name,
+        the seconds its heartbeat has left instead (see leases.join)."""
+        cluster = self.cluster
+        return await self.call(leases.join, self.run, cluster.instance, cluster.lease_s)
+
+    async def lease_round(self, agents: list[str]) -> leases.Round:
+        """This run's heartbeat and its leases renewed; what there is to take (leases.Round)."""
+        return await self.call(leases.renew, self.run, agents, self.cluster.lease_s)
+
+    async def take_leases(self, agents: list[str]) -> dict[str, int]:
+        cluster = self.cluster
+        return await self.call(leases.take, self.run, cluster.instance, agents, cluster.lease_s)
+
+    async def release_leases(self, agents: list[str]) -> None:
+        await self.call(leases.release, self.run, agents)
+
+    async def leave(self) -> None:
+        await self.call(leases.leave, self.run)
 
     # -- status ------------------------------------------------------------------------------
 
@@ -267,9 +361,12 @@ class Ledger:
         return await asyncio.to_thread(self._read_status)
 
     def _read_status(self) -> dict:
-        conn = connect(self.path, read_only=True)
+        if self.cluster is None:
+            conn, begin = connect(self.path, read_only=True), "BEGIN"
+        else:
+            conn, begin = self._connect_postgres(), "BEGIN ISOLATION LEVEL REPEATABLE READ"
         try:
-            conn.execute("BEGIN")  # one snapshot for all of the report's queries
+            conn.execute(begin)  # one snapshot for all of the report's queries
             return status.status_report(conn, time.time())
         finally:
             conn.close()

@@ -2,7 +2,8 @@
 
 The calls that queue up while one transaction commits are run together in the next, each
 under a savepoint, so a burst of sends or an intake batch costs one commit, and one failing
-call never undoes the others.
+call never undoes the others. The same thread serves SQLite and PostgreSQL: `Engine` says what
+differs (how a transaction begins, which errors pass, how a lost connection comes back).
 """
 
 from __future__ import annotations
@@ -14,23 +15,45 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from ..aio import settle
 from ..logs import log
+from .dialect import SQLITE, Dialect
 
 STORAGE_FAULTS = ("disk is full", "disk I/O error", "readonly", "unable to open", "locked")
 FAULT_RETRY_FIRST_S = 0.1
 FAULT_RETRY_MAX_S = 5.0
 FAULT_LOG_EVERY_S = 10.0
-BATCH_CALLS = 2000  # calls in one group commit at most
+
+
+def storage_fault(error: BaseException) -> bool:
+    """SQLite's faults of the storage, not of the call: the call is tried again once they
+    clear."""
+    return isinstance(error, sqlite3.OperationalError) and any(
+        fault in str(error) for fault in STORAGE_FAULTS
+    )
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What the writer needs to know of the database it writes."""
+
+    where: str  # for the log: a path, or a url without its password
+    dialect: Dialect = SQLITE
+    batch_calls: int = 2000  # calls in one group commit at most
+    reconnect: Callable[[], Any] | None = None  # a new connection, when one can be lost
+    # Whether an error is the storage's or the connection's, not the call's (it is tried
+    # again once it clears); and whether such a fault is worth an error in the log.
+    fault: Callable[[BaseException], bool] = storage_fault
+    lasting: Callable[[BaseException], bool] = storage_fault
 
 
 class Writer:
-    def __init__(self, conn: sqlite3.Connection, path: Path):
+    def __init__(self, conn: Any, engine: Engine):
         self._conn = conn
-        self._path = path  # for the log
+        self._engine = engine
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
         self._fault_logged_at = -FAULT_LOG_EVERY_S
@@ -56,14 +79,15 @@ class Writer:
             self._calls.put((fn, args, future))
             try:
                 return await future
-            except sqlite3.OperationalError as error:
-                if not any(fault in str(error) for fault in STORAGE_FAULTS):
+            except Exception as error:
+                if not self._engine.fault(error):
                     raise
-                self._report_fault(error)
+                if self._engine.lasting(error):
+                    self._report_fault(error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, FAULT_RETRY_MAX_S)
 
-    def _report_fault(self, error: sqlite3.Error) -> None:
+    def _report_fault(self, error: Exception) -> None:
         """Log a storage fault at most once per FAULT_LOG_EVERY_S, however many calls it hits."""
         now = time.monotonic()
         if now - self._fault_logged_at >= FAULT_LOG_EVERY_S:
@@ -71,7 +95,7 @@ class Writer:
             log.error(
                 "the ledger cannot write; retrying until it can",
                 error=str(error),
-                path=str(self._path),
+                ledger=self._engine.where,
             )
 
     def _serve(self) -> None:
@@ -80,7 +104,7 @@ class Writer:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < BATCH_CALLS:
+            while len(batch) < self._engine.batch_calls:
                 try:
                     item = self._calls.get_nowait()
                 except queue.Empty:
@@ -92,10 +116,10 @@ class Writer:
             self._commit(batch)
 
     def _commit(self, batch: list) -> None:
-        conn = self._conn
         outcomes = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn = self._connected()
+            conn.execute(self._engine.dialect.begin)
             for fn, args, _future in batch:
                 conn.execute("SAVEPOINT call")
                 try:
@@ -106,10 +130,10 @@ class Writer:
                     conn.execute("RELEASE call")
                     outcomes.append((False, error))
             conn.execute("COMMIT")
-        except sqlite3.Error as error:
-            # The commit itself failed (disk full, I/O error): nothing of the batch holds.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except Exception as error:  # handed to every caller: the thread serves on
+            # The commit itself failed (disk full, I/O error, the connection lost): nothing of
+            # the batch holds.
+            self._abandon()
             outcomes = [(False, error)] * len(batch)
         # One wake-up of each waiting loop per batch, not one per call.
         settled: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
@@ -117,6 +141,27 @@ class Writer:
             settled[future.get_loop()].append((future, outcome))
         for loop, futures in settled.items():
             loop.call_soon_threadsafe(_settle, futures)
+
+    def _connected(self) -> Any:
+        """The connection, made again first if the last one was lost."""
+        if self._conn is None:
+            self._conn = self._engine.reconnect()
+        return self._conn
+
+    def _abandon(self) -> None:
+        """After a failed commit: roll back what is left, or, when the connection is gone,
+        drop it for a new one at the next batch."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            if conn.in_transaction and not getattr(conn, "broken", False):
+                conn.execute("ROLLBACK")
+        except Exception:
+            pass  # lost while rolling back: it is dropped below, and the server rolls back
+        if getattr(conn, "broken", False):
+            self._conn = None
+            conn.close()
 
 
 def _settle(futures: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:

@@ -1,0 +1,152 @@
+"""Cluster mode: which agents this daemon sends for. Each agent's lease is renewed every
+lease_s / 3; the agents are shared evenly among the live daemons; a lease that has run out by
+the database's clock is taken under a new epoch, which fences its old holder off at its next
+mark. The records are the ledger's (ledger/leases.py); the decisions are made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from .config import Config
+from .dispatcher import Dispatcher, Fence
+from .ledger import Ledger
+from .ledger.leases import Round
+from .logs import log
+from .metrics import Metrics
+
+EARLIEST_WAKE_S = 0.02  # a lease running out is taken this soon after, at the earliest
+GIVE_UP_WAIT_S = 5.0  # beyond api.timeout_s: a lane given up finishes its sends first
+
+
+def share(agents: int, live: list[int], run: int) -> int:
+    """This run's share of the agents: as many as every other live run's, or one more for the
+    first `agents % len(live)` of them in the order they started, so that the shares add up."""
+    base, extra = divmod(agents, len(live))
+    return base + (1 if live.index(run) < extra else 0)
+
+
+def plan(held: set[str], free: list[str], fair: int) -> tuple[list[str], list[str]]:
+    """The agents to take (free ones, while this run has fewer than its share) and to give up
+    (while it has more): an agent moves only from a holder with more than its share."""
+    if len(held) < fair:
+        return free[: fair - len(held)], []
+    return [], sorted(held)[fair:]
+
+
+class Leases:
+    def __init__(
+        self,
+        ledger: Ledger,
+        dispatcher: Dispatcher,
+        config: Callable[[], Config],
+        metrics: Metrics,
+    ):
+        self._ledger = ledger
+        self._dispatcher = dispatcher
+        self._config = config
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._fences: dict[str, Fence] = {}  # the leases held, by agent
+        self._giving_up: set[str] = set()  # lanes stopping before their leases are released
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(self._fences)
+
+    async def run(self) -> None:
+        """Renew, take and give up leases until cancelled (the daemon's stop, which then
+        releases them all with leave())."""
+        lease_s = self._config().cluster.lease_s
+        while True:
+            began = self._loop.time()
+            try:
+                async with asyncio.timeout(lease_s / 3):
+                    round_ = await self._ledger.lease_round(sorted(self._config().agents))
+            except TimeoutError:
+                self._lose_all("the ledger's database does not answer")
+                await asyncio.sleep(lease_s / 3 - (self._loop.time() - began))
+                continue
+            await self._apply(round_, began + lease_s)
+            wake = began + lease_s / 3
+            if round_.next_expiry_s is not None:  # another daemon's lease may be free then
+                wake = min(wake, self._loop.time() + round_.next_expiry_s + EARLIEST_WAKE_S)
+            await asyncio.sleep(max(EARLIEST_WAKE_S, wake - self._loop.time()))
+
+    async def _apply(self, round_: Round, valid_until: float) -> None:
+        lost = [
+            agent
+            for agent, fence in self._fences.items()
+            if round_.held.get(agent) != fence.epoch and agent not in self._giving_up
+        ]
+        if lost:
+            self._lose(lost, "taken by another daemon")
+        for agent, epoch in round_.held.items():
+            fence = self._fences.get(agent)
+            if fence is not None and fence.epoch == epoch:
+                fence.valid_until = valid_until
+            elif agent not in self._giving_up:  # held, and no lane: a take whose answer was lost
+                self._open({agent: epoch}, valid_until)
+        fair = share(len(self._config().agents), round_.live, self._ledger.run)
+        holding = set(self._fences) - self._giving_up
+        take, give_up = plan(holding, round_.free, fair)
+        if take:
+            taken = await self._ledger.take_leases(take)
+            if taken:
+                self._open(taken, valid_until)
+                log.info("leases taken", agents=sorted(taken), share=fair, daemons=len(round_.live))
+        if give_up:
+            self._give_up(give_up)
+            log.info("leases given up to share them", agents=give_up, share=fair)
+
+    def _open(self, taken: dict[str, int], valid_until: float) -> None:
+        agents = self._config().agents
+        fences = {agent: Fence(epoch, valid_until) for agent, epoch in taken.items()}
+        self._fences.update(fences)
+        self._dispatcher.open_lanes([agents[agent] for agent in taken if agent in agents], fences)
+        self._metrics.leases(len(self._fences), "taken", len(taken))
+
+    def _lose(self, agents: list[str], why: str) -> None:
+        """Leases this run has no more: their lanes stop at once (a mark would be refused)."""
+        for agent in agents:
+            self._fences.pop(agent, None)
+        self._dispatcher.retire(agents)
+        self._metrics.leases(len(self._fences), "lost", len(agents))
+        log.warning("leases lost: not sending for these agents", agents=sorted(agents), why=why)
+
+    def _lose_all(self, why: str) -> None:
+        if self._fences:
+            self._lose(list(self._fences), why)
+
+    def _give_up(self, agents: list[str]) -> None:
+        """Stop the lanes, let their sends finish, then release the leases for another daemon
+        to take at once (in the background: renewals go on meanwhile)."""
+        self._giving_up.update(agents)
+        lanes = self._dispatcher.retire(agents)
+        task = asyncio.create_task(self._release_when_settled(agents, lanes))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release_when_settled(self, agents: list[str], lanes: list) -> None:
+        try:
+            timeout = self._config().api.timeout_s + GIVE_UP_WAIT_S
+            await self._dispatcher.settled(lanes, timeout)
+            await self._ledger.release_leases(agents)
+            for agent in agents:
+                self._fences.pop(agent, None)
+            self._metrics.leases(len(self._fences), "given_up", len(agents))
+        finally:
+            self._giving_up.difference_update(agents)
+
+    async def leave(self, timeout: float) -> None:
+        """The daemon stops (its lanes drained): every lease is released, and this run counts
+        as alive no more, so that the others take its agents at once."""
+        for task in self._tasks:
+            task.cancel()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ledger.leave()
+        except TimeoutError:
+            log.warning("the leases could not be released: they run out in lease_s")

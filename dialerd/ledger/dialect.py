@@ -1,0 +1,57 @@
+"""What the ledger's SQL says differently on SQLite and on PostgreSQL: the rest is written once,
+in the SQL both read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the ledger's SQL says differently on each engine."""
+
+    name: str
+    begin: str  # a writing transaction, holding off other writers as far as the engine needs
+    json_texts: str  # the texts of a JSON array given as the one parameter, as a subquery
+    for_update: str  # after a SELECT of a row the transaction goes on to change
+    db_clock: str  # the database's wall clock in seconds since the epoch; SQLite: the caller's
+    last_control: str  # the latest seq given to a control, never given out again
+    lock_number: str  # held by a send's mark until commit, so that the cap is read and kept
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    begin="BEGIN IMMEDIATE",  # one writer at a time: the whole file is locked
+    json_texts="SELECT value FROM json_each(?)",
+    for_update="",
+    db_clock="?",
+    last_control="SELECT seq FROM sqlite_sequence WHERE name = 'controls'",
+    lock_number="",  # the whole file is the writer's already
+)
+POSTGRES = Dialect(
+    name="postgresql",
+    begin="BEGIN",
+    json_texts="SELECT json_array_elements_text(CAST(? AS json))",
+    for_update=" FOR UPDATE",
+    db_clock="extract(epoch FROM clock_timestamp())",
+    last_control="SELECT last_value FROM controls_seq_seq WHERE is_called",
+    lock_number="SELECT pg_advisory_xact_lock(1, hashtext(?))",
+)
+
+
+def dialect(conn: Any) -> Dialect:
+    """The dialect of a connection: a plain sqlite3 one, or postgres.PgConn."""
+    return getattr(conn, "dialect", SQLITE)
+
+
+# The SQLite ledger version whose tables a ledger on PostgreSQL holds, for the checks of what an
+# older SQLite ledger lacks.
+POSTGRES_HOLDS_VERSION = 8
+
+
+def tables_version(conn: Any) -> int:
+    """The ledger's schema version, as SQLite's versions count it."""
+    if dialect(conn) is POSTGRES:
+        return POSTGRES_HOLDS_VERSION
+    return conn.execute("PRAGMA user_version").fetchone()[0]

@@ -1,0 +1,164 @@
+"""Agents' leases (cluster mode): which daemon's run sends for each agent, until when by the
+database's clock, under which fencing epoch. What is recorded here; who takes or gives up
+which agent is decided in dialerd/leases.py.
+
+Every statement compares with `clock_timestamp()`, the database's own clock at that moment,
+so that no daemon's clock decides when a lease has run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..results import Outcome
+from .lock import LedgerLocked
+from .sends import IN_DOUBT_ERROR, finish
+from .states import State
+
+_LEASE_LASTS = "clock_timestamp() + make_interval(secs => ?)"
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One renewal: the leases this run holds (agent: epoch), the agents free to take, the
+    runs alive (this one among them) in the order they started, and in how many seconds the
+    first lease of another run runs out (None: none)."""
+
+    held: dict[str, int]
+    free: list[str]
+    live: list[int]
+    next_expiry_s: float | None
+
+
+class InstanceRunning(LedgerLocked):
+    """Another live daemon has this instance name (as LedgerLocked: `run` exits 75)."""
+
+
+def join(conn, run: int, instance: str, lease_s: float) -> float | None:
+    """This run, of `instance`, joins the cluster. When a run of the same name is alive by its
+    heartbeat, nothing is recorded and the seconds it has left are returned (a crash just
+    before a restart: it runs out; a second daemon started by mistake: it renews)."""
+    left = conn.execute(
+        "SELECT extract(epoch FROM max(renewed_at + make_interval(secs => lease_s))"
+        " - clock_timestamp()) FROM runs WHERE instance = ? AND stopped_at IS NULL"
+        " AND run != ? AND renewed_at + make_interval(secs => lease_s) > clock_timestamp()",
+        (instance, run),
+    ).fetchone()[0]
+    if left is not None:
+        return float(left)
+    conn.execute(
+        "UPDATE runs SET instance = ?, lease_s = ?, renewed_at = clock_timestamp() WHERE run = ?",
+        (instance, lease_s, run),
+    )
+    return None
+
+
+def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
+    conn.execute("UPDATE runs SET renewed_at = clock_timestamp() WHERE run = ?", (run,))
+    conn.execute(
+        "INSERT INTO leases (agent_id, epoch, expires_at)"
+        " SELECT agent, 0, '-infinity' FROM unnest(CAST(? AS text[])) AS agent"
+        " ON CONFLICT DO NOTHING",
+        (agents,),
+    )
+    held = dict(
+        conn.execute(
+            f"UPDATE leases SET expires_at = {_LEASE_LASTS} WHERE run = ? AND agent_id = ANY(?)"
+            " RETURNING agent_id, epoch",
+            (lease_s, run, agents),
+        ).fetchall()
+    )
+    live = [
+        r[0]
+        for r in conn.execute(
+            "SELECT run FROM runs WHERE stopped_at IS NULL"
+            " AND renewed_at + make_interval(secs => lease_s) > clock_timestamp() ORDER BY run"
+        )
+    ]
+    free = [
+        r[0]
+        for r in conn.execute(
+            "SELECT agent_id FROM leases WHERE agent_id = ANY(?)"
+            " AND expires_at <= clock_timestamp() ORDER BY agent_id",
+            (agents,),
+        )
+    ]
+    (next_expiry,) = conn.execute(
+        "SELECT extract(epoch FROM min(expires_at) - clock_timestamp()) FROM leases"
+        " WHERE agent_id = ANY(?) AND run IS DISTINCT FROM ? AND expires_at > clock_timestamp()",
+        (agents, run),
+    ).fetchone()
+    return Round(held, free, live, None if next_expiry is None else float(next_expiry))
+
+
+def take(conn, run: int, instance: str, agents: list[str], lease_s: float) -> dict[str, int]:
+    """The leases of `agents` that are still free taken by this run, each under a new epoch,
+    which fences off the holder before; its sends marked and never answered are in_doubt now
+    (its lease is gone: no answer of them will be recorded). Agent: (epoch) of those taken."""
+    taken = {}
+    for agent_id in agents:
+        row = conn.execute(
+            "SELECT run FROM leases WHERE agent_id = ? AND expires_at <= clock_timestamp()"
+            " FOR UPDATE",
+            (agent_id,),
+        ).fetchone()
+        if row is None:
+            continue  # taken by another daemon since the round read it
+        (epoch,) = conn.execute(
+            "UPDATE leases SET run = ?, instance = ?, epoch = epoch + 1,"
+            f" expires_at = {_LEASE_LASTS}, taken_at = clock_timestamp() WHERE agent_id = ?"
+            " RETURNING epoch",
+            (run, instance, lease_s, agent_id),
+        ).fetchone()
+        taken[agent_id] = epoch
+        if row[0] != run:  # this run's own sends are still awaited by its lanes
+            _in_doubt(conn, agent_id)
+    return taken
+
+
+def _in_doubt(conn, agent_id: str) -> int:
+    seqs = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT seq FROM requests WHERE state != '{State.FINAL}'"
+            f" AND state = '{State.SENDING}' AND agent_id = ?",
+            (agent_id,),
+        )
+    ]
+    for seq in seqs:
+        finish(conn, seq, Outcome.IN_DOUBT, {"error": IN_DOUBT_ERROR})
+    return len(seqs)
+
+
+def release(conn, run: int, agents: list[str]) -> None:
+    """This run gives up the leases (its lanes have stopped, their sends answered): free to
+    take at once."""
+    conn.execute(
+        "UPDATE leases SET expires_at = clock_timestamp() WHERE run = ? AND agent_id = ANY(?)",
+        (run, agents),
+    )
+
+
+def leave(conn, run: int) -> None:
+    """This run stops: every lease it holds is free at once, and it counts as alive no more."""
+    conn.execute("UPDATE leases SET expires_at = clock_timestamp() WHERE run = ?", (run,))
+    conn.execute("UPDATE runs SET stopped_at = clock_timestamp() WHERE run = ?", (run,))
+
+
+def shared_secret(conn, name: str, new: bytes) -> bytes:
+    conn.execute(
+        "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, new)
+    )
+    return bytes(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+
+
+def holders(conn) -> list[tuple]:
+    """For `status`: each live or recent run with its agents and last renewal."""
+    return conn.execute(
+        "SELECT r.run, r.instance, r.pid, extract(epoch FROM r.renewed_at),"
+        " r.renewed_at + make_interval(secs => r.lease_s) > clock_timestamp() AS alive,"
+        " coalesce(array_agg(l.agent_id ORDER BY l.agent_id)"
+        "  FILTER (WHERE l.expires_at > clock_timestamp()), '{}')"
+        " FROM runs AS r LEFT JOIN leases AS l ON l.run = r.run"
+        " WHERE r.instance IS NOT NULL AND r.stopped_at IS NULL GROUP BY r.run ORDER BY r.run"
+    ).fetchall()
