@@ -97,11 +97,10 @@ class Metrics:
             "Cluster mode: sends not made because the agent's lease was another daemon's",
             ["agent"],
         )
-        self._leases_held = self._labelled(
-            Gauge,
+        self._leases_held = Gauge(
             "dialerd_leases_held",
             "Cluster mode: agents whose lease this daemon holds",
-            [],
+            registry=self.registry,
         )
         self._lease_moves = self._labelled(
             Counter,
@@ -170,7 +169,7 @@ class Metrics:
 
     def leases(self, held: int, change: str | None = None, count: int = 0) -> None:
         """How many leases are held now; `change` (taken, given_up, lost): by how many."""
-        self._leases_held().set(held)
+        self._leases_held.set(held)
         if change is not None:
             self._lease_moves(change).inc(count)
 

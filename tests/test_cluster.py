@@ -1,0 +1,201 @@
+"""Cluster mode (SPEC §9): real `dialerd run` processes sharing one PostgreSQL ledger, against
+`dialerd simulate` as its own process. Agents are shared among the daemons by leases; a daemon
+killed, or stopped past its lease, loses its agents to the others, and nothing is placed twice,
+nothing goes over an agent's rate, every request gets one result, from the daemon that took it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
+
+import yaml
+from conftest import SimulatorProcess, read_results, wait_for
+from psycopg.conninfo import conninfo_to_dict
+
+RATE = 5
+AGENTS = ("agent-a", "agent-b", "agent-c", "agent-d")
+SIM_AGENTS = tuple(f"{agent}={RATE}" for agent in AGENTS)
+LEASE_S = 2.0
+INTERVAL_S = 1.05 / RATE  # the default margin: 5 %
+
+
+def ledger_url(dsn: str) -> str:
+    """The test's schema on the shared server, as the config's `ledger` url names it."""
+    fields = conninfo_to_dict(dsn)
+    query = f"?options={quote(fields['options'])}" if "options" in fields else ""
+    host, port = fields.get("host", "127.0.0.1"), fields.get("port", "5432")
+    return f"postgresql://{fields.get('user', 'postgres')}@{host}:{port}/{fields['dbname']}{query}"
+
+
+def cluster_config(tmp_path: Path, name: str, sim: SimulatorProcess, url: str) -> Path:
+    """Daemon `name`'s config: its own state_dir, spool and results; the one ledger."""
+    home = tmp_path / name
+    home.mkdir()
+    document = {
+        "api": {"key_env": "VGAI_KEY", "timeout_s": 5, "endpoints": sim.endpoints()},
+        "agents": {
+            agent: {"region": ("eu", "us")[index % 2], "rate": RATE}
+            for index, agent in enumerate(AGENTS)
+        },
+        "default_agent": AGENTS[0],
+        "state_dir": str(home / "state"),
+        "spool": {"dir": str(home / "spool")},
+        "results": str(home / "results.jsonl"),
+        "stdin": False,
+        "ledger": url,
+        "instance": name,
+        "lease_s": LEASE_S,
+    }
+    path = home / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def requests(prefix: str, count: int, first_number: int = 0) -> list[dict]:
+    return [
+        {"id": f"{prefix}-{n}", "to": f"4477009{first_number + n:05d}", "agent_id": AGENTS[n % 4]}
+        for n in range(count)
+    ]
+
+
+def drop(tmp_path: Path, name: str, file_name: str, batch: list[dict]) -> None:
+    incoming = tmp_path / name / "spool" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    aside = incoming.parent / f".writing-{file_name}"
+    aside.write_text("".join(json.dumps(request) + "\n" for request in batch))
+    os.rename(aside, incoming / file_name)
+
+
+def over_rate(arrivals: list[dict]) -> dict[str, int]:
+    """Per agent, the most sends the simulator saw in any 1 s window, where above the rate."""
+    by_agent: dict[str, list[float]] = {}
+    for arrival in arrivals:
+        by_agent.setdefault(arrival["agent_id"], []).append(arrival["at"])
+    worst = {}
+    for agent, times in by_agent.items():
+        times.sort()
+        start, most = 0, 0
+        for end, moment in enumerate(times):
+            while moment - times[start] >= 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        if most > RATE:
+            worst[agent] = most
+    return worst
+
+
+def check_every_request_once(sim: SimulatorProcess, results: list[dict], batch: list[dict]):
+    arrivals = sim.arrivals()
+    assert not [a for a in arrivals if a["http_status"] == 429], "429s at the simulator"
+    assert not over_rate(arrivals)
+    twice = {to: n for to, n in Counter(a["to"] for a in arrivals if a["placed"]).items() if n > 1}
+    assert not twice, f"placed more than once: {twice}"
+    by_id = Counter(result["id"] for result in results)
+    assert set(by_id) == {request["id"] for request in batch}
+    assert max(by_id.values()) == 1, {i: n for i, n in by_id.items() if n > 1}
+
+
+def lease_log(daemon) -> list[dict]:
+    lines = [json.loads(line) for line in daemon.stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event", "").startswith("leases")]
+
+
+def held(daemon) -> set[str]:
+    """The agents a daemon holds, as its log tells: taken, less those given up or lost."""
+    agents: set[str] = set()
+    for line in lease_log(daemon):
+        if line["event"] == "leases taken":
+            agents |= set(line["agents"])
+        else:
+            agents -= set(line["agents"])
+    return agents
+
+
+def test_two_daemons_share_the_agents_and_each_request_is_sent_once(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
+    first.wait_running()
+    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
+    second.wait_running()
+    batch = requests("r", 120)
+    drop(tmp_path, "d1", "batch.jsonl", batch)  # all of it taken in by d1
+    results_path = tmp_path / "d1" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 60, "every result")
+    # Evenly: two agents each, every agent sent for by one daemon at a time.
+    holding = [held(first), held(second)]
+    assert len(holding[0]) == len(holding[1]) == 2 and not holding[0] & holding[1], holding
+    for daemon in (first, second):
+        assert daemon.stop()[0] == 0
+    check_every_request_once(sim, read_results(results_path), batch)
+    assert not (tmp_path / "d2" / "results.jsonl").exists() or not read_results(
+        tmp_path / "d2" / "results.jsonl"
+    ), "a result line written by the daemon that did not take the request in"
+
+
+def test_a_killed_daemons_agents_are_taken_over_within_a_lease(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
+    first.wait_running()
+    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
+    second.wait_running()
+    batch = requests("r", 200)
+    drop(tmp_path, "d1", "batch.jsonl", batch)
+    wait_for(lambda: held(second) and len(sim.arrivals()) > 40, 30, "both sending")
+    second_agents = held(second)
+    assert second_agents
+    second.kill()
+    killed_at = time.time()
+    results_path = tmp_path / "d1" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 90, "every result")
+    assert first.stop()[0] == 0
+    results = read_results(results_path)
+    check_every_request_once(sim, results, batch)
+    outcomes = Counter(result["outcome"] for result in results)
+    assert set(outcomes) <= {"dialed", "in_doubt"} and outcomes["in_doubt"] <= len(AGENTS)
+    for agent in second_agents:  # dialed again within lease_s and one interval of the kill
+        after = [
+            a["wall"] for a in sim.arrivals() if a["agent_id"] == agent and a["wall"] > killed_at
+        ]
+        assert after and min(after) - killed_at <= LEASE_S + INTERVAL_S + 0.3, (agent, after[:3])
+
+
+def test_a_daemon_stopped_past_its_lease_sends_nothing_for_the_agents_it_lost(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
+    first.wait_running()
+    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
+    second.wait_running()
+    batch = requests("r", 240)
+    drop(tmp_path, "d1", "batch.jsonl", batch)
+    wait_for(lambda: held(second) and len(sim.arrivals()) > 40, 30, "both sending")
+    second.proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    time.sleep(LEASE_S * 2)  # past its lease: the first daemon has taken its agents
+    second.proc.send_signal(signal.SIGCONT)
+    resumed_at = time.time()
+    results_path = tmp_path / "d1" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 90, "every result")
+    for daemon in (first, second):
+        assert daemon.stop()[0] == 0
+    check_every_request_once(sim, read_results(results_path), batch)
+    lost = [line for line in lease_log(second) if line["event"].startswith("leases lost")]
+    assert lost, second.stderr[-3000:]
+    assert stopped_at < resumed_at
