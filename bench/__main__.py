@@ -2,7 +2,7 @@
 
 import sys
 
-from . import callbacks, control, fidelity, lists, memory, scale, soak, spool, startup
+from . import callbacks, control, fidelity, lists, memory, pg_driver, scale, soak, spool, startup
 
 BENCHMARKS = {
     "fidelity": fidelity,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "startup": startup,
     "soak": soak,
     "control": control,
+    "pg_driver": pg_driver,
 }
 
 

@@ -51,6 +51,7 @@ SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read
 STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 CONTROL_CHECK_S = 0.5  # a requeue, cancel, pause or resume is obeyed within a second
+CLUSTER_IDLE_POLL_S = 1.0  # work another daemon took in for an agent is sent within a second
 
 
 class Daemon:
@@ -259,6 +260,7 @@ class Daemon:
             calling_window=lambda: self._window,
             number_cap=lambda: self.config.max_calls_per_number,
             key_hold=self._key_hold,
+            idle_poll_s=None if self.config.cluster is None else CLUSTER_IDLE_POLL_S,
         )
 
     async def _start_listeners(self) -> None:

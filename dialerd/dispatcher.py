@@ -76,6 +76,9 @@ class Wiring:
     number_cap: Callable[[], NumberCap | None] = lambda: None  # noqa: E731
     key_hold: Hold = field(default_factory=lambda: Hold("the key"))
     endpoint_holds: dict[str, Hold] = field(default_factory=dict)  # by region, as they happen
+    # Cluster mode: another daemon may queue work for a lane's agent, so an idle lane reads
+    # its queue again this often (a bounded poll of one indexed range).
+    idle_poll_s: float | None = None
 
     def endpoint_hold(self, region: str) -> Hold:
         """The hold of a region's endpoint, when the API cannot be reached there."""
@@ -266,6 +269,9 @@ class Lane:
             self._due.extend(await self._inside_hours(due))
             if not due:
                 wait = None if next_due is None else max(0.0, next_due - time.time())
+                poll = self._wiring.idle_poll_s
+                if poll is not None:
+                    wait = poll if wait is None else min(wait, poll)
                 with self.progress.waiting():
                     await wait_event(self._wake, wait)
                 return None

@@ -117,18 +117,26 @@ def held(daemon) -> set[str]:
     return agents
 
 
-def test_two_daemons_share_the_agents_and_each_request_is_sent_once(
-    tmp_path, simulator, daemons, pg_dsn, monkeypatch
-):
+def two_daemons(tmp_path, simulator, daemons, pg_dsn, monkeypatch):
+    """The simulator, and daemons d1 and d2 on the test's ledger, both running."""
     monkeypatch.setenv("VGAI_KEY", "k")
     sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
     url = ledger_url(pg_dsn)
-    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
-    first.wait_running()
-    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
-    second.wait_running()
+    started = []
+    for name in ("d1", "d2"):
+        started.append(daemons("-c", str(cluster_config(tmp_path, name, sim, url))))
+        started[-1].wait_running()
+    return sim, *started
+
+
+def test_two_daemons_share_the_agents_and_each_request_is_sent_once(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    sim, first, second = two_daemons(tmp_path, simulator, daemons, pg_dsn, monkeypatch)
+    wait_for(lambda: len(held(first)) == len(held(second)) == 2, 30, "the agents shared")
     batch = requests("r", 120)
-    drop(tmp_path, "d1", "batch.jsonl", batch)  # all of it taken in by d1
+    # All of it taken in by d1; d2's lanes, idle until now, find their agents' share of it.
+    drop(tmp_path, "d1", "batch.jsonl", batch)
     results_path = tmp_path / "d1" / "results.jsonl"
     wait_for(lambda: len(read_results(results_path)) >= len(batch), 60, "every result")
     # Evenly: two agents each, every agent sent for by one daemon at a time.
@@ -145,13 +153,7 @@ def test_two_daemons_share_the_agents_and_each_request_is_sent_once(
 def test_a_killed_daemons_agents_are_taken_over_within_a_lease(
     tmp_path, simulator, daemons, pg_dsn, monkeypatch
 ):
-    monkeypatch.setenv("VGAI_KEY", "k")
-    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
-    url = ledger_url(pg_dsn)
-    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
-    first.wait_running()
-    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
-    second.wait_running()
+    sim, first, second = two_daemons(tmp_path, simulator, daemons, pg_dsn, monkeypatch)
     batch = requests("r", 200)
     drop(tmp_path, "d1", "batch.jsonl", batch)
     wait_for(lambda: held(second) and len(sim.arrivals()) > 40, 30, "both sending")
@@ -176,13 +178,7 @@ def test_a_killed_daemons_agents_are_taken_over_within_a_lease(
 def test_a_daemon_stopped_past_its_lease_sends_nothing_for_the_agents_it_lost(
     tmp_path, simulator, daemons, pg_dsn, monkeypatch
 ):
-    monkeypatch.setenv("VGAI_KEY", "k")
-    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
-    url = ledger_url(pg_dsn)
-    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
-    first.wait_running()
-    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
-    second.wait_running()
+    sim, first, second = two_daemons(tmp_path, simulator, daemons, pg_dsn, monkeypatch)
     batch = requests("r", 240)
     drop(tmp_path, "d1", "batch.jsonl", batch)
     wait_for(lambda: held(second) and len(sim.arrivals()) > 40, 30, "both sending")

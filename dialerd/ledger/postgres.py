@@ -94,6 +94,7 @@ def connect(url: str, password_file: Path | None = None, application: str = "dia
 
     The password comes from `password_file` or from libpq's own sources (PGPASSWORD,
     ~/.pgpass, PGPASSFILE), never from the url in the config."""
+    given = conninfo_to_dict(url)
     params: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "application_name": application,
@@ -103,10 +104,14 @@ def connect(url: str, password_file: Path | None = None, application: str = "dia
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
+    params = {key: value for key, value in params.items() if key not in given}
+    # Each statement planned for its own parameters: a generic plan made while a table was empty
+    # (a new ledger) would go on scanning it once it has grown (the cap's look at a number's
+    # calls, say).
+    params["options"] = f"{given.get('options', '')} -c plan_cache_mode=force_custom_plan".strip()
     if password_file is not None:
         params["password"] = password_file.read_text().removesuffix("\n")
-    given = conninfo_to_dict(url)
-    conninfo = make_conninfo(url, **{k: v for k, v in params.items() if k not in given})
+    conninfo = make_conninfo(url, **params)
     try:
         return PgConn(psycopg.connect(conninfo, autocommit=True))
     except psycopg.OperationalError as error:  # as a file that cannot be opened: an OSError
