@@ -4,6 +4,7 @@ the state_dir or (cluster mode) on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
 import time
@@ -141,20 +142,38 @@ class Ledger:
     ) -> Intake:
         """Queue valid requests, record invalid ones and duplicates as final results; with
         `spool_file`, how far that file is recorded, in the same transaction."""
+        if spool_file is not None:
+            spool_file = dataclasses.replace(spool_file, name=self._spool_key(spool_file.name))
         return await self.call(intake.add, self.run, requests, invalid, spool_file, dedupe_window_s)
+
+    # A spool file is recorded by its name, which in cluster mode another daemon's spool may
+    # give too: there, each daemon's are under its instance ("dialer-1/batch.jsonl"; no name
+    # in a spool holds a "/").
+
+    def _spool_key(self, name: str) -> str:
+        return name if self.cluster is None else f"{self.cluster.instance}/{name}"
+
+    def _spool_name(self, key: str) -> str | None:
+        if self.cluster is None:
+            return key
+        instance, _, name = key.partition("/")
+        return name if instance == self.cluster.instance else None
 
     async def spool_files(self, names: list[str], note_lines: int) -> dict[str, SpoolRecord]:
         """What is recorded of the named spool files, recorded (or partly) but not yet moved;
         of the lines for each one's NAME.errors, the first `note_lines` and how many more."""
-        return await self.call(intake.spool_files, names, note_lines)
+        keys = [self._spool_key(name) for name in names]
+        recorded = await self.call(intake.spool_files, keys, note_lines)
+        return {self._spool_name(key): record for key, record in recorded.items()}
 
     async def spool_file_names(self) -> list[str]:
-        return await self.call(
+        keys = await self.call(
             lambda conn: [r[0] for r in conn.execute("SELECT name FROM spool_files")]
         )
+        return [name for key in keys if (name := self._spool_name(key)) is not None]
 
     async def forget_spool_files(self, names: list[str]) -> None:
-        await self.call(intake.forget_spool_files, names)
+        await self.call(intake.forget_spool_files, [self._spool_key(name) for name in names])
 
     # -- dispatch ----------------------------------------------------------------------------
 
