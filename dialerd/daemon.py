@@ -36,6 +36,7 @@ from .ledger import Ledger, empty_agent_status
 from .ledger.leases import InstanceRunning
 from .logs import log
 from .metrics import Metrics
+from .notices import Notices
 from .notify import Notifier
 from .progress import PROGRESS_EVERY_S, progress_fields, summary_fields
 from .results import ResultsWriter
@@ -51,7 +52,9 @@ SOURCES_STOP_S = 5.0  # for the sources to record what they read; a blocked read
 STALL_LIMIT_S = 60.0  # without a watchdog: a step longer than this (and api.timeout_s) is a stall
 EXIT_FORCED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 CONTROL_CHECK_S = 0.5  # a requeue, cancel, pause or resume is obeyed within a second
-CLUSTER_IDLE_POLL_S = 1.0  # work another daemon took in for an agent is sent within a second
+# Cluster mode: work another daemon took in for an agent wakes its lane by a notice; without
+# notices (their connection lost) an idle lane reads its queue again this often.
+CLUSTER_IDLE_POLL_S = 5.0
 
 
 class Daemon:
@@ -73,6 +76,7 @@ class Daemon:
         self.ledger = Ledger(config.state_dir, config.cluster)
         self._leases: Leases | None = None  # cluster mode
         self._lease_task: asyncio.Task | None = None
+        self._controls_changed = asyncio.Event()  # a notice of another process's control
         self._upkeep = Upkeep(self.ledger, lambda: self.config, self._notify_final)
         self._started_at = 0.0  # loop time the tasks started, for the summary
         self._stdin_done = False  # the run ends because stdin did: it gets a summary
@@ -347,7 +351,8 @@ class Daemon:
                 await self._upkeep.sync_pauses()
                 self._dispatcher.reread_queues()
                 self._notify_final()
-            await asyncio.sleep(CONTROL_CHECK_S)
+            await wait_event(self._controls_changed, CONTROL_CHECK_S)
+            self._controls_changed.clear()
 
     async def _report(self) -> dict | None:
         """The status report for the daemon's own lines; None, said, when it cannot be read:
@@ -415,6 +420,13 @@ class Daemon:
                     self.ledger, self._dispatcher, lambda: self.config, self.metrics
                 )
                 self._lease_task = group.create_task(self._leases.run(), name="leases")
+                notices = Notices(
+                    self.config.cluster,
+                    self._on_notice_of_work,
+                    self._controls_changed.set,
+                    self._leases.wake,
+                )
+                background.append(group.create_task(notices.run(), name="notices"))
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_controls(), name="controls"))
             background.append(group.create_task(self._upkeep.sweep(), name="sweep"))
@@ -454,6 +466,13 @@ class Daemon:
             await self._drain(sources)
             for task in background:
                 task.cancel()
+
+    def _on_notice_of_work(self, agent_ids: list[str] | None) -> None:
+        """Another daemon queued work (a request, a redial) for these agents (None: any)."""
+        if agent_ids is None:
+            self._dispatcher.reread_queues()
+        else:
+            self._dispatcher.wake(agent_ids, reread=True)
 
     def _on_queued(self, agent_ids: frozenset[str]) -> None:
         self._dispatcher.wake(agent_ids, reread=True)  # what came may go before what it holds

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from .aio import wait_event
 from .config import Config
 from .dispatcher import Dispatcher, Fence
 from .ledger import Ledger
@@ -51,10 +52,15 @@ class Leases:
         self._fences: dict[str, Fence] = {}  # the leases held, by agent
         self._giving_up: set[str] = set()  # lanes stopping before their leases are released
         self._tasks: set[asyncio.Task] = set()
+        self._woken = asyncio.Event()  # a lease given up elsewhere: a round now
 
     @property
     def held(self) -> list[str]:
         return sorted(self._fences)
+
+    def wake(self) -> None:
+        """Another daemon gave up leases, or left: a round at once, to take them."""
+        self._woken.set()
 
     async def run(self) -> None:
         """Renew, take and give up leases until cancelled (the daemon's stop, which then
@@ -62,6 +68,7 @@ class Leases:
         lease_s = self._config().cluster.lease_s
         while True:
             began = self._loop.time()
+            self._woken.clear()  # a notice from here on makes the next round come at once
             try:
                 async with asyncio.timeout(lease_s / 3):
                     round_ = await self._ledger.lease_round(sorted(self._config().agents))
@@ -73,7 +80,7 @@ class Leases:
             wake = began + lease_s / 3
             if round_.next_expiry_s is not None:  # another daemon's lease may be free then
                 wake = min(wake, self._loop.time() + round_.next_expiry_s + EARLIEST_WAKE_S)
-            await asyncio.sleep(max(EARLIEST_WAKE_S, wake - self._loop.time()))
+            await wait_event(self._woken, max(EARLIEST_WAKE_S, wake - self._loop.time()))
 
     async def _apply(self, round_: Round, valid_until: float) -> None:
         lost = [

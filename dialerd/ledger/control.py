@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ClusterConfig
 from ..results import Outcome
-from .dialect import dialect
+from .dialect import CONTROL, dialect, tell
 from .opening import open_current
 from .sends import CANCELLED_ERROR, finish
 from .states import NOT_PAUSED, PAUSED_AGENT, PAUSED_CAMPAIGN, Move, State
@@ -265,3 +265,4 @@ def record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
         "INSERT INTO controls (action, target, at) VALUES (?, ?, ?)",
         (action, str(selection), time.time()),
     )
+    tell(conn, CONTROL)

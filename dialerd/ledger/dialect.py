@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+NOTICES = "dialerd"  # the channel of the daemons' wake-ups (see dialerd/notices.py)
+QUEUED, CONTROL, LEASES = "queued:", "control", "leases"  # what a notice is of
+
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
@@ -18,6 +21,7 @@ class Dialect:
     db_clock: str  # the database's wall clock in seconds since the epoch; SQLite: the caller's
     last_control: str  # the latest seq given to a control, never given out again
     lock_number: str  # held by a send's mark until commit, so that the cap is read and kept
+    notify: str  # tells the other daemons of a change, as the transaction commits ("": none)
 
 
 SQLITE = Dialect(
@@ -28,6 +32,7 @@ SQLITE = Dialect(
     db_clock="?",
     last_control="SELECT seq FROM sqlite_sequence WHERE name = 'controls'",
     lock_number="",  # the whole file is the writer's already
+    notify="",  # one daemon: nobody else to tell
 )
 POSTGRES = Dialect(
     name="postgresql",
@@ -37,6 +42,7 @@ POSTGRES = Dialect(
     db_clock="extract(epoch FROM clock_timestamp())",
     last_control="SELECT last_value FROM controls_seq_seq WHERE is_called",
     lock_number="SELECT pg_advisory_xact_lock(1, hashtext(?))",
+    notify=f"SELECT pg_notify('{NOTICES}', ?)",
 )
 
 
@@ -55,3 +61,11 @@ def tables_version(conn: Any) -> int:
     if dialect(conn) is POSTGRES:
         return POSTGRES_HOLDS_VERSION
     return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def tell(conn: Any, *notices: str) -> None:
+    """Wake the other daemons of a cluster (each notice as QUEUED + an agent, CONTROL or
+    LEASES) once the transaction commits; nothing on SQLite."""
+    sql = dialect(conn).notify
+    for notice in dict.fromkeys(notices) if sql else ():
+        conn.execute(sql, (notice,))

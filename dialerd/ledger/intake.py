@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..request import Request
 from ..results import Outcome, result_line, utc_text
+from .dialect import QUEUED, tell
 from .retention import id_digest, pruned_taken_at
 from .schema import MIGRATIONS, create_schema
 from .states import State
@@ -85,6 +86,7 @@ def add(
         _reject(conn, run, now, {"outcome": Outcome.INVALID, **fields})
     if spool_file is not None:
         _record_spool_chunk(conn, spool_file, len(requests) + len(invalid))
+    tell(conn, *(QUEUED + agent for agent in agents))  # whichever daemon holds each agent
     return Intake(frozenset(agents), accepted, len(requests) - accepted + len(invalid))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..results import Outcome
+from .dialect import LEASES, tell
 from .lock import LedgerLocked
 from .sends import IN_DOUBT_ERROR, finish
 from .states import State
@@ -137,12 +138,14 @@ def release(conn, run: int, agents: list[str]) -> None:
         "UPDATE leases SET expires_at = clock_timestamp() WHERE run = ? AND agent_id = ANY(?)",
         (run, agents),
     )
+    tell(conn, LEASES)
 
 
 def leave(conn, run: int) -> None:
     """This run stops: every lease it holds is free at once, and it counts as alive no more."""
     conn.execute("UPDATE leases SET expires_at = clock_timestamp() WHERE run = ?", (run,))
     conn.execute("UPDATE runs SET stopped_at = clock_timestamp() WHERE run = ?", (run,))
+    tell(conn, LEASES)
 
 
 def shared_secret(conn, name: str, new: bytes) -> bytes:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from ..config import RedialPolicy
 from ..request import callback_matches
 from ..results import Outcome
+from .dialect import QUEUED, tell
 from .sends import (
     CANCELLED_IN_FLIGHT,
     FINISH_COLUMNS,
@@ -102,6 +103,8 @@ def _unreached(
         finish(conn, seq, Outcome.UNANSWERED, {"status": status})
         return "unanswered"
     if move(conn, seq, Move.REDIAL, due_at=redial_at, status=status):
+        (agent_id,) = conn.execute("SELECT agent_id FROM requests WHERE seq = ?", (seq,)).fetchone()
+        tell(conn, QUEUED + agent_id)  # the daemon that holds the agent, maybe not this one
         return "redial"
     if cancelled_while_out(conn, seq):  # an operator cancelled it: no redial follows
         finish(conn, seq, Outcome.CANCELLED, {"status": status, "error": CANCELLED_IN_FLIGHT})

@@ -94,6 +94,20 @@ def connect(url: str, password_file: Path | None = None, application: str = "dia
 
     The password comes from `password_file` or from libpq's own sources (PGPASSWORD,
     ~/.pgpass, PGPASSFILE), never from the url in the config."""
+    try:
+        return PgConn(psycopg.connect(_conninfo(url, password_file, application), autocommit=True))
+    except psycopg.OperationalError as error:  # as a file that cannot be opened: an OSError
+        reason = " ".join(str(error).split()) or "no answer"
+        raise LedgerUnreachable(f"cannot reach the ledger {describe(url)}: {reason}") from None
+
+
+async def connect_async(cluster: Any) -> psycopg.AsyncConnection:
+    """An asyncio connection to the ledger's database (for LISTEN), as connect() makes one."""
+    conninfo = _conninfo(cluster.url, cluster.password_file, f"dialerd {cluster.instance} notices")
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+
+
+def _conninfo(url: str, password_file: Path | None, application: str) -> str:
     given = conninfo_to_dict(url)
     params: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT_S,
@@ -111,12 +125,7 @@ def connect(url: str, password_file: Path | None = None, application: str = "dia
     params["options"] = f"{given.get('options', '')} -c plan_cache_mode=force_custom_plan".strip()
     if password_file is not None:
         params["password"] = password_file.read_text().removesuffix("\n")
-    conninfo = make_conninfo(url, **params)
-    try:
-        return PgConn(psycopg.connect(conninfo, autocommit=True))
-    except psycopg.OperationalError as error:  # as a file that cannot be opened: an OSError
-        reason = " ".join(str(error).split()) or "no answer"
-        raise LedgerUnreachable(f"cannot reach the ledger {describe(url)}: {reason}") from None
+    return make_conninfo(url, **params)
 
 
 def describe(url: str) -> str:
