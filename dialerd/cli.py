@@ -29,6 +29,7 @@ from .exits import (
     EX_OK,
     EX_SOFTWARE,
     EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     EX_USAGE,
     Failure,
 )
@@ -335,7 +336,11 @@ def _load_runnable(args, needs_key: bool) -> Config:
 
 
 def cmd_check(args) -> int:
+    from .preflight import ledger_problem
+
     config = _load_runnable(args, needs_key=True)
+    if (problem := ledger_problem(config)) is not None:
+        raise Failure(f"ledger: {problem}", EX_UNAVAILABLE)
     agents = ", ".join(f"{a.id} ({a.region}, {a.rate}/s)" for a in config.agents.values())
     print(f"{_config_path(args)}: OK; agents: {agents}")
     return EX_OK

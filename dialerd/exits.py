@@ -6,6 +6,7 @@ EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
+EX_UNAVAILABLE = 69  # a service it needs (the ledger's database) does not answer
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75

@@ -18,6 +18,7 @@ def preflight(config: Config) -> None:
         ("spool.dir", lambda: _directory_problem(config.spool_dir)),
         ("dnc_file", lambda: _dnc_problem(config.dnc_file)),
         ("results", lambda: _results_problem(config)),
+        ("ledger_password_file", lambda: _password_problem(config)),
     ]
     problems = []
     for key, check in checks:
@@ -56,6 +57,42 @@ def _dnc_problem(path: Path | None) -> str | None:
             file.read(1)
     except OSError as error:
         return f"cannot read it: {error.strerror or error} ({path})"
+    return None
+
+
+def _password_problem(config: Config) -> str | None:
+    path = config.cluster and config.cluster.password_file
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error} ({path})"
+    return None
+
+
+def ledger_problem(config: Config) -> str | None:
+    """`check` in cluster mode: whether the database answers, and holds a ledger this dialerd
+    can run on (none yet is fine: the first daemon makes it). Not for `run`: a database that is
+    down at boot is a reason to try again later, not a config error."""
+    if config.cluster is None:
+        return None
+    from .ledger import postgres  # psycopg takes 0.1 s to import: only in cluster mode
+
+    try:
+        conn = postgres.connect(config.cluster.url, config.cluster.password_file, "dialerd check")
+    except OSError as error:
+        return str(error)
+    try:
+        version = postgres.schema_version(conn)
+    finally:
+        conn.close()
+    if version > postgres.VERSION:
+        return (
+            f"the ledger has schema version {version}, newer than this dialerd knows"
+            f" ({postgres.VERSION})"
+        )
     return None
 
 

@@ -26,6 +26,7 @@ def status_text(report: dict, config: Config) -> str:
     lines += _held_lines(report)
     lines += _paused_lines(report)
     lines += _campaign_lines(report)
+    lines += _daemon_lines(report)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())) or "none yet"
     lines.append(f"outcomes: {outcomes}")
     if report["results_unwritten"]:
@@ -73,6 +74,23 @@ def _paused_lines(report: dict) -> list[str]:
         f"paused: {pause['kind']} {pause['name']} since {_utc_time(pause['since'])}"
         for pause in report.get("paused", [])
     ]
+
+
+def _daemon_lines(report: dict) -> list[str]:
+    """Cluster mode: the daemons, the agents each holds, and the results each is owed."""
+    lines = []
+    for instance, entry in sorted(report.get("daemons", {}).items()):
+        if entry["alive"]:
+            said = (
+                f"daemon {instance} (pid {entry['pid']}): renewed"
+                f" {_utc_time(entry['renewed_at'])}; agents: {', '.join(entry['agents']) or '-'}"
+            )
+        else:
+            said = f"daemon {instance}: not running"
+        if entry["results_owed"]:
+            said += f"; {entry['results_owed']} result line(s) wait for it"
+        lines.append(said)
+    return lines
 
 
 def _campaign_lines(report: dict) -> list[str]:

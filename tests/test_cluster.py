@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 import yaml
-from conftest import SimulatorProcess, read_results, wait_for
+from conftest import SimulatorProcess, read_results, run_dialerd, wait_for
 from psycopg.conninfo import conninfo_to_dict
 
 RATE = 5
@@ -134,6 +135,15 @@ def test_two_daemons_share_the_agents_and_each_request_is_sent_once(
 ):
     sim, first, second = two_daemons(tmp_path, simulator, daemons, pg_dsn, monkeypatch)
     wait_for(lambda: len(held(first)) == len(held(second)) == 2, 30, "the agents shared")
+    config = str(tmp_path / "d1" / "config.yaml")
+    report = json.loads(run_dialerd("status", "-c", config, "--json").stdout)["daemons"]
+    assert {name: set(entry["agents"]) for name, entry in report.items()} == {
+        "d1": held(first),
+        "d2": held(second),
+    }
+    assert all(entry["alive"] and entry["renewed_at"] for entry in report.values()), report
+    text = run_dialerd("status", "-c", config).stdout.decode()
+    assert f"daemon d2 (pid {second.proc.pid}): renewed" in text, text
     batch = requests("r", 120)
     # All of it taken in by d1; d2's lanes, idle until now, find their agents' share of it.
     drop(tmp_path, "d1", "batch.jsonl", batch)
@@ -201,3 +211,29 @@ def test_a_daemon_stopped_past_its_lease_sends_nothing_for_the_agents_it_lost(
     lost = [line for line in lease_log(second) if line["event"].startswith("leases lost")]
     assert lost, second.stderr[-3000:]
     assert stopped_at < resumed_at
+
+
+class NoApi:
+    """Endpoints for a config that never sends (`check` reads them, nothing calls them)."""
+
+    @staticmethod
+    def endpoints() -> dict[str, str]:
+        return {region: f"http://127.0.0.1:9/{region}" for region in ("eu", "us")}
+
+
+def test_check_connects_to_the_ledger_and_says_when_it_cannot(tmp_path, pg_dsn):
+    good = cluster_config(tmp_path, "d1", NoApi(), ledger_url(pg_dsn))
+    checked = run_dialerd("check", "-c", str(good))
+    assert checked.returncode == 0, checked.stderr
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))  # a port that is taken, and never listened on
+    port = nobody.getsockname()[1]
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{port}/test"
+        bad = cluster_config(tmp_path, "d2", NoApi(), url)
+        checked = run_dialerd("check", "-c", str(bad))
+    finally:
+        nobody.close()
+    assert checked.returncode == 69, checked.stderr
+    message = checked.stderr.decode()
+    assert message.startswith(f"dialerd: ledger: cannot reach the ledger {url}"), message

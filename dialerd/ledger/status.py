@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..config import ClusterConfig
-from .dialect import tables_version
+from .dialect import POSTGRES, dialect, tables_version
 from .opening import open_ledger
 from .states import NOT_PAUSED, State
 
@@ -117,6 +117,39 @@ def status_report(conn: sqlite3.Connection, now: float) -> dict:
             agents[agent_id]["paused"] = count
         report["paused"] = paused(conn)
         report["campaigns"] = _campaigns(conn, now)
+    if dialect(conn) is POSTGRES:
+        report["daemons"] = daemons(conn)
+    return report
+
+
+def daemons(conn) -> dict[str, dict]:
+    """Cluster mode: each daemon alive by its heartbeat, with the agents whose leases it holds
+    and its last renewal (epoch seconds, by the database's clock); and each instance owed
+    result lines, alive or not (they wait for it in the ledger)."""
+    report = {
+        instance: {
+            "alive": True,
+            "run": run,
+            "pid": pid,
+            "renewed_at": float(renewed_at),
+            "agents": list(agents),
+            "results_owed": 0,
+        }
+        for instance, run, pid, renewed_at, agents in conn.execute(
+            "SELECT r.instance, r.run, r.pid, extract(epoch FROM r.renewed_at),"
+            " coalesce((SELECT array_agg(l.agent_id ORDER BY l.agent_id) FROM leases AS l"
+            "  WHERE l.run = r.run AND l.expires_at > clock_timestamp()), '{}')"
+            " FROM runs AS r WHERE r.stopped_at IS NULL AND r.instance IS NOT NULL"
+            " AND r.renewed_at + make_interval(secs => r.lease_s) > clock_timestamp()"
+            " ORDER BY r.run"
+        )
+    }
+    for instance, owed in conn.execute(
+        "SELECT r.instance, count(*) FROM outbox AS o JOIN runs AS r ON r.run = o.run"
+        " GROUP BY r.instance"
+    ):
+        entry = report.setdefault(instance, {"alive": False, "agents": []})
+        entry["results_owed"] = owed
     return report
 
 
