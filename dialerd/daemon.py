@@ -359,7 +359,7 @@ class Daemon:
         a report is never worth stopping the daemon for."""
         try:
             return await self.ledger.status()
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:  # OSError: the database does not answer
             log.warning("the ledger's status cannot be read", error=str(error))
             return None
 

@@ -259,6 +259,9 @@ class Lane:
                 ahead_s=round(-since, 3),
             )
             since = 0.0
+        # The last send is stamped at its mark, which comes up to MARK_LEAD_S before it
+        # leaves (another daemon's too, in cluster mode): spaced from its latest departure.
+        since = max(0.0, since - MARK_LEAD_S)
         self._not_before = self._loop.time() - since + (1.0 - self.tolerance) * self.interval
 
     async def _next_due(self) -> Pending | None:

@@ -34,17 +34,21 @@ def ledger_url(dsn: str) -> str:
     return f"postgresql://{fields.get('user', 'postgres')}@{host}:{port}/{fields['dbname']}{query}"
 
 
-def cluster_config(tmp_path: Path, name: str, sim: SimulatorProcess, url: str) -> Path:
-    """Daemon `name`'s config: its own state_dir, spool and results; the one ledger."""
+def cluster_config(
+    tmp_path: Path, name: str, sim: SimulatorProcess, url: str, rates: dict[str, int] | None = None
+) -> Path:
+    """Daemon `name`'s config: its own state_dir, spool and results; the one ledger; `rates`
+    (by default, AGENTS at RATE)."""
+    rates = rates or dict.fromkeys(AGENTS, RATE)
     home = tmp_path / name
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     document = {
         "api": {"key_env": "VGAI_KEY", "timeout_s": 5, "endpoints": sim.endpoints()},
         "agents": {
-            agent: {"region": ("eu", "us")[index % 2], "rate": RATE}
-            for index, agent in enumerate(AGENTS)
+            agent: {"region": ("eu", "us")[index % 2], "rate": rate}
+            for index, (agent, rate) in enumerate(rates.items())
         },
-        "default_agent": AGENTS[0],
+        "default_agent": next(iter(rates)),
         "state_dir": str(home / "state"),
         "spool": {"dir": str(home / "spool")},
         "results": str(home / "results.jsonl"),
@@ -73,8 +77,9 @@ def drop(tmp_path: Path, name: str, file_name: str, batch: list[dict]) -> None:
     os.rename(aside, incoming / file_name)
 
 
-def over_rate(arrivals: list[dict]) -> dict[str, int]:
-    """Per agent, the most sends the simulator saw in any 1 s window, where above the rate."""
+def over_rate(arrivals: list[dict], rates: dict[str, int] | None = None) -> dict[str, int]:
+    """Per agent, the most sends the simulator saw in any 1 s window, where above its rate."""
+    rates = rates or dict.fromkeys(AGENTS, RATE)
     by_agent: dict[str, list[float]] = {}
     for arrival in arrivals:
         by_agent.setdefault(arrival["agent_id"], []).append(arrival["at"])
@@ -86,7 +91,7 @@ def over_rate(arrivals: list[dict]) -> dict[str, int]:
             while moment - times[start] >= 1.0:
                 start += 1
             most = max(most, end - start + 1)
-        if most > RATE:
+        if most > rates[agent]:
             worst[agent] = most
     return worst
 

@@ -17,6 +17,7 @@ from .sends import IN_DOUBT_ERROR, finish
 from .states import State
 
 _LEASE_LASTS = "clock_timestamp() + make_interval(secs => ?)"
+_FREE = "run = NULL, instance = NULL, expires_at = clock_timestamp()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +134,14 @@ def _in_doubt(conn, agent_id: str) -> int:
 
 def release(conn, run: int, agents: list[str]) -> None:
     """This run gives up the leases (its lanes have stopped, their sends answered): free to
-    take at once."""
-    conn.execute(
-        "UPDATE leases SET expires_at = clock_timestamp() WHERE run = ? AND agent_id = ANY(?)",
-        (run, agents),
-    )
+    take at once, and no more this run's (a renewal would take them back)."""
+    conn.execute(f"UPDATE leases SET {_FREE} WHERE run = ? AND agent_id = ANY(?)", (run, agents))
     tell(conn, LEASES)
 
 
 def leave(conn, run: int) -> None:
     """This run stops: every lease it holds is free at once, and it counts as alive no more."""
-    conn.execute("UPDATE leases SET expires_at = clock_timestamp() WHERE run = ?", (run,))
+    conn.execute(f"UPDATE leases SET {_FREE} WHERE run = ?", (run,))
     conn.execute("UPDATE runs SET stopped_at = clock_timestamp() WHERE run = ?", (run,))
     tell(conn, LEASES)
 

@@ -381,9 +381,17 @@ class Ledger:
 
     def _read_status(self) -> dict:
         if self.cluster is None:
-            conn, begin = connect(self.path, read_only=True), "BEGIN"
-        else:
-            conn, begin = self._connect_postgres(), "BEGIN ISOLATION LEVEL REPEATABLE READ"
+            return self._report(connect(self.path, read_only=True), "BEGIN")
+        from .postgres import psycopg
+
+        try:
+            conn = self._connect_postgres()
+            return self._report(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+        except psycopg.Error as error:  # the database went away during the report
+            raise OSError(f"cannot read the ledger {self.where}: {error}") from None
+
+    @staticmethod
+    def _report(conn: Any, begin: str) -> dict:
         try:
             conn.execute(begin)  # one snapshot for all of the report's queries
             return status.status_report(conn, time.time())

@@ -1,0 +1,132 @@
+"""Agents' leases on a real PostgreSQL server: who may send for an agent, the epoch that fences
+a holder off once another has taken its lease, and how the agents are shared (SPEC §9)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_request import CONFIG
+
+from dialerd.leases import plan, share
+from dialerd.ledger import postgres
+from dialerd.ledger.intake import add
+from dialerd.ledger.leases import join, leave, release, renew, take
+from dialerd.ledger.sends import LeaseLost, mark_sending
+from dialerd.request import build_request
+
+AGENT = "agent-eu"
+LEASE_S = 30.0
+
+
+@pytest.fixture
+def pg(pg_dsn):
+    conn = postgres.connect(pg_dsn)
+    postgres.create_schema(conn)
+    yield conn
+    conn.close()
+
+
+def new_run(conn, instance: str) -> int:
+    (run,) = conn.execute(
+        "INSERT INTO runs (pid, started_at) VALUES (1, 0) RETURNING run"
+    ).fetchone()
+    assert join(conn, run, instance, LEASE_S) is None
+    return run
+
+
+def queued(conn, request_id: str) -> int:
+    request = build_request({"id": request_id, "to": "+447700900123"}, CONFIG, "test:1")
+    add(conn, 1, [request], [], None, 0)
+    return conn.execute("SELECT seq FROM requests WHERE id = ?", (request_id,)).fetchone()[0]
+
+
+def run_out(conn, agent: str = AGENT) -> None:
+    """The agent's lease runs out now, as if its holder had stopped renewing lease_s ago."""
+    conn.execute(
+        "UPDATE leases SET expires_at = clock_timestamp() - interval '1 ms' WHERE agent_id = ?",
+        (agent,),
+    )
+
+
+def test_a_lease_is_taken_once_and_its_epoch_fences_the_holder_before(pg):
+    first, second = new_run(pg, "d1"), new_run(pg, "d2")
+    renew(pg, first, [AGENT], LEASE_S)
+    assert take(pg, first, "d1", [AGENT], LEASE_S) == {AGENT: 1}
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == {}, "held: not free to take"
+    seq = queued(pg, "r1")
+    assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(first, 1)) == (True, None)
+    queued(pg, "r2")
+    run_out(pg)
+    # Run out, not yet taken: the holder's own mark is refused by the database's clock.
+    with pytest.raises(LeaseLost):
+        mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(first, 1))
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == {AGENT: 2}
+    with pytest.raises(LeaseLost):
+        mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(first, 1))
+    # The send the first run marked and never answered is in_doubt: its lease is gone.
+    assert pg.execute("SELECT outcome FROM requests WHERE seq = ?", (seq,)).fetchone() == (
+        "in_doubt",
+    )
+    assert renew(pg, first, [AGENT], LEASE_S).held == {}, "lost: a renewal does not bring it back"
+    assert mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(second, 2)) == (True, None)
+
+
+def test_a_mark_holds_off_a_takeover_until_it_commits(pg, pg_dsn):
+    """The mark checks the lease FOR SHARE: a takeover, which updates the row, waits until the
+    mark's transaction has committed, so no send is marked under a lease already taken."""
+    holder = new_run(pg, "d1")
+    renew(pg, holder, [AGENT], LEASE_S)
+    take(pg, holder, "d1", [AGENT], LEASE_S)
+    seq = queued(pg, "r1")
+    pg.execute("BEGIN")
+    assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(holder, 1)) == (True, None)
+    other = psycopg.connect(pg_dsn, autocommit=True)
+    other.execute("SET lock_timeout = '200ms'")
+    with pytest.raises(psycopg.errors.LockNotAvailable):
+        other.execute("UPDATE leases SET epoch = epoch + 1 WHERE agent_id = %s", (AGENT,))
+    pg.execute("COMMIT")
+    other.execute("UPDATE leases SET epoch = epoch + 1 WHERE agent_id = %s", (AGENT,))
+    other.close()
+
+
+def test_a_lease_given_up_is_free_at_once_and_not_renewed_again(pg):
+    first, second = new_run(pg, "d1"), new_run(pg, "d2")
+    renew(pg, first, [AGENT], LEASE_S)
+    take(pg, first, "d1", [AGENT], LEASE_S)
+    release(pg, first, [AGENT])
+    assert renew(pg, first, [AGENT], LEASE_S).held == {}
+    round_ = renew(pg, second, [AGENT], LEASE_S)
+    assert round_.free == [AGENT] and round_.live == [first, second]
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == {AGENT: 2}
+
+
+def test_a_daemon_that_leaves_frees_its_leases_and_counts_as_alive_no_more(pg):
+    first, second = new_run(pg, "d1"), new_run(pg, "d2")
+    agents = [AGENT, "agent-us"]
+    renew(pg, first, agents, LEASE_S)
+    take(pg, first, "d1", agents, LEASE_S)
+    leave(pg, first)
+    round_ = renew(pg, second, agents, LEASE_S)
+    assert round_.live == [second] and round_.free == sorted(agents)
+
+
+def test_a_second_live_daemon_of_one_instance_is_told_how_long_the_first_has_left(pg):
+    new_run(pg, "d1")
+    (run,) = pg.execute("INSERT INTO runs (pid, started_at) VALUES (2, 0) RETURNING run").fetchone()
+    left = join(pg, run, "d1", LEASE_S)
+    assert left is not None and 0 < left <= LEASE_S
+
+
+@given(agents=st.integers(0, 300), runs=st.integers(1, 12))
+def test_the_shares_add_up_to_every_agent_and_differ_by_one_at_most(agents, runs):
+    live = list(range(100, 100 + runs))
+    shares = [share(agents, live, run) for run in live]
+    assert sum(shares) == agents and max(shares) - min(shares) <= 1
+
+
+def test_an_agent_moves_only_from_a_holder_with_more_than_its_share():
+    assert plan({"a", "b"}, ["c", "d"], 3) == (["c"], [])
+    assert plan({"a", "b", "c"}, ["d"], 3) == ([], [])
+    assert plan({"a", "b", "c", "d"}, [], 3) == ([], ["d"])
