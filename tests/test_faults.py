@@ -412,7 +412,7 @@ def test_a_full_disk_holds_work_back_and_loses_nothing(tmp_path, disk, simulator
     assert (spool / "incoming" / "during.jsonl").exists(), "left incoming/ before it was recorded"
     fault = next(e for e in log_events(daemon.stderr) if e["event"].startswith(LEDGER_FAULT))
     assert fault["level"] == "error" and fault["error"], fault
-    assert fault["path"] == str(state / "ledger.sqlite3"), fault
+    assert fault["ledger"] == str(state / "ledger.sqlite3"), fault
 
     disk.lift()
     wait_results(results_file, len(before) + len(during) + 1, RECOVERY_S)
