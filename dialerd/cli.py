@@ -398,7 +398,9 @@ def _results_tally(names: list[str], since: float | None, campaign: str | None):
 def _ledger_tally(config: Config, since: float | None, campaign: str | None):
     from .report import Tally, read_ledger
 
-    tally = _read_ledger(config, lambda state_dir: read_ledger(state_dir, since, campaign))
+    tally = _read_ledger(
+        config, lambda state_dir: read_ledger(state_dir, since, campaign, config.cluster)
+    )
     if tally is None:
         print(f"dialerd: no ledger in {config.state_dir}: nothing recorded yet", file=sys.stderr)
         return Tally()
@@ -416,6 +418,8 @@ def _read_ledger(config: Config, read: Callable[[Path], Any]) -> Any:
         return read(config.state_dir)
     except LedgerTooNew as error:
         raise Failure(f"cannot read: {error}", EX_DATAERR) from None
+    except OSError as error:  # cluster mode: the database does not answer
+        raise Failure(f"cannot read: {error}", 66) from None
     except sqlite3.OperationalError as error:  # not readable: permissions, a vanished directory
         raise Failure(f"cannot read the ledger {path}: {error}", 66) from None
     except sqlite3.DatabaseError as error:  # readable, but not a ledger

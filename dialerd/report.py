@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .ledger import connect
+from .config import ClusterConfig
+from .ledger.dialect import dialect, tables_version
+from .ledger.opening import open_ledger
 from .ledger.status import CAMPAIGNS_SINCE
 from .request import parse_moment
 from .results import Outcome
@@ -29,16 +31,18 @@ HOUR_S = 3600
 
 # The ledger's final outcomes, counted per (outcome, agent, status, UTC hour); :start is the first
 # whole second counted, as a result line's `at` has no fraction.
+# (The campaign is CAST: PostgreSQL cannot tell a parameter's type from `IS NULL` alone.)
 LEDGER_FINALS = """
-SELECT outcome, agent_id, status, CAST(finished_at / 3600 AS INTEGER), count(*) FROM requests
+SELECT outcome, agent_id, status, {finished_hour}, count(*) FROM requests
  WHERE outcome IS NOT NULL AND finished_at >= :start
-   AND (:campaign IS NULL OR campaign = :campaign) GROUP BY 1, 2, 3, 4
+   AND (CAST(:campaign AS TEXT) IS NULL OR campaign = :campaign) GROUP BY 1, 2, 3, 4
 UNION ALL
-SELECT outcome, NULL, NULL, CAST(at / 3600 AS INTEGER), count(*) FROM rejects
+SELECT outcome, NULL, NULL, {rejected_hour}, count(*) FROM rejects
  WHERE at >= :start AND {rejects_of_campaign} GROUP BY 1, 4
 """
-REJECTS_OF_CAMPAIGN = "(:campaign IS NULL OR campaign = :campaign)"
-REJECTS_BEFORE_CAMPAIGNS = ":campaign IS NULL"  # an older ledger's refusals have no campaign
+REJECTS_OF_CAMPAIGN = "(CAST(:campaign AS TEXT) IS NULL OR campaign = :campaign)"
+# An older ledger's refusals have no campaign.
+REJECTS_BEFORE_CAMPAIGNS = "CAST(:campaign AS TEXT) IS NULL"
 
 
 class Final(NamedTuple):
@@ -69,18 +73,27 @@ class Tally:
 # -- the ledger ---------------------------------------------------------------------------------
 
 
-def read_ledger(state_dir: Path, since: float | None, campaign: str | None = None) -> Tally | None:
+def read_ledger(
+    state_dir: Path,
+    since: float | None,
+    campaign: str | None = None,
+    cluster: ClusterConfig | None = None,
+) -> Tally | None:
     """The final outcomes in the ledger (of `campaign` only, when given), read-only, whether or
     not a daemon runs; None when there is no ledger. sqlite3.Error when it cannot be read."""
-    path = state_dir / "ledger.sqlite3"
-    if not path.exists():
+    try:
+        conn = open_ledger(state_dir, cluster, read_only=True)
+    except FileNotFoundError:
         return None
-    conn = connect(path, read_only=True)
     try:
         parameters = {"start": _first_second(since), "campaign": campaign}
-        upgraded = conn.execute("PRAGMA user_version").fetchone()[0] >= CAMPAIGNS_SINCE
-        rejects = REJECTS_OF_CAMPAIGN if upgraded else REJECTS_BEFORE_CAMPAIGNS
-        sql = LEDGER_FINALS.format(rejects_of_campaign=rejects)
+        upgraded = tables_version(conn) >= CAMPAIGNS_SINCE
+        hour = dialect(conn).hour
+        sql = LEDGER_FINALS.format(
+            finished_hour=hour.format("finished_at"),
+            rejected_hour=hour.format("at"),
+            rejects_of_campaign=REJECTS_OF_CAMPAIGN if upgraded else REJECTS_BEFORE_CAMPAIGNS,
+        )
         rows = conn.execute(sql, parameters).fetchall()
     finally:
         conn.close()

@@ -13,6 +13,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import yaml
@@ -35,10 +36,15 @@ def ledger_url(dsn: str) -> str:
 
 
 def cluster_config(
-    tmp_path: Path, name: str, sim: SimulatorProcess, url: str, rates: dict[str, int] | None = None
+    tmp_path: Path,
+    name: str,
+    sim: SimulatorProcess,
+    url: str,
+    rates: dict[str, int] | None = None,
+    **top: Any,
 ) -> Path:
     """Daemon `name`'s config: its own state_dir, spool and results; the one ledger; `rates`
-    (by default, AGENTS at RATE)."""
+    (by default, AGENTS at RATE); more `top` keys."""
     rates = rates or dict.fromkeys(AGENTS, RATE)
     home = tmp_path / name
     home.mkdir(exist_ok=True)
@@ -56,6 +62,7 @@ def cluster_config(
         "ledger": url,
         "instance": name,
         "lease_s": LEASE_S,
+        **top,
     }
     path = home / "config.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -242,3 +249,89 @@ def test_check_connects_to_the_ledger_and_says_when_it_cannot(tmp_path, pg_dsn):
     assert checked.returncode == 69, checked.stderr
     message = checked.stderr.decode()
     assert message.startswith(f"dialerd: ledger: cannot reach the ledger {url}"), message
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_callback_that_reaches_another_daemon_redials_on_the_agents_holder(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    """Both daemons' status_urls name the first's listener (a load balancer would send them to
+    either): the callbacks of the second's calls are applied by the first, and the second, which
+    holds the agent, makes the redial."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator(
+        "--unreached", "busy=1", "--callback-delay", "0.2-0.2", "--latency", "0.05",
+        agents=SIM_AGENTS,
+    )  # fmt: skip
+    url, ports = ledger_url(pg_dsn), [free_port(), free_port()]
+    started = []
+    for name, port in zip(("d1", "d2"), ports, strict=True):
+        callbacks = {
+            "listen": f"127.0.0.1:{port}",
+            "public_url": f"http://127.0.0.1:{ports[0]}",
+            "wait_s": 10,
+        }
+        redial = {"busy": {"attempts": 2, "delay_s": 0.5}}
+        config = cluster_config(tmp_path, name, sim, url, callbacks=callbacks, redial=redial)
+        started.append(daemons("-c", str(config)))
+        started[-1].wait_running()
+    first, second = started
+    wait_for(lambda: len(held(first)) == len(held(second)) == 2, 30, "the agents shared")
+    batch = requests("r", 8)
+    drop(tmp_path, "d1", "batch.jsonl", batch)
+    results_path = tmp_path / "d1" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 60, "every result")
+    for daemon in started:
+        assert daemon.stop()[0] == 0
+    results = read_results(results_path)
+    assert {(r["outcome"], r["status"], r["attempts"]) for r in results} == {
+        ("unanswered", "busy", 2)
+    }, results
+    calls = Counter(arrival["to"] for arrival in sim.arrivals())
+    assert set(calls.values()) == {2}, calls
+    redials_by_second = [
+        line
+        for line in map(json.loads, second.stderr.splitlines())
+        if line.get("event") == "send" and line["attempt"] == 2
+    ]
+    assert {line["agent"] for line in redials_by_second} == held(second)
+
+
+def test_a_daemon_joining_and_one_leaving_move_agents_without_a_long_gap_or_a_send_over_rate(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    first = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
+    first.wait_running()
+    batch = requests("r", 240)  # 60 per agent: 12.6 s of work at 5/s
+    drop(tmp_path, "d1", "batch.jsonl", batch)
+    wait_for(lambda: len(sim.arrivals()) > 20, 30, "the first daemon sending")
+    second = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
+    second.wait_running()
+    wait_for(lambda: len(held(second)) == 2, 30, "the second daemon's share")
+    time.sleep(1.0)  # both send for a while
+    assert first.stop()[0] == 0  # leaves: its agents go to the second at once
+    results_path = tmp_path / "d1" / "results.jsonl"
+    # The first daemon's results wait in the ledger for it: the second sends the rest.
+    wait_for(lambda: not second_has_work(sim, batch), 60, "every request sent")
+    assert second.stop()[0] == 0
+    third = daemons("-c", str(cluster_config(tmp_path, "d1", sim, url)))
+    third.wait_running()  # d1 again: it writes the results owed to it
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 30, "every result")
+    assert third.stop()[0] == 0
+    check_every_request_once(sim, read_results(results_path), batch)
+    for agent in AGENTS:  # while an agent had work, no pause longer than lease_s
+        times = sorted(a["wall"] for a in sim.arrivals() if a["agent_id"] == agent)
+        longest = max(b - a for a, b in zip(times, times[1:], strict=False))
+        assert longest <= LEASE_S, (agent, longest)
+
+
+def second_has_work(sim: SimulatorProcess, batch: list[dict]) -> bool:
+    return len({a["to"] for a in sim.arrivals() if a["placed"]}) < len(batch)

@@ -341,3 +341,32 @@ def test_bad_config(tmp_path, capsys):
     code, _out, err = in_process(capsys, "-c", str(path))
     assert code == 78
     assert "agents.a.region" in err
+
+
+def test_the_ledger_is_counted_by_hour_alike_on_either_engine(ledger_conn, ledger_where):
+    """A request ended in the last second of an hour is of that hour (CAST on PostgreSQL
+    rounds; the report floors), and the campaign picks alike on both engines."""
+    from test_request import CONFIG
+
+    from dialerd.ledger.intake import add
+    from dialerd.ledger.sends import finish
+    from dialerd.report import Final, read_ledger
+    from dialerd.request import build_request
+
+    fields = [({"id": "a", "campaign": "spring"}, 7 * 3600 + 3599.6), ({"id": "b"}, 8 * 3600)]
+    for given, ended_at in fields:
+        request = build_request({"to": "+447700900123", **given}, CONFIG, "test:1")
+        add(ledger_conn, 1, [request], [], None, 0)
+        (seq,) = ledger_conn.execute(
+            "SELECT seq FROM requests WHERE id = ?", (given["id"],)
+        ).fetchone()
+        finish(ledger_conn, seq, "dialed", {})
+        ledger_conn.execute("UPDATE requests SET finished_at = ? WHERE seq = ?", (ended_at, seq))
+    state_dir, cluster = ledger_where
+    every = read_ledger(state_dir, None, None, cluster).finals
+    assert every == {
+        Final("dialed", "agent-eu", None, 7): 1,
+        Final("dialed", "agent-eu", None, 8): 1,
+    }
+    spring = read_ledger(state_dir, None, "spring", cluster).finals
+    assert spring == {Final("dialed", "agent-eu", None, 7): 1}

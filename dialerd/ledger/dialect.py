@@ -22,6 +22,7 @@ class Dialect:
     last_control: str  # the latest seq given to a control, never given out again
     lock_number: str  # held by a send's mark until commit, so that the cap is read and kept
     notify: str  # tells the other daemons of a change, as the transaction commits ("": none)
+    hour: str  # the whole hours since the epoch of a time in seconds ({} for its column)
 
 
 SQLITE = Dialect(
@@ -33,6 +34,7 @@ SQLITE = Dialect(
     last_control="SELECT seq FROM sqlite_sequence WHERE name = 'controls'",
     lock_number="",  # the whole file is the writer's already
     notify="",  # one daemon: nobody else to tell
+    hour="CAST({} / 3600 AS INTEGER)",  # CAST truncates
 )
 POSTGRES = Dialect(
     name="postgresql",
@@ -43,6 +45,7 @@ POSTGRES = Dialect(
     last_control="SELECT last_value FROM controls_seq_seq WHERE is_called",
     lock_number="SELECT pg_advisory_xact_lock(1, hashtext(?))",
     notify=f"SELECT pg_notify('{NOTICES}', ?)",
+    hour="CAST(floor({} / 3600) AS bigint)",  # CAST alone rounds
 )
 
 

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from .dialect import POSTGRES
+from .schema import LedgerTooNew
 
 CONNECT_TIMEOUT_S = 5
 # The errors of one transaction against another, gone when it is tried again; a lost connection
@@ -261,10 +262,6 @@ MIGRATIONS: tuple[str, ...] = ()
 VERSION = len(MIGRATIONS) + 1  # SCHEMA is version 1
 # One schema change at a time, whichever daemons start at once.
 _SCHEMA_LOCK = 0x6469616C  # "dial"
-
-
-class LedgerTooNew(OSError):
-    pass
 
 
 class LedgerUnreachable(OSError, psycopg.OperationalError):
