@@ -260,7 +260,7 @@ def _foreseen(config: Config, requests: list) -> list[tuple[str, bool]] | None:
     from .ledger import foresee_intake
 
     try:
-        return foresee_intake(config.state_dir, requests, config.dedupe_window_s)
+        return foresee_intake(config.state_dir, requests, config.dedupe_window_s, config.cluster)
     except (OSError, sqlite3.Error) as error:
         print(f"cannot tell which requests were taken already: {error}", file=sys.stderr)
         return None
@@ -359,6 +359,7 @@ def cmd_status(args) -> int:
             "results_unwritten": 0,
             "paused": [],
             "campaigns": {},
+            **({"daemons": {}} if config.cluster else {}),
         }
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import phonenumbers
@@ -351,3 +352,25 @@ def test_an_id_of_the_content_form_cannot_be_given(env, tmp_path, capsys):
     for line, id_ in enumerate(given[:4], 1):
         assert f"{path}:{line}: id: {id_!r} starts as an id made from a request" in err
     assert [d["id"] for d in spooled(env)] == given[4:]
+
+
+def test_submit_foresees_on_either_engine_with_pruned_ids_and_ids_of_a_key_kept_together(
+    ledger_conn, ledger_where
+):
+    """The ids made from a request's content, `key`, `key.2`...: found by a range of ids on
+    both engines, byte-wise (a locale's order on PostgreSQL could put others between them), and
+    a pruned one by its digest."""
+    from test_request import CONFIG
+
+    from dialerd.ledger.intake import add
+    from dialerd.ledger.retention import id_digest
+
+    request = build_request({"to": "+447700900123"}, CONFIG, "test:1")  # no id: from content
+    add(ledger_conn, 1, [request, request], [], None, 0)  # recorded as key and key.2
+    ledger_conn.execute(
+        "INSERT INTO pruned_ids (digest, taken_at, until) VALUES (?, ?, ?)",
+        (id_digest(f"{request.id}.3"), time.time(), time.time() + 3600),
+    )
+    state_dir, cluster = ledger_where
+    assert foresee_intake(state_dir, [request], 0, cluster) == [(f"{request.id}.4", False)]
+    assert foresee_intake(state_dir, [request], 86400, cluster) == [(f"{request.id}.3", True)]

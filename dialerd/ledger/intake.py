@@ -10,10 +10,13 @@ import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ..config import ClusterConfig
 from ..request import Request
 from ..results import Outcome, result_line, utc_text
 from .dialect import QUEUED, tell
+from .opening import open_ledger
 from .retention import id_digest, pruned_taken_at
 from .schema import MIGRATIONS, create_schema
 from .states import State
@@ -281,7 +284,10 @@ def forget_spool_files(conn: sqlite3.Connection, names: list[str]) -> None:
 
 
 def foresee_intake(
-    state_dir: Path, requests: list[Request], dedupe_window_s: float
+    state_dir: Path,
+    requests: list[Request],
+    dedupe_window_s: float,
+    cluster: ClusterConfig | None = None,
 ) -> list[tuple[str, bool]]:
     """For each request, as the ledger stands, the id the daemon will record it under and
     whether it is a duplicate of one taken before it (or before it in `requests`). The ledger's
@@ -289,18 +295,24 @@ def foresee_intake(
     there, by the daemon's own code; the ledger is only read (SQLite may make its -wal and -shm
     when no daemon has them open). sqlite3.Error or OSError when it cannot be read, or is of
     another version."""
-    path = state_dir / "ledger.sqlite3"
     ledger = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
     try:
         create_schema(ledger)
-        if path.exists():
-            _copy_repeatable(ledger, path, [request.id for request in requests])
+        keys = [request.id for request in requests]
+        if cluster is not None:
+            _copy_from_postgres(ledger, state_dir, cluster, keys)
+        elif (state_dir / "ledger.sqlite3").exists():
+            _copy_repeatable(ledger, state_dir / "ledger.sqlite3", keys)
         now = time.time()
         ledger.execute("BEGIN")
         taken = [take(ledger, 0, request, now, dedupe_window_s) for request in requests]
         return [(request_id, repeated is not None) for request_id, repeated in taken]
     finally:
         ledger.close()
+
+
+def _requests_columns(ledger: sqlite3.Connection) -> str:
+    return ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
 
 
 def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) -> None:
@@ -315,7 +327,7 @@ def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) ->
         )
     ledger.execute("CREATE TEMP TABLE keys (key TEXT PRIMARY KEY)")
     ledger.executemany("INSERT OR IGNORE INTO keys VALUES (?)", ((key,) for key in keys))
-    columns = ", ".join(row[1] for row in ledger.execute("PRAGMA main.table_info(requests)"))
+    columns = _requests_columns(ledger)
     # A key's ids sort from the key to the key and a suffix ('.' sorts just before '/').
     ledger.execute(
         f"INSERT OR IGNORE INTO main.requests ({columns}) SELECT {columns}"
@@ -323,23 +335,49 @@ def _copy_repeatable(ledger: sqlite3.Connection, path: Path, keys: list[str]) ->
     )
     if ledger.execute("SELECT 1 FROM stored.pruned_ids LIMIT 1").fetchone():
         for key in set(keys):
-            _copy_pruned(ledger, key)
+            _copy_pruned(ledger, key, ledger, "stored.pruned_ids")
     ledger.execute("DETACH stored")
 
 
-def _copy_pruned(ledger: sqlite3.Connection, key: str) -> None:
+def _copy_from_postgres(
+    ledger: sqlite3.Connection, state_dir: Path, cluster: ClusterConfig, keys: list[str]
+) -> None:
+    """_copy_repeatable() from the cluster's ledger: its rows copied over the connection."""
+    try:
+        stored = open_ledger(state_dir, cluster, read_only=True)
+    except FileNotFoundError:
+        return  # no daemon has made it yet: nothing is taken
+    try:
+        columns = _requests_columns(ledger)
+        # By bytes ("C"), as SQLite compares: a locale's order may not keep a key's ids together.
+        rows = stored.execute(
+            f"SELECT {columns} FROM requests AS r JOIN unnest(CAST(? AS text[])) AS k(key)"
+            ' ON r.id COLLATE "C" >= k.key AND r.id COLLATE "C" < k.key || \'/\'',
+            (sorted(set(keys)),),
+        ).fetchall()
+        marks = ", ".join("?" * len(columns.split(", ")))
+        ledger.executemany(f"INSERT OR IGNORE INTO requests ({columns}) VALUES ({marks})", rows)
+        if stored.execute("SELECT 1 FROM pruned_ids LIMIT 1").fetchone():
+            for key in set(keys):
+                _copy_pruned(ledger, key, stored, "pruned_ids")
+    finally:
+        stored.close()
+
+
+def _copy_pruned(ledger: sqlite3.Connection, key: str, stored: Any, table: str) -> None:
     """The digests of pruned ids among the key and its suffixed ids, as far as intake would
-    look (see _intake_id)."""
+    look (see _intake_id), from `table` of the `stored` ledger's connection."""
     for candidate in _ids_made_from(key):
-        copied = ledger.execute(
-            "INSERT OR IGNORE INTO main.pruned_ids SELECT * FROM stored.pruned_ids"
-            " WHERE digest = ?",
+        row = stored.execute(
+            f"SELECT digest, taken_at, until FROM {table} WHERE digest = ?",
             (id_digest(candidate),),
-        ).rowcount
-        if (
-            not copied
-            and not ledger.execute(
-                "SELECT 1 FROM main.requests WHERE id = ?", (candidate,)
-            ).fetchone()
-        ):
+        ).fetchone()
+        if row is not None:
+            ledger.execute(
+                "INSERT OR IGNORE INTO main.pruned_ids VALUES (?, ?, ?)",
+                (bytes(row[0]), row[1], row[2]),
+            )
+        elif not ledger.execute(
+            "SELECT 1 FROM main.requests WHERE id = ?", (candidate,)
+        ).fetchone():
             return
