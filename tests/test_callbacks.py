@@ -16,7 +16,9 @@ import secrets
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,7 +26,7 @@ import pytest
 
 from dialerd.callbacks import MAX_BODY, CallbackListener, StatusUrls, load_secret
 from dialerd.config import MAX_CONNECTIONS, Listen, RedialPolicy, build_config
-from dialerd.ledger import Ledger
+from dialerd.ledger import Ledger, postgres
 from dialerd.metrics import Metrics
 from dialerd.request import build_request
 
@@ -40,7 +42,7 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, unpadded URL-safe base64
 class Bench:
     """A ledger, its status_urls and a running callback listener; the test plays the lanes."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, new_ledger: Callable[..., Ledger]):
         self.state_dir = tmp_path / "state"
         self.config = build_config(
             {
@@ -49,7 +51,7 @@ class Bench:
                 "state_dir": str(self.state_dir),
             }
         )
-        self.ledger = Ledger(self.state_dir)
+        self.ledger = new_ledger(self.state_dir)
         self.metrics = Metrics()
         self.applied: list[tuple[str, str | None]] = []
         self.redial = dict(REDIAL)
@@ -61,7 +63,7 @@ class Bench:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.ledger.open)
-        self.urls = StatusUrls(PUBLIC_URL, load_secret(self.state_dir))
+        self.urls = StatusUrls(PUBLIC_URL, await self._secret())
         self.listener = CallbackListener(
             Listen("127.0.0.1", 0),
             self.urls,
@@ -78,6 +80,13 @@ class Bench:
         await self.http.close()
         await self.listener.stop()
         await asyncio.to_thread(self.ledger.close)
+
+    async def _secret(self) -> bytes:
+        """The status_urls' key as the daemon has it: the state_dir's, or (cluster mode) the
+        one every daemon shares in the ledger."""
+        if self.ledger.cluster is None:
+            return load_secret(self.state_dir)
+        return await self.ledger.shared_secret("callbacks", secrets.token_bytes(32))
 
     async def queue(self, id_: str, to: str = "447700900123") -> int:
         request = build_request({"id": id_, "to": to, "meta": {"k": id_}}, self.config, "test:1")
@@ -131,13 +140,19 @@ class Bench:
     async def callback(self, url: str, status: str, **extra) -> tuple[int, dict | None]:
         return await self.post(url, self.body(url, status, **extra))
 
-    # -- what the ledger holds, read from the file as `dialerd status` does ------------------
+    # -- what the ledger holds, read on a connection of its own as `dialerd status` does ------
+
+    def _reader(self) -> Any:
+        if self.ledger.cluster is None:
+            return sqlite3.connect(f"file:{self.ledger.path}?mode=ro", uri=True)
+        return postgres.connect(self.ledger.cluster.url)
 
     def _query(self, sql: str, params: tuple = ()) -> list[dict]:
-        conn = sqlite3.connect(f"file:{self.ledger.path}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
+        conn = self._reader()
         try:
-            return [dict(row) for row in conn.execute(sql, params)]
+            cursor = conn.execute(sql, params)
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         finally:
             conn.close()
 
@@ -179,8 +194,9 @@ def callback_body(status: str, **extra) -> dict:
 
 
 @pytest.fixture
-async def bench(tmp_path: Path):
-    bench = Bench(tmp_path)
+async def bench(tmp_path: Path, new_ledger):
+    """Each test of callbacks applied to the ledger runs on SQLite and on PostgreSQL."""
+    bench = Bench(tmp_path, new_ledger)
     await bench.start()
     yield bench
     await bench.stop()

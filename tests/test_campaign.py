@@ -27,9 +27,12 @@ NUMBER = "447700900555"
 
 
 @pytest.fixture
-async def ledger(tmp_path):
-    ledger = Ledger(tmp_path / "state")
+async def ledger(new_ledger):
+    """Each test of the cap and of expiry runs on SQLite and on PostgreSQL."""
+    ledger = new_ledger()
     await asyncio.to_thread(ledger.open)
+    if ledger.cluster is not None:
+        assert await ledger.join() is None  # as a daemon's run: the results are its instance's
     yield ledger
     await asyncio.to_thread(ledger.close)
 
@@ -82,18 +85,18 @@ async def test_a_request_no_longer_queued_is_not_marked(ledger):
     assert await ledger.mark_sending(seq, None, 1) == (False, None)
 
 
-async def test_held_requests_are_counted_with_the_time_they_wait_for(ledger, tmp_path):
+async def test_held_requests_are_counted_with_the_time_they_wait_for(ledger):
     until = time.time() + 600
     await ledger.hold([(await queue(ledger, "night"), until)], "calling_hours")
     await ledger.hold([(await queue(ledger, "capped", to="447700900557"), until + 60)], "cap")
-    agent = read_status(tmp_path / "state")["agents"]["agent-a"]
+    agent = read_status(ledger.state_dir, ledger.cluster)["agents"]["agent-a"]
     assert (agent["held_calling_hours"], agent["held_cap"]) == (1, 1)
     assert agent["held_calling_hours_until"] == pytest.approx(until)
     assert agent["held_cap_until"] == pytest.approx(until + 60)
     assert agent["queued"] == 2 and agent["due_now"] == 0
 
 
-async def test_queued_requests_expire_while_they_wait(ledger, tmp_path):
+async def test_queued_requests_expire_while_they_wait(ledger):
     soon = time.time() + 0.2
     for id_, expires_at in (("soon", soon), ("later", soon + 3600), ("never", None)):
         request = build_request({"id": id_, "to": NUMBER}, CONFIG, "test:1")
@@ -110,6 +113,7 @@ def _replace_expiry(request, expires_at):
 
 
 def test_a_ledger_of_the_first_version_is_brought_up_to_date(tmp_path):
+    """SQLite only: a file of the first schema version."""
     state = tmp_path / "state"
     state.mkdir()
     conn = sqlite3.connect(state / "ledger.sqlite3", isolation_level=None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -21,12 +20,13 @@ from conftest import (
     wait_for,
     write_config,
 )
+from test_cluster import ledger_url
 from test_faults import drop
 from test_lifecycle_callbacks import Setup, free_port
 from test_request import CONFIG
 
 from dialerd.cli import main
-from dialerd.config import CallingHours, ConfigError, RedialPolicy, build_config
+from dialerd.config import CallingHours, ClusterConfig, ConfigError, RedialPolicy, build_config
 from dialerd.hours import CallingWindow
 from dialerd.ledger import connect, control, create_schema, status_report
 from dialerd.ledger.control import Selection, cancel, pause, resume
@@ -45,20 +45,26 @@ BUSY = {"busy": RedialPolicy(attempts=3, delay_s=60)}
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    state = tmp_path / "state"
-    state.mkdir()
-    conn = connect(state / "ledger.sqlite3")
-    create_schema(conn)
-    conn.close()
-    return state
+def conn(ledger_conn):
+    """Each test of the ledger's campaign controls runs on SQLite and on PostgreSQL."""
+    return ledger_conn
 
 
 @pytest.fixture
-def conn(state_dir: Path) -> sqlite3.Connection:
-    conn = connect(state_dir / "ledger.sqlite3")
-    yield conn
-    conn.close()
+def state_dir(ledger_where) -> Path:
+    """Where the command line's functions find conn's ledger, with `cluster`."""
+    return ledger_where[0]
+
+
+@pytest.fixture
+def cluster(ledger_where) -> ClusterConfig | None:
+    return ledger_where[1]
+
+
+def ledger_config(tmp_path: Path, state_dir: Path, cluster: ClusterConfig | None) -> Path:
+    """A config whose ledger is conn's: the file in state_dir, or (cluster mode) the schema."""
+    top = {} if cluster is None else {"ledger": ledger_url(cluster.url), "instance": "test-1"}
+    return write_config(tmp_path, state_dir=str(state_dir), **top)
 
 
 def take(conn, request_id: str, number: int = 0, **fields) -> int:
@@ -129,12 +135,14 @@ def test_the_callees_own_zone_decides_the_calling_hours_for_its_request():
 # -- pause and resume ---------------------------------------------------------------------------
 
 
-def test_a_paused_campaign_is_neither_due_nor_marked_and_goes_on_when_resumed(state_dir, conn):
+def test_a_paused_campaign_is_neither_due_nor_marked_and_goes_on_when_resumed(
+    state_dir, cluster, conn
+):
     a1 = take(conn, "a1", 1, campaign="A")
     take(conn, "b1", 2, campaign="B")
     take(conn, "none", 3)
-    assert pause(state_dir, Selection(campaign="A")) == (True, 1)
-    assert pause(state_dir, Selection(campaign="A")) == (False, 1)  # already
+    assert pause(state_dir, Selection(campaign="A"), cluster) == (True, 1)
+    assert pause(state_dir, Selection(campaign="A"), cluster) == (False, 1)  # already
 
     assert due_ids(conn) == ["a1", "b1", "none"][1:]
     # A lane that read a1 before the pause: the mark refuses it, in its own statement.
@@ -145,18 +153,18 @@ def test_a_paused_campaign_is_neither_due_nor_marked_and_goes_on_when_resumed(st
         report["paused"][0]["since"])}]  # fmt: skip
     assert report["campaigns"]["A"]["paused"] == report["agents"][AGENT]["paused"] == 1
 
-    assert resume(state_dir, Selection(campaign="A")) == (True, 1)
-    assert resume(state_dir, Selection(campaign="A")) == (False, 1)
+    assert resume(state_dir, Selection(campaign="A"), cluster) == (True, 1)
+    assert resume(state_dir, Selection(campaign="A"), cluster) == (False, 1)
     assert due_ids(conn) == ["a1", "b1", "none"]
     assert mark_sending(conn, a1, None, 1, 0.0, None) == (True, None)
 
 
-def test_a_paused_agent_has_nothing_due_and_nothing_marked(state_dir, conn):
+def test_a_paused_agent_has_nothing_due_and_nothing_marked(state_dir, cluster, conn):
     seq = take(conn, "r1")
-    pause(state_dir, Selection(agent=AGENT))
+    pause(state_dir, Selection(agent=AGENT), cluster)
     assert due(conn, AGENT, 1e12, 10) == ([], None)
     assert mark_sending(conn, seq, None, 1, 0.0, None) == (False, None)
-    resume(state_dir, Selection(agent=AGENT))
+    resume(state_dir, Selection(agent=AGENT), cluster)
     assert due_ids(conn) == ["r1"]
 
 
@@ -164,7 +172,7 @@ def test_a_paused_agent_has_nothing_due_and_nothing_marked(state_dir, conn):
 
 
 def test_cancel_ends_every_waiting_request_of_the_campaign_and_says_how_each_waited(
-    state_dir, conn
+    state_dir, cluster, conn
 ):
     for n, request_id in enumerate(["queued", "held", "redial", "sending", "placed", "other"]):
         take(conn, request_id, n, campaign="B" if request_id != "other" else "C")
@@ -175,13 +183,13 @@ def test_cancel_ends_every_waiting_request_of_the_campaign_and_says_how_each_wai
         assert mark_sending(conn, seq, f"t-{request_id}", 1, 0.0, None) == (True, None)
     placed(conn, 5, "t-placed", 9e9, BUSY, {"attempts": 1, "http_status": 200})
 
-    dry = cancel(state_dir, Selection(campaign="B"), dry_run=True)
+    dry = cancel(state_dir, Selection(campaign="B"), dry_run=True, cluster=cluster)
     assert dict(dry.by_state) == {"queued": 1, "held for calling hours": 1,
                                   "waiting for a redial": 1}  # fmt: skip
     assert dry.in_flight == 2
     assert results(conn) == []  # a dry run changes nothing
 
-    done = cancel(state_dir, Selection(campaign="B"))
+    done = cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     assert dict(done.by_state) == dict(dry.by_state) and done.in_flight == 2
     cancelled = {r["id"]: r for r in results(conn)}
     assert set(cancelled) == {"queued", "held", "redial"}
@@ -202,34 +210,36 @@ def callback(status: str, number: int) -> dict:
     return {"status": status, "to": f"4477009{number:05d}", "agent_id": AGENT}
 
 
-def test_a_cancelled_call_that_went_unanswered_with_no_redial_left_is_unanswered(state_dir, conn):
+def test_a_cancelled_call_that_went_unanswered_with_no_redial_left_is_unanswered(
+    state_dir, cluster, conn
+):
     seq = take(conn, "r1", 7, campaign="B")
     mark_sending(conn, seq, "t", 1, 0.0, None)
     placed(conn, seq, "t", 9e9, {}, {"attempts": 1, "http_status": 200})
-    cancel(state_dir, Selection(campaign="B"))
+    cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     assert apply_callback(conn, "t", callback("busy", 7), {}, 1.0) == ("unanswered", AGENT)
 
 
-def test_cancel_by_ids_cancels_nothing_when_one_is_unknown(state_dir, conn):
+def test_cancel_by_ids_cancels_nothing_when_one_is_unknown(state_dir, cluster, conn):
     take(conn, "r1")
     take(conn, "r2", 1)
-    done = cancel(state_dir, Selection(ids=("r1", "nobody", "r2")))
+    done = cancel(state_dir, Selection(ids=("r1", "nobody", "r2")), cluster=cluster)
     assert done.unknown == ["nobody"]
     assert results(conn) == []
-    done = cancel(state_dir, Selection(ids=("r1",)))
+    done = cancel(state_dir, Selection(ids=("r1",)), cluster=cluster)
     assert (done.count, done.final_already) == (1, 0)
-    again = cancel(state_dir, Selection(ids=("r1", "r2")))
+    again = cancel(state_dir, Selection(ids=("r1", "r2")), cluster=cluster)
     assert (again.count, again.final_already) == (1, 1)
     assert [r["id"] for r in results(conn)] == ["r1", "r2"]
 
 
 def test_cancel_is_made_in_batches_and_takes_only_what_was_in_the_ledger_when_it_began(
-    state_dir, conn, monkeypatch
+    state_dir, cluster, conn, monkeypatch
 ):
     monkeypatch.setattr(control, "CANCEL_BATCH", 3)
     for n in range(10):
         take(conn, f"r{n}", n, campaign="B")
-    done = cancel(state_dir, Selection(campaign="B"))
+    done = cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     assert done.count == 10 and len(results(conn)) == 10
     assert status_report(conn, 0)["campaigns"]["B"]["outcomes"] == {"cancelled": 10}
 
@@ -387,10 +397,12 @@ def test_no_redial_follows_a_cancel_whether_the_call_was_out_or_waiting_to_be_re
     assert len(sim.arrivals()) == 2  # neither was called again
 
 
-def test_cancel_by_id_says_what_it_would_do_and_refuses_an_unknown_id(tmp_path, conn):
+def test_cancel_by_id_says_what_it_would_do_and_refuses_an_unknown_id(
+    tmp_path, state_dir, cluster, conn
+):
     for n in range(3):
         take(conn, f"r{n}", n)
-    config = write_config(tmp_path)
+    config = ledger_config(tmp_path, state_dir, cluster)
 
     def cancel_command(*args: str) -> tuple[int, str, str]:
         done = run_dialerd("cancel", "-c", str(config), *args, timeout=30)
@@ -468,7 +480,11 @@ def test_campaign_metrics_is_a_boolean_of_the_admin_section():
         (Selection(ids=("r1", "r2")), "sqlite_autoindex_requests_1 (id=?)"),
     ],
 )
-def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(conn, selection, index):
+def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(
+    sqlite_conn, selection, index
+):
+    """SQLite only: its query plans."""
+    conn = sqlite_conn
     where, params = selection.where(conn)
     plan = [row[3] for row in conn.execute(
         f"EXPLAIN QUERY PLAN SELECT seq FROM requests WHERE {where} AND state != 'final'", params
@@ -482,8 +498,11 @@ def test_what_a_cancel_is_about_is_found_by_an_index_not_among_the_history(conn,
 
 
 def test_a_campaigns_report_counts_the_same_from_the_ledger_and_from_its_results(
-    tmp_path, state_dir, conn, capsys
+    tmp_path, sqlite_conn, capsys
 ):
+    """SQLite only: `dialerd report` reads the ledger file (report.read_ledger takes no
+    cluster)."""
+    conn, state_dir = sqlite_conn, tmp_path
     for n, campaign in enumerate("AABBA"):
         take(conn, f"r{n}", n, campaign=campaign)
     repeat = build_request({"id": "r0", "to": "+447700900000", "campaign": "A"}, CONFIG, "t:9")
@@ -493,7 +512,7 @@ def test_a_campaigns_report_counts_the_same_from_the_ledger_and_from_its_results
     cancel(state_dir, Selection(campaign="A"))  # r4
     results = tmp_path / "results.jsonl"
     results.write_text("".join(line + "\n" for (line,) in conn.execute("SELECT line FROM outbox")))
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, state_dir=str(state_dir))
 
     def report(*args: str) -> dict:
         assert main(["report", "--json", "--campaign", "A", *args]) == 0
@@ -507,13 +526,15 @@ def test_a_campaigns_report_counts_the_same_from_the_ledger_and_from_its_results
     assert from_ledger["outcomes"] == {"dialed": 1, "failed": 1, "duplicate": 1, "cancelled": 1}
 
 
-def test_a_paused_request_still_expires_by_its_expires_at_and_by_max_queue_s(state_dir, conn):
+def test_a_paused_request_still_expires_by_its_expires_at_and_by_max_queue_s(
+    state_dir, cluster, conn
+):
     take(conn, "expiring", 1, campaign="A", expires_at="2030-01-01T00:00:00Z")
     take(conn, "waiting", 2, campaign="A")
     take(conn, "fresh", 3, campaign="A")
     conn.execute("UPDATE requests SET first_due_at = 0")
     conn.execute("UPDATE requests SET first_due_at = 1e12 WHERE id = 'fresh'")
-    pause(state_dir, Selection(campaign="A"))
+    pause(state_dir, Selection(campaign="A"), cluster)
     now = dt.datetime(2030, 1, 2, tzinfo=dt.UTC).timestamp()
     assert expire_due(conn, now, max_queue_s=86400) == 2
     assert {r["id"]: r["outcome"] for r in results(conn)} == {
@@ -522,7 +543,7 @@ def test_a_paused_request_still_expires_by_its_expires_at_and_by_max_queue_s(sta
 
 
 def test_what_a_lane_sends_while_the_cancel_runs_is_counted_as_out_not_as_cancelled(
-    state_dir, conn, monkeypatch
+    state_dir, cluster, conn, monkeypatch
 ):
     for n in range(4):
         take(conn, f"r{n}", n, campaign="B")
@@ -534,7 +555,7 @@ def test_what_a_lane_sends_while_the_cancel_runs_is_counted_as_out_not_as_cancel
         return found
 
     monkeypatch.setattr(control, "_look", look_then_a_lane_sends)
-    done = cancel(state_dir, Selection(campaign="B"))
+    done = cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     assert (dict(done.by_state), done.in_flight) == ({"queued": 3}, 1)
     assert [r["id"] for r in results(conn)] == ["r0", "r2", "r3"]
     assert conn.execute("SELECT cancelled_at IS NOT NULL FROM requests WHERE seq = 2").fetchone()
@@ -543,24 +564,28 @@ def test_what_a_lane_sends_while_the_cancel_runs_is_counted_as_out_not_as_cancel
 # -- found in review ------------------------------------------------------------------------------
 
 
-def test_a_paused_campaign_is_left_out_of_the_due_index_and_put_back_when_resumed(state_dir, conn):
+def test_a_paused_campaign_is_left_out_of_the_due_index_and_put_back_when_resumed(
+    state_dir, cluster, conn
+):
     for n in range(5):
         take(conn, f"a{n}", n, campaign="A")
-    pause(state_dir, Selection(campaign="A"))
+    pause(state_dir, Selection(campaign="A"), cluster)
     take(conn, "late", 9, campaign="A")  # taken while paused: left out at once
     assert control.pause_targets(conn) == (["A"], [])
     assert control.set_paused(conn, "A", paused=True) == 5
     assert control.set_paused(conn, "A", paused=True) == 0
     flagged = conn.execute("SELECT count(*) FROM requests WHERE paused = 1").fetchone()
     assert flagged == (6,)
-    resume(state_dir, Selection(campaign="A"))
+    resume(state_dir, Selection(campaign="A"), cluster)
     assert control.pause_targets(conn) == ([], ["A"])
     assert control.set_paused(conn, "A", paused=False) == 6
     assert len(due_ids(conn)) == 6 and control.pause_targets(conn) == ([], [])
 
 
-def test_a_campaign_to_pause_or_cancel_is_named_as_requests_name_one(tmp_path, conn):
-    config = write_config(tmp_path)
+def test_a_campaign_to_pause_or_cancel_is_named_as_requests_name_one(
+    tmp_path, state_dir, cluster, conn
+):
+    config = ledger_config(tmp_path, state_dir, cluster)
     for command in ("pause", "cancel"):
         done = run_dialerd(command, "-c", str(config), "--campaign", "", timeout=30)
         assert done.returncode == 64, done.stderr
@@ -579,22 +604,22 @@ def test_report_reads_a_ledger_its_daemon_has_not_upgraded_yet(tmp_path):
     assert read_ledger(state, None).finals.total() == 1
 
 
-def test_a_send_marked_and_cancelled_as_a_stop_begins_ends_cancelled_not_in_doubt(state_dir, conn):
+def test_a_send_marked_and_cancelled_as_a_stop_begins_ends_cancelled_not_in_doubt(
+    state_dir, cluster, conn
+):
     seq = take(conn, "r1", campaign="B")
     mark_sending(conn, seq, None, 1, 0.0, None)
-    cancel(state_dir, Selection(campaign="B"))  # out: flagged
+    cancel(state_dir, Selection(campaign="B"), cluster=cluster)  # out: flagged
     unmark(conn, seq)  # the stop: it never left
     assert outcome_of(conn, "r1") == (State.FINAL, Outcome.CANCELLED)
 
 
-def test_a_requeue_is_a_new_send_and_counts_move_with_it(state_dir, conn):
+def test_a_requeue_is_a_new_send_and_counts_move_with_it(state_dir, cluster, conn):
     seq = take(conn, "r1", campaign="B")
     mark_sending(conn, seq, None, 1, 0.0, None)
-    cancel(state_dir, Selection(campaign="B"))
+    cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     finish(conn, seq, Outcome.IN_DOUBT, {})
-    conn.close()
-    assert requeue(state_dir, ["r1"]) == (["r1"], {})
-    conn = connect(state_dir / "ledger.sqlite3")
+    assert requeue(state_dir, ["r1"], cluster) == (["r1"], {})
     row = conn.execute("SELECT state, cancelled_at FROM requests WHERE seq = ?", (seq,))
     assert row.fetchone() == (State.QUEUED, None)
     assert status_report(conn, 0)["campaigns"]["B"]["outcomes"] == {}
@@ -602,7 +627,7 @@ def test_a_requeue_is_a_new_send_and_counts_move_with_it(state_dir, conn):
 
 
 def test_a_request_found_out_then_queued_again_and_cancelled_is_counted_as_cancelled(
-    state_dir, conn, monkeypatch
+    state_dir, cluster, conn, monkeypatch
 ):
     seq = take(conn, "r1", campaign="B")
     mark_sending(conn, seq, None, 1, 0.0, None)
@@ -614,25 +639,25 @@ def test_a_request_found_out_then_queued_again_and_cancelled_is_counted_as_cance
         return found
 
     monkeypatch.setattr(control, "_look", look_then_it_is_refused)
-    done = cancel(state_dir, Selection(campaign="B"))
+    done = cancel(state_dir, Selection(campaign="B"), cluster=cluster)
     assert (dict(done.by_state), done.in_flight) == ({"queued": 1}, 0)
     assert outcome_of(conn, "r1") == (State.FINAL, Outcome.CANCELLED)
 
 
 def test_a_campaign_long_over_leaves_the_status_and_the_controls_counter_never_goes_back(
-    state_dir, conn
+    state_dir, cluster, conn
 ):
     seq = take(conn, "r1", campaign="old")
     finish(conn, seq, Outcome.DIALED, {})
     conn.execute("UPDATE campaign_counts SET last_at = 10")
     conn.execute("UPDATE requests SET finished_at = 10")
-    pause(state_dir, Selection(campaign="x"))
+    pause(state_dir, Selection(campaign="x"), cluster)
     conn.execute("UPDATE controls SET at = 10")
     before = control.last_control(conn)
     prune(conn, now=1000, retention_s=100, batch=100)
     assert status_report(conn, 0)["campaigns"] == {}
     assert count_rows(conn, "controls") == 0
-    resume(state_dir, Selection(campaign="x"))
+    resume(state_dir, Selection(campaign="x"), cluster)
     assert control.last_control(conn) == before + 1
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -15,7 +14,6 @@ from pathlib import Path
 from conftest import read_results, result_lines, run_dialerd, sim_config, wait_for
 from test_request import CONFIG
 
-from dialerd.ledger import create_schema
 from dialerd.ledger.intake import take
 from dialerd.ledger.retention import prune
 from dialerd.request import build_request
@@ -132,10 +130,9 @@ def ids(path: Path) -> dict[tuple[str, str], str]:
         return {(row["file"], row["row"]): row["id"] for row in csv.DictReader(file)}
 
 
-def test_a_repeat_after_the_window_takes_the_first_free_suffix():
+def test_a_repeat_after_the_window_takes_the_first_free_suffix(ledger_conn):
     """Each repeat after the window takes the next suffix; a pruned one's id is still taken."""
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    create_schema(conn)
+    conn = ledger_conn
     request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
     key = request.id
     assert take(conn, 1, request, 0, 10) == (key, None)
@@ -148,9 +145,8 @@ def test_a_repeat_after_the_window_takes_the_first_free_suffix():
     assert duplicate_id == f"{key}.3" and error.startswith(f"repeats request {key}.3 (stdin:1")
 
 
-def test_a_repeat_of_a_pruned_request_within_the_window_is_a_duplicate_of_it():
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    create_schema(conn)
+def test_a_repeat_of_a_pruned_request_within_the_window_is_a_duplicate_of_it(ledger_conn):
+    conn = ledger_conn
     request = build_request({"to": NUMBERS[0]}, CONFIG, "stdin:1")
     assert take(conn, 1, request, 0, 100) == (request.id, None)
     conn.execute("UPDATE requests SET state = 'final', finished_at = 1")

@@ -9,7 +9,6 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -32,10 +31,9 @@ from dialerd.studio import StudioClient
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
-    conn = connect(tmp_path / "ledger.sqlite3")
-    create_schema(conn)
-    return conn
+def conn(ledger_conn):
+    """Each test of retention's guarantees runs on SQLite and on PostgreSQL."""
+    return ledger_conn
 
 
 def request(request_id: str, number: str = "+447700900123"):
@@ -116,7 +114,9 @@ def test_a_pruned_id_is_still_taken_until_it_is_remembered_no_longer(conn):
     assert take(conn, 1, request("r1"), 252, 0) == ("r1", None)
 
 
-def test_submit_foresees_a_pruned_id_as_taken(tmp_path, conn):
+def test_submit_foresees_a_pruned_id_as_taken(tmp_path, sqlite_conn):
+    """SQLite only: submit foresees its intake from the ledger file."""
+    conn = sqlite_conn
     sent_and_finished(conn, "r1", finished_at=100)
     prune(conn, now=200, retention_s=50, batch=100)
     conn.close()
@@ -139,7 +139,9 @@ def test_refusals_requeues_and_controls_are_pruned_by_their_age(conn):
     assert count(conn, "controls") == 0
 
 
-def test_the_pages_pruning_frees_are_given_back_on_a_new_ledger(conn):
+def test_the_pages_pruning_frees_are_given_back_on_a_new_ledger(sqlite_conn):
+    """SQLite only: the file's pages (PostgreSQL's autovacuum does this itself)."""
+    conn = sqlite_conn
     for n in range(400):
         sent_and_finished(conn, f"r{n:03d}-" + "x" * 100, finished_at=10, callback=False)
     conn.execute("UPDATE requests SET body = ?", ("b" * 2000,))
@@ -154,6 +156,7 @@ def test_the_pages_pruning_frees_are_given_back_on_a_new_ledger(conn):
 
 
 def test_a_ledger_made_before_retention_keeps_its_free_pages_for_reuse(tmp_path):
+    """SQLite only: a file made by an older SQLite ledger."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("CREATE TABLE t (x)")  # a table first: SQLite's auto_vacuum stays off
