@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import yaml
-from conftest import SimulatorProcess, read_results, run_dialerd, wait_for
+from conftest import SimulatorProcess, read_results, result_lines, run_dialerd, wait_for
 from psycopg.conninfo import conninfo_to_dict
 from test_lifecycle_callbacks import samples, scrape
 
@@ -45,7 +45,7 @@ def cluster_config(
     **top: Any,
 ) -> Path:
     """Daemon `name`'s config: its own state_dir, spool and results; the one ledger; `rates`
-    (by default, AGENTS at RATE); more `top` keys."""
+    (by default, AGENTS at RATE); more `top` keys (None: leave that key out)."""
     rates = rates or dict.fromkeys(AGENTS, RATE)
     home = tmp_path / name
     home.mkdir(exist_ok=True)
@@ -66,7 +66,7 @@ def cluster_config(
         **top,
     }
     path = home / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(yaml.safe_dump({key: v for key, v in document.items() if v is not None}))
     return path
 
 
@@ -370,3 +370,28 @@ def test_a_daemon_joining_and_one_leaving_move_agents_without_a_long_gap_or_a_se
 
 def second_has_work(sim: SimulatorProcess, batch: list[dict]) -> bool:
     return len({a["to"] for a in sim.arrivals() if a["placed"]}) < len(batch)
+
+
+def test_a_stdin_run_in_a_cluster_ends_when_what_it_took_in_is_final(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    """Its results come to its stdout, whichever daemon dialed them; it does not wait for the
+    work the other daemons took in."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    other = daemons("-c", str(cluster_config(tmp_path, "d2", sim, url)))
+    other.wait_running()
+    backlog = requests("backlog", 400)  # 20 s of work for the four agents
+    drop(tmp_path, "d2", "backlog.jsonl", backlog)
+    wait_for(lambda: len(sim.arrivals()) > 10, 30, "the other daemon sending")
+    given = [{**request, "priority": 9} for request in requests("stdin", 20, 50_000)]
+    config = cluster_config(tmp_path, "d1", sim, url, stdin=True, results="-", spool=None)
+    run = run_dialerd(
+        "run", "-c", str(config), input="".join(json.dumps(r) + "\n" for r in given).encode()
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    assert {line["id"] for line in result_lines(run.stdout)} == {r["id"] for r in given}
+    report = json.loads(run_dialerd("status", "-c", str(config), "--json").stdout)
+    assert sum(entry["queued"] for entry in report["agents"].values()) > 0, "all of it was done"
+    assert other.stop()[0] == 0

@@ -227,5 +227,12 @@ def read_status(state_dir: Path, cluster: ClusterConfig | None = None) -> dict |
         conn.close()
 
 
-def open_requests(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]
+def open_requests(conn: sqlite3.Connection, instance: str | None = None) -> int:
+    """Requests without a final outcome yet; of those `instance` took in (cluster mode)."""
+    if instance is None:
+        return conn.execute("SELECT count(*) FROM requests WHERE state != 'final'").fetchone()[0]
+    return conn.execute(
+        "SELECT count(*) FROM requests WHERE state != 'final'"
+        " AND run IN (SELECT run FROM runs WHERE instance = ?)",
+        (instance,),
+    ).fetchone()[0]

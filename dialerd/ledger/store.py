@@ -294,8 +294,10 @@ class Ledger:
         return await self.call(sends.recover_in_flight)
 
     async def open_requests(self) -> int:
-        """Requests without a final outcome yet."""
-        return await self.call(status.open_requests)
+        """Requests without a final outcome yet; in cluster mode, of those this daemon's
+        instance took in (the others' are theirs to wait for)."""
+        instance = None if self.cluster is None else self.cluster.instance
+        return await self.call(status.open_requests, instance)
 
     # -- retention ---------------------------------------------------------------------------
 
