@@ -130,3 +130,26 @@ def test_an_agent_moves_only_from_a_holder_with_more_than_its_share():
     assert plan({"a", "b"}, ["c", "d"], 3) == (["c"], [])
     assert plan({"a", "b", "c"}, ["d"], 3) == ([], [])
     assert plan({"a", "b", "c", "d"}, [], 3) == ([], ["d"])
+
+
+def test_a_chore_every_daemon_runs_is_done_by_one_at_a_time(pg, pg_dsn):
+    """Pruning, expiry and settling would take the same rows on each daemon: while one
+    daemon's transaction does a chore, another's skips it (and comes back at its next round)."""
+    from dialerd.ledger.placed import settle_placed
+    from dialerd.ledger.retention import prune
+    from dialerd.ledger.sends import expire_due, finish
+
+    seq = queued(pg, "old")
+    finish(pg, seq, "dialed", {})
+    pg.execute("UPDATE requests SET finished_at = 0 WHERE seq = ?", (seq,))
+    other = postgres.connect(pg_dsn)
+    other.execute("BEGIN")
+    assert prune(other, 10.0, 1.0, 200) == 1
+    assert (expire_due(other, 0.0, 1.0), settle_placed(other, 0.0)) == (0, (0, None))
+    pg.execute("BEGIN")
+    assert prune(pg, 10.0, 1.0, 200) == 0, "another daemon is pruning"
+    assert settle_placed(pg, 0.0) == (0, None)
+    pg.execute("ROLLBACK")
+    other.execute("COMMIT")
+    other.close()
+    assert pg.execute("SELECT count(*) FROM requests").fetchone() == (0,)

@@ -23,6 +23,7 @@ class Dialect:
     lock_number: str  # held by a send's mark until commit, so that the cap is read and kept
     notify: str  # tells the other daemons of a change, as the transaction commits ("": none)
     hour: str  # the whole hours since the epoch of a time in seconds ({} for its column)
+    try_lock: str  # taken until the transaction ends, if no other has it ("": no need)
 
 
 SQLITE = Dialect(
@@ -35,6 +36,7 @@ SQLITE = Dialect(
     lock_number="",  # the whole file is the writer's already
     notify="",  # one daemon: nobody else to tell
     hour="CAST({} / 3600 AS INTEGER)",  # CAST truncates
+    try_lock="",
 )
 POSTGRES = Dialect(
     name="postgresql",
@@ -46,6 +48,7 @@ POSTGRES = Dialect(
     lock_number="SELECT pg_advisory_xact_lock(1, hashtext(?))",
     notify=f"SELECT pg_notify('{NOTICES}', ?)",
     hour="CAST(floor({} / 3600) AS bigint)",  # CAST alone rounds
+    try_lock="SELECT pg_try_advisory_xact_lock(2, ?)",
 )
 
 
@@ -72,3 +75,15 @@ def tell(conn: Any, *notices: str) -> None:
     sql = dialect(conn).notify
     for notice in dict.fromkeys(notices) if sql else ():
         conn.execute(sql, (notice,))
+
+
+# The ledger's chores that every daemon of a cluster runs (each would do the same work).
+CHORES = ("prune", "expire", "settle", "forget")
+
+
+def chore_is_ours(conn: Any, chore: str) -> bool:
+    """Whether this transaction may do `chore` now: on PostgreSQL, when no other daemon's is
+    doing it at this moment (two would take the same rows, one waiting on the other's locks
+    while the sends' marks in its group commit wait too); on SQLite, always."""
+    sql = dialect(conn).try_lock
+    return not sql or conn.execute(sql, (CHORES.index(chore),)).fetchone()[0]

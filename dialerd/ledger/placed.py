@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from ..config import RedialPolicy
 from ..request import callback_matches
 from ..results import Outcome
-from .dialect import QUEUED, tell
+from .dialect import QUEUED, chore_is_ours, tell
 from .sends import (
     CANCELLED_IN_FLIGHT,
     FINISH_COLUMNS,
@@ -113,6 +113,8 @@ def _unreached(
 
 
 def settle_placed(conn: sqlite3.Connection, now: float) -> tuple[int, float | None]:
+    if not chore_is_ours(conn, "settle"):
+        return 0, None  # another daemon's settling now
     seqs = [
         r[0]
         for r in conn.execute(

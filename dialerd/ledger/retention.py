@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
-from .dialect import SQLITE, dialect
+from .dialect import SQLITE, chore_is_ours, dialect
 from .states import State
 
 VACUUM_PAGES = 250  # pages (1 MiB) given back in one call: a few ms of the writer's time
@@ -34,6 +34,8 @@ def prune(conn: sqlite3.Connection, now: float, retention_s: float, batch: int) 
     remembered until retention_s from now. Result lines not yet written are in the outbox, which
     this never touches.
     """
+    if not chore_is_ours(conn, "prune"):
+        return 0
     cutoff = now - retention_s
     ended = conn.execute(
         f"SELECT seq, id, created_at FROM requests WHERE state = '{State.FINAL}'"

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import NumberCap
 from ..results import Outcome, result_line
-from .dialect import dialect
+from .dialect import chore_is_ours, dialect
 from .states import PAUSED_AGENT, PAUSED_CAMPAIGN, Add, Move, State, move, move_returning
 from .status import count_outcome
 
@@ -139,6 +139,11 @@ def mark_sending(
     return True, None
 
 
+def forget_number_calls(conn: Any, before: float) -> None:
+    if chore_is_ours(conn, "forget"):
+        conn.execute("DELETE FROM number_calls WHERE placed = 1 AND at < ?", (before,))
+
+
 def since_last_send(conn: Any, agent_id: str, now: float) -> float | None:
     clock = dialect(conn).db_clock
     params = (now, agent_id) if clock == "?" else (agent_id,)
@@ -241,6 +246,8 @@ def follow_clock_step(conn: sqlite3.Connection, step: float, stepped_at: float) 
 def expire_due(conn: sqlite3.Connection, now: float, max_queue_s: float) -> int:
     """Queued requests past their expires_at, or due longer than max_queue_s ago (held by an
     API that refuses them, or waiting for a lane that is gone), end `expired`; how many did."""
+    if not chore_is_ours(conn, "expire"):
+        return 0
     queued_too_long = f"not sent within max_queue_s ({max_queue_s:g} s) of its due time"
     expired = {
         r[0]: queued_too_long

@@ -237,7 +237,7 @@ class Ledger:
 
     async def forget_number_calls(self, before: float) -> None:
         """Drop the record of placed calls older than `before`: no cap looks back that far."""
-        await self.call(_execute, "DELETE FROM number_calls WHERE placed = 1 AND at < ?", (before,))
+        await self.call(sends.forget_number_calls, before)
 
     async def placed(
         self,
@@ -399,7 +399,3 @@ class Ledger:
             return status.status_report(conn, time.time())
         finally:
             conn.close()
-
-
-def _execute(conn: sqlite3.Connection, sql: str, params: tuple) -> None:
-    conn.execute(sql, params)
