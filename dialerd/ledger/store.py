@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ class Ledger:
         self._lock_fd: int | None = None
         self._conn: Any = None
         self._writer: Writer | None = None
+        self._status_conn: Any = None  # cluster mode: the reports' own connection
+        self._status_lock = threading.Lock()  # one report at a time on it
         self.run = 0
 
     @property
@@ -122,6 +125,7 @@ class Ledger:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._close_status_conn()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -383,19 +387,32 @@ class Ledger:
 
     def _read_status(self) -> dict:
         if self.cluster is None:
-            return self._report(connect(self.path, read_only=True), "BEGIN")
+            conn = connect(self.path, read_only=True)
+            try:
+                return _report(conn, "BEGIN")
+            finally:
+                conn.close()
         from .postgres import psycopg
 
-        try:
-            conn = self._connect_postgres()
-            return self._report(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ")
-        except psycopg.Error as error:  # the database went away during the report
-            raise OSError(f"cannot read the ledger {self.where}: {error}") from None
+        # One connection for the reports, kept (a new one per report would cost the server a
+        # process each time /status or /metrics is read), made again once it is lost.
+        with self._status_lock:
+            try:
+                if self._status_conn is None or self._status_conn.broken:
+                    self._status_conn = self._connect_postgres()
+                report = _report(self._status_conn, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+                self._status_conn.execute("COMMIT")
+                return report
+            except psycopg.Error as error:  # the database went away during the report
+                self._close_status_conn()
+                raise OSError(f"cannot read the ledger {self.where}: {error}") from None
 
-    @staticmethod
-    def _report(conn: Any, begin: str) -> dict:
-        try:
-            conn.execute(begin)  # one snapshot for all of the report's queries
-            return status.status_report(conn, time.time())
-        finally:
-            conn.close()
+    def _close_status_conn(self) -> None:
+        if self._status_conn is not None:
+            self._status_conn.close()
+            self._status_conn = None
+
+
+def _report(conn: Any, begin: str) -> dict:
+    conn.execute(begin)  # one snapshot for all of the report's queries
+    return status.status_report(conn, time.time())
