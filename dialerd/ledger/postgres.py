@@ -24,13 +24,22 @@ from .dialect import POSTGRES
 from .schema import LedgerTooNew
 
 CONNECT_TIMEOUT_S = 5
-# The errors of one transaction against another, gone when it is tried again; a lost connection
-# is an OperationalError, tried again once the database answers.
+# A transaction left open this long between two statements is ended by the server: its process
+# was stopped (SIGSTOP, a paused VM) or cut off, and the locks it holds (a lease's, a number's,
+# rows) would hold every other daemon up. No call of the ledger pauses that long mid-transaction;
+# one ended by mistake is tried again whole.
+IDLE_IN_TRANSACTION_MS = 1000
+LOCK_TIMEOUT_MS = 2000  # a wait on another's lock longer than this gives up, and tries again
+# The errors of one transaction against another (psycopg makes them OperationalErrors too),
+# gone when it is tried again.
+CONFLICTS = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, pg_errors.LockNotAvailable)
+# And those of the database or the connection, gone once the database answers again: a lost
+# connection, a server shutting down, a primary not yet promoted, this process stalled past
+# IDLE_IN_TRANSACTION_MS.
 TRANSIENT = (
-    pg_errors.DeadlockDetected,
-    pg_errors.SerializationFailure,
-    pg_errors.LockNotAvailable,
     psycopg.OperationalError,
+    pg_errors.ReadOnlySqlTransaction,
+    pg_errors.IdleInTransactionSessionTimeout,
 )
 
 
@@ -85,9 +94,21 @@ def is_transient(error: BaseException) -> bool:
 
 
 def is_outage(error: BaseException) -> bool:
-    """A lost connection, not a deadlock or a serialization failure between two daemons'
-    transactions, which the next try gets past: worth an error in the log."""
-    return isinstance(error, psycopg.OperationalError)
+    """The database's or the connection's fault, worth an error in the log: not a conflict
+    between two daemons' transactions, which the next try gets past."""
+    return is_transient(error) and not isinstance(error, CONFLICTS)
+
+
+def commit_token(conn: PgConn) -> int | None:
+    """The transaction's id, if it has written anything."""
+    return conn.execute("SELECT txid_current_if_assigned()").fetchone()[0]
+
+
+def committed(conn: PgConn, token: int) -> bool | None:
+    """Whether the transaction `token` committed; None while it is still in progress (the
+    server has not yet seen its connection go)."""
+    (status,) = conn.execute("SELECT txid_status(?)", (token,)).fetchone()
+    return {"committed": True, "aborted": False}.get(status)
 
 
 def connect(url: str, password_file: Path | None = None, application: str = "dialerd") -> PgConn:
@@ -123,7 +144,12 @@ def _conninfo(url: str, password_file: Path | None, application: str) -> str:
     # Each statement planned for its own parameters: a generic plan made while a table was empty
     # (a new ledger) would go on scanning it once it has grown (the cap's look at a number's
     # calls, say).
-    params["options"] = f"{given.get('options', '')} -c plan_cache_mode=force_custom_plan".strip()
+    server = (
+        "-c plan_cache_mode=force_custom_plan"
+        f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
+        f" -c lock_timeout={LOCK_TIMEOUT_MS}"
+    )
+    params["options"] = f"{given.get('options', '')} {server}".strip()
     if password_file is not None:
         params["password"] = password_file.read_text().removesuffix("\n")
     return make_conninfo(url, **params)

@@ -104,6 +104,8 @@ class Ledger:
             reconnect=self._connect_postgres,
             fault=postgres.is_transient,
             lasting=postgres.is_outage,
+            commit_token=postgres.commit_token,
+            committed=postgres.committed,
         )
         self._writer = Writer(self._conn, engine)
 

@@ -48,6 +48,13 @@ class Engine:
     # again once it clears); and whether such a fault is worth an error in the log.
     fault: Callable[[BaseException], bool] = storage_fault
     lasting: Callable[[BaseException], bool] = storage_fault
+    # A connection lost as it committed leaves the commit's outcome unknown, and most calls
+    # cannot be made twice (an intake would find its own requests, and take them for
+    # duplicates). With these, the writer asks: `commit_token(conn)`, before COMMIT, names the
+    # transaction (None: it wrote nothing); `committed(conn, token)` on a new connection says
+    # whether it took effect (None: the server cannot tell yet).
+    commit_token: Callable[[Any], Any] | None = None
+    committed: Callable[[Any, Any], bool | None] | None = None
 
 
 class Writer:
@@ -57,11 +64,13 @@ class Writer:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
         self._fault_logged_at = -FAULT_LOG_EVERY_S
+        self._stopping = False  # no more waiting for a lost commit's outcome
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish the calls queued, then end the thread; whether it ended within `timeout` (a
         commit can hang on a failing disk: the thread is a daemon's, left behind)."""
+        self._stopping = True
         self._calls.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -129,7 +138,7 @@ class Writer:
                     conn.execute("ROLLBACK TO call")
                     conn.execute("RELEASE call")
                     outcomes.append((False, error))
-            conn.execute("COMMIT")
+            self._commit_known(conn)
         except Exception as error:  # handed to every caller: the thread serves on
             # The commit itself failed (disk full, I/O error, the connection lost): nothing of
             # the batch holds.
@@ -141,6 +150,37 @@ class Writer:
             settled[future.get_loop()].append((future, outcome))
         for loop, futures in settled.items():
             loop.call_soon_threadsafe(_settle, futures)
+
+    def _commit_known(self, conn: Any) -> None:
+        """COMMIT; raises unless it took effect, even when the connection was lost with it."""
+        token = self._engine.commit_token(conn) if self._engine.commit_token else None
+        try:
+            conn.execute("COMMIT")
+        except Exception:
+            # An error the server gave is its answer: rolled back. Only a lost connection
+            # leaves it open.
+            if token is None or not getattr(conn, "broken", False):
+                raise
+            if not self._committed_after_all(token):
+                raise
+
+    def _committed_after_all(self, token: Any) -> bool:
+        """A commit whose answer was lost: whether it took effect, asked on a new connection
+        until the database can tell (a transaction cut off stays in progress until the server
+        notices, then is rolled back), or until the writer stops."""
+        self._abandon()
+        delay = FAULT_RETRY_FIRST_S
+        while not self._stopping:
+            try:
+                outcome = self._engine.committed(self._connected(), token)
+            except Exception:  # the database is not back yet
+                self._abandon()
+                outcome = None
+            if outcome is not None:
+                return outcome
+            time.sleep(delay)
+            delay = min(delay * 2, FAULT_RETRY_MAX_S)
+        return False
 
     def _connected(self) -> Any:
         """The connection, made again first if the last one was lost."""
