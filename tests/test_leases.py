@@ -153,3 +153,28 @@ def test_a_chore_every_daemon_runs_is_done_by_one_at_a_time(pg, pg_dsn):
     other.execute("COMMIT")
     other.close()
     assert pg.execute("SELECT count(*) FROM requests").fetchone() == (0,)
+
+
+def test_two_daemons_count_outcomes_without_waiting_on_each_other(pg, pg_dsn):
+    """Each daemon counts in its own row (its shard), so that finishing requests of one agent or
+    campaign never waits on another daemon's open group commit; status reads the sum."""
+    from dialerd.ledger.sends import finish
+    from dialerd.ledger.status import status_report
+
+    first, second = (postgres.connect(pg_dsn, shard=name) for name in ("d1", "d2"))
+    for request_id in ("r1", "r2"):
+        request = build_request(
+            {"id": request_id, "to": "+447700900123", "campaign": "spring"}, CONFIG, "test:1"
+        )
+        add(pg, 1, [request], [], None, 0)
+    seqs = dict(pg.execute("SELECT id, seq FROM requests").fetchall())
+    first.execute("BEGIN")
+    finish(first, seqs["r1"], "dialed", {})
+    second.execute("SET lock_timeout = '200ms'")
+    finish(second, seqs["r2"], "dialed", {})  # not held up by the first's open transaction
+    first.execute("COMMIT")
+    report = status_report(pg, 0)
+    assert report["outcomes"] == {"dialed": 2}
+    assert report["campaigns"]["spring"]["outcomes"] == {"dialed": 2}
+    first.close()
+    second.close()

@@ -198,7 +198,8 @@ def test_an_older_ledger_has_its_outcomes_counted_once_when_upgraded(tmp_path):
     old.close()
     conn = connect(path)
     create_schema(conn)
-    assert conn.execute("SELECT * FROM outcome_counts ORDER BY outcome").fetchall() == [
+    counted = "SELECT agent_id, outcome, count FROM outcome_counts ORDER BY outcome"
+    assert conn.execute(counted).fetchall() == [
         ("agent-eu", "dialed", 1), ("", "invalid", 1)
     ]  # fmt: skip
     assert status_report(conn, 0)["outcomes"] == {"dialed": 1, "invalid": 1}

@@ -59,7 +59,12 @@ def dialect(conn: Any) -> Dialect:
 
 # The SQLite ledger version whose tables a ledger on PostgreSQL holds, for the checks of what an
 # older SQLite ledger lacks.
-POSTGRES_HOLDS_VERSION = 8
+POSTGRES_HOLDS_VERSION = 9
+
+
+def shard(conn: Any) -> str:
+    """The counters' row this connection counts in: its daemon's instance in cluster mode."""
+    return getattr(conn, "shard", "")
 
 
 def tables_version(conn: Any) -> int:

@@ -48,8 +48,9 @@ class PgConn:
 
     dialect = POSTGRES
 
-    def __init__(self, raw: psycopg.Connection):
+    def __init__(self, raw: psycopg.Connection, shard: str = ""):
         self.raw = raw
+        self.shard = shard  # the counters' row it counts in (status.count_outcome)
         raw.adapters.register_loader("numeric", _NumberLoader)  # sum() of integers is numeric
 
     def execute(self, sql: str, params: tuple | Mapping = ()) -> psycopg.Cursor:
@@ -111,13 +112,16 @@ def committed(conn: PgConn, token: int) -> bool | None:
     return {"committed": True, "aborted": False}.get(status)
 
 
-def connect(url: str, password_file: Path | None = None, application: str = "dialerd") -> PgConn:
+def connect(
+    url: str, password_file: Path | None = None, application: str = "dialerd", shard: str = ""
+) -> PgConn:
     """A connection to the ledger's database, in autocommit (the ledger says BEGIN itself).
 
     The password comes from `password_file` or from libpq's own sources (PGPASSWORD,
     ~/.pgpass, PGPASSFILE), never from the url in the config."""
     try:
-        return PgConn(psycopg.connect(_conninfo(url, password_file, application), autocommit=True))
+        raw = psycopg.connect(_conninfo(url, password_file, application), autocommit=True)
+        return PgConn(raw, shard)
     except psycopg.OperationalError as error:  # as a file that cannot be opened: an OSError
         reason = " ".join(str(error).split()) or "no answer"
         raise LedgerUnreachable(f"cannot reach the ledger {describe(url)}: {reason}") from None
@@ -165,7 +169,7 @@ def describe(url: str) -> str:
 
 
 # -- the tables ---------------------------------------------------------------------------
-# The ledger as SQLite's migrations leave it (its version 8), in PostgreSQL's types, and what a
+# The ledger as SQLite's migrations leave it (its version 9), in PostgreSQL's types, and what a
 # cluster adds: daemons' runs with their heartbeat, agents' leases (leases.py), the secrets
 # every daemon shares (the callbacks' key).
 SCHEMA = """
@@ -263,8 +267,8 @@ CREATE INDEX number_calls_by_number ON number_calls(to_number, at);
 CREATE INDEX number_calls_by_seq ON number_calls(seq) WHERE placed = 0;
 CREATE INDEX number_calls_by_age ON number_calls(at);
 CREATE TABLE outcome_counts (
-    agent_id text NOT NULL, outcome text NOT NULL, count bigint NOT NULL,
-    PRIMARY KEY (agent_id, outcome)
+    agent_id text NOT NULL, outcome text NOT NULL, shard text NOT NULL, count bigint NOT NULL,
+    PRIMARY KEY (agent_id, outcome, shard)
 );
 CREATE TABLE pruned_ids (
     digest bytea PRIMARY KEY, taken_at double precision NOT NULL, until double precision NOT NULL
@@ -279,8 +283,8 @@ CREATE TABLE controls (
     action text NOT NULL, target text NOT NULL, at double precision NOT NULL
 );
 CREATE TABLE campaign_counts (
-    campaign text NOT NULL, outcome text NOT NULL, count bigint NOT NULL,
-    last_at double precision NOT NULL, PRIMARY KEY (campaign, outcome)
+    campaign text NOT NULL, outcome text NOT NULL, shard text NOT NULL, count bigint NOT NULL,
+    last_at double precision NOT NULL, PRIMARY KEY (campaign, outcome, shard)
 );
 """
 # Changes to SCHEMA, applied in turn; `ledger_schema` holds how many are (a new ledger gets them).

@@ -11,7 +11,7 @@ from .control import Selection, record
 from .dialect import dialect, tables_version
 from .opening import open_ledger
 from .states import Move, move
-from .status import CAMPAIGNS_SINCE, COUNTED_SINCE, count_outcome
+from .status import CAMPAIGNS_SINCE, COUNTED_SINCE, SHARDED_SINCE, count_outcome
 
 FIRST_DUE_SINCE = 5  # the schema version that keeps a request's first due time
 
@@ -59,7 +59,8 @@ def requeue(
                 outcome=None, finished_at=None, error=None, retries=0, due_at=now, **due_again,
             )  # fmt: skip
             if moved and counted:
-                count_outcome(conn, agent_id, Outcome.IN_DOUBT, by=-1, campaign=of)
+                sharded = version >= SHARDED_SINCE
+                count_outcome(conn, agent_id, Outcome.IN_DOUBT, -1, of, sharded)
             conn.execute(
                 "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
                 (request_id, error, time.time()),

@@ -171,6 +171,14 @@ MIGRATIONS = (
     """
     ALTER TABLE outbox ADD COLUMN run INTEGER;
     """,
+    # 9: outcomes counted in a row per shard (see status.count_outcome): always '' on SQLite,
+    # where one daemon writes; the same tables as on PostgreSQL.
+    """
+    ALTER TABLE outcome_counts ADD COLUMN shard TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX outcome_counts_by_shard ON outcome_counts(agent_id, outcome, shard);
+    ALTER TABLE campaign_counts ADD COLUMN shard TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX campaign_counts_by_shard ON campaign_counts(campaign, outcome, shard);
+    """,
 )
 
 

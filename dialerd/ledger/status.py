@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import ClusterConfig
 from .dialect import POSTGRES, dialect, tables_version
+from .dialect import shard as dialect_shard
 from .opening import open_ledger
 from .states import NOT_PAUSED, State
 
@@ -16,27 +17,40 @@ RATE_OVER_S = 60.0  # the achieved rate is taken over this long
 REFUSED_AT_INTAKE = ""  # the agent of outcomes counted for requests that reached no agent
 COUNTED_SINCE = 4  # the schema version that counts outcomes as they are reached
 CAMPAIGNS_SINCE = 7  # the schema version of pauses and counts per campaign
+SHARDED_SINCE = 9  # the schema version that counts outcomes in a row per shard
 PLACED = ("dialed", "unanswered")  # the outcomes of a call the API placed
 
 
 def count_outcome(
-    conn: sqlite3.Connection, agent_id: str, outcome: str, by: int = 1, campaign: str | None = None
+    conn: sqlite3.Connection,
+    agent_id: str,
+    outcome: str,
+    by: int = 1,
+    campaign: str | None = None,
+    sharded: bool = True,
 ) -> None:
     """One more (or `by` more; fewer when negative) of the agent's requests, and of its
-    campaign's, has this outcome."""
+    campaign's, has this outcome.
+
+    Counted in the row of this connection's shard (a daemon's instance, in cluster mode; ''
+    otherwise): daemons that counted in one row would wait on each other's group commits for
+    it, and deadlock on two of them taken in opposite orders. Read as the sum over the shards.
+    `sharded` False: a ledger older than SHARDED_SINCE (requeue, before its daemon upgrades it).
+    """
+    shard = (", shard", ", ?", (dialect_shard(conn),)) if sharded else ("", "", ())
     conn.execute(
-        "INSERT INTO outcome_counts (agent_id, outcome, count) VALUES (?, ?, ?)"
-        " ON CONFLICT (agent_id, outcome)"
+        f"INSERT INTO outcome_counts (agent_id, outcome, count{shard[0]})"
+        f" VALUES (?, ?, ?{shard[1]}) ON CONFLICT (agent_id, outcome{shard[0]})"
         " DO UPDATE SET count = outcome_counts.count + excluded.count",
-        (agent_id, outcome, by),
+        (agent_id, outcome, by, *shard[2]),
     )
     if campaign is not None:
         conn.execute(
-            "INSERT INTO campaign_counts (campaign, outcome, count, last_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (campaign, outcome)"
+            f"INSERT INTO campaign_counts (campaign, outcome, count, last_at{shard[0]})"
+            f" VALUES (?, ?, ?, ?{shard[1]}) ON CONFLICT (campaign, outcome{shard[0]})"
             " DO UPDATE SET count = campaign_counts.count + excluded.count,"
             " last_at = excluded.last_at",
-            (campaign, outcome, by, time.time()),
+            (campaign, outcome, by, time.time(), *shard[2]),
         )
 
 
@@ -178,7 +192,8 @@ def _campaigns(conn: sqlite3.Connection, now: float) -> dict[str, dict]:
     ):
         campaigns[campaign]["paused"] = count
     for campaign, outcome, count in conn.execute(
-        "SELECT campaign, outcome, count FROM campaign_counts WHERE count != 0"
+        "SELECT campaign, outcome, sum(count) FROM campaign_counts GROUP BY campaign, outcome"
+        " HAVING sum(count) != 0"
     ):
         campaigns.setdefault(campaign, empty_campaign_status())["outcomes"][outcome] = count
     for campaign, calls in conn.execute(

@@ -113,7 +113,9 @@ class Ledger:
         from . import postgres
 
         cluster = self.cluster
-        return postgres.connect(cluster.url, cluster.password_file, f"dialerd {cluster.instance}")
+        return postgres.connect(
+            cluster.url, cluster.password_file, f"dialerd {cluster.instance}", cluster.instance
+        )
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued calls, stop the thread, close the database and release the lock; a
