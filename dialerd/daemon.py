@@ -342,16 +342,18 @@ class Daemon:
     async def _notice_controls(self) -> None:
         """Requeues, cancels, pauses and resumes come from another process (the command line):
         paused campaigns are left out of the index of due requests (resumed ones put back), the
-        lanes read their queues again, and the results of a cancel are written."""
-        seen = None  # at the start too: left out or put back while no daemon ran
+        lanes read their queues again, and the results of a cancel are written. Checked every
+        CONTROL_CHECK_S, and at once on a notice of one (cluster mode), which is acted on
+        whatever the latest control's seq: one that commits after a later one leaves it."""
+        seen, told = None, False  # at the start too: left out or put back while no daemon ran
         while True:
             latest = await self.ledger.last_control()
-            if latest != seen:
+            if latest != seen or told:
                 seen = latest
                 await self._upkeep.sync_pauses()
                 self._dispatcher.reread_queues()
                 self._notify_final()
-            await wait_event(self._controls_changed, CONTROL_CHECK_S)
+            told = await wait_event(self._controls_changed, CONTROL_CHECK_S)
             self._controls_changed.clear()
 
     async def _report(self) -> dict | None:

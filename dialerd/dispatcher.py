@@ -259,8 +259,9 @@ class Lane:
                 ahead_s=round(-since, 3),
             )
             since = 0.0
-        # The last send is stamped at its mark, which comes up to MARK_LEAD_S before it
-        # leaves (another daemon's too, in cluster mode): spaced from its latest departure.
+        # The last send is stamped at its mark, which it leaves MARK_LEAD_S after, or later on
+        # a cold connection (another daemon's too, in cluster mode): spaced from then at the
+        # earliest.
         since = max(0.0, since - MARK_LEAD_S)
         self._not_before = self._loop.time() - since + (1.0 - self.tolerance) * self.interval
 

@@ -100,10 +100,12 @@ class Leases:
         holding = set(self._fences) - self._giving_up
         take, give_up = plan(holding, round_.free, fair)
         if take:
-            taken = await self._ledger.take_leases(take)
+            taken, parked = await self._ledger.take_leases(take)
             if taken:
                 self._open(taken, valid_until)
                 log.info("leases taken", agents=sorted(taken), share=fair, daemons=len(round_.live))
+            if parked:
+                log.warning("sends in flight of the holders before are in_doubt", count=parked)
         if give_up:
             self._give_up(give_up)
             log.info("leases given up to share them", agents=give_up, share=fair)

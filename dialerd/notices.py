@@ -47,6 +47,7 @@ class Notices:
                         log.info("notices from the other daemons again")
                     said, delay = False, RECONNECT_FIRST_S
                     self._queued(None)  # what was said while nobody listened
+                    self._control()
                     async for notice in conn.notifies():
                         self._dispatch(notice.payload)
             except (OSError, psycopg.Error) as error:

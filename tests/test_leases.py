@@ -53,8 +53,8 @@ def run_out(conn, agent: str = AGENT) -> None:
 def test_a_lease_is_taken_once_and_its_epoch_fences_the_holder_before(pg):
     first, second = new_run(pg, "d1"), new_run(pg, "d2")
     renew(pg, first, [AGENT], LEASE_S)
-    assert take(pg, first, "d1", [AGENT], LEASE_S) == {AGENT: 1}
-    assert take(pg, second, "d2", [AGENT], LEASE_S) == {}, "held: not free to take"
+    assert take(pg, first, "d1", [AGENT], LEASE_S) == ({AGENT: 1}, 0)
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == ({}, 0), "held: not free to take"
     seq = queued(pg, "r1")
     assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(first, 1)) == (True, None)
     queued(pg, "r2")
@@ -62,7 +62,7 @@ def test_a_lease_is_taken_once_and_its_epoch_fences_the_holder_before(pg):
     # Run out, not yet taken: the holder's own mark is refused by the database's clock.
     with pytest.raises(LeaseLost):
         mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(first, 1))
-    assert take(pg, second, "d2", [AGENT], LEASE_S) == {AGENT: 2}
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == ({AGENT: 2}, 1)
     with pytest.raises(LeaseLost):
         mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(first, 1))
     # The send the first run marked and never answered is in_doubt: its lease is gone.
@@ -99,7 +99,7 @@ def test_a_lease_given_up_is_free_at_once_and_not_renewed_again(pg):
     assert renew(pg, first, [AGENT], LEASE_S).held == {}
     round_ = renew(pg, second, [AGENT], LEASE_S)
     assert round_.free == [AGENT] and round_.live == [first, second]
-    assert take(pg, second, "d2", [AGENT], LEASE_S) == {AGENT: 2}
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == ({AGENT: 2}, 0)
 
 
 def test_a_daemon_that_leaves_frees_its_leases_and_counts_as_alive_no_more(pg):
@@ -178,3 +178,23 @@ def test_two_daemons_count_outcomes_without_waiting_on_each_other(pg, pg_dsn):
     assert report["campaigns"]["spring"]["outcomes"] == {"dialed": 2}
     first.close()
     second.close()
+
+
+def test_two_daemons_of_one_name_starting_at_once_are_not_both_let_in(pg, pg_dsn):
+    """The first to join holds the name: the second, in a transaction begun beside the first's,
+    is told to wait, not let in."""
+    other = postgres.connect(pg_dsn)
+    runs = [
+        conn.execute("INSERT INTO runs (pid, started_at) VALUES (1, 0) RETURNING run").fetchone()[0]
+        for conn in (pg, other)
+    ]
+    pg.execute("BEGIN")
+    assert join(pg, runs[0], "dialer-1", LEASE_S) is None
+    other.execute("SET lock_timeout = '200ms'")
+    other.execute("BEGIN")
+    with pytest.raises(psycopg.errors.LockNotAvailable):  # waits for the first's commit
+        join(other, runs[1], "dialer-1", LEASE_S)
+    other.execute("ROLLBACK")
+    pg.execute("COMMIT")
+    assert join(other, runs[1], "dialer-1", LEASE_S) is not None
+    other.close()

@@ -256,7 +256,7 @@ def last_control(conn: sqlite3.Connection) -> int:
     daemon reads it to notice new ones. The counter of AUTOINCREMENT: it never goes back, even
     once retention has pruned the controls."""
     row = conn.execute(dialect(conn).last_control).fetchone()
-    return row[0] if row else 0
+    return (row and row[0]) or 0
 
 
 def record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:

@@ -17,9 +17,9 @@ class Dialect:
     name: str
     begin: str  # a writing transaction, holding off other writers as far as the engine needs
     json_texts: str  # the texts of a JSON array given as the one parameter, as a subquery
-    for_update: str  # after a SELECT of a row the transaction goes on to change
+    snapshot: str  # a transaction that reads one state of the ledger throughout (a report)
     db_clock: str  # the database's wall clock in seconds since the epoch; SQLite: the caller's
-    last_control: str  # the latest seq given to a control, never given out again
+    last_control: str  # the latest control's seq
     lock_number: str  # held by a send's mark until commit, so that the cap is read and kept
     notify: str  # tells the other daemons of a change, as the transaction commits ("": none)
     hour: str  # the whole hours since the epoch of a time in seconds ({} for its column)
@@ -30,7 +30,7 @@ SQLITE = Dialect(
     name="sqlite",
     begin="BEGIN IMMEDIATE",  # one writer at a time: the whole file is locked
     json_texts="SELECT value FROM json_each(?)",
-    for_update="",
+    snapshot="BEGIN",  # a read transaction of WAL: one snapshot
     db_clock="?",
     last_control="SELECT seq FROM sqlite_sequence WHERE name = 'controls'",
     lock_number="",  # the whole file is the writer's already
@@ -42,9 +42,11 @@ POSTGRES = Dialect(
     name="postgresql",
     begin="BEGIN",
     json_texts="SELECT json_array_elements_text(CAST(? AS json))",
-    for_update=" FOR UPDATE",
+    snapshot="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     db_clock="extract(epoch FROM clock_timestamp())",
-    last_control="SELECT last_value FROM controls_seq_seq WHERE is_called",
+    # What is committed: a sequence's last value is not (it may name a control whose transaction
+    # is still open). A control that commits after a later one is noticed by its notice.
+    last_control="SELECT max(seq) FROM controls",
     lock_number="SELECT pg_advisory_xact_lock(1, hashtext(?))",
     notify=f"SELECT pg_notify('{NOTICES}', ?)",
     hour="CAST(floor({} / 3600) AS bigint)",  # CAST alone rounds

@@ -39,7 +39,9 @@ class InstanceRunning(LedgerLocked):
 def join(conn, run: int, instance: str, lease_s: float) -> float | None:
     """This run, of `instance`, joins the cluster. When a run of the same name is alive by its
     heartbeat, nothing is recorded and the seconds it has left are returned (a crash just
-    before a restart: it runs out; a second daemon started by mistake: it renews)."""
+    before a restart: it runs out; a second daemon started by mistake: it renews). Two runs of
+    one name that join at once do so one after the other (the lock on the name)."""
+    conn.execute("SELECT pg_advisory_xact_lock(3, hashtext(?))", (instance,))
     left = conn.execute(
         "SELECT extract(epoch FROM max(renewed_at + make_interval(secs => lease_s))"
         " - clock_timestamp()) FROM runs WHERE instance = ? AND stopped_at IS NULL"
@@ -93,11 +95,14 @@ def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
     return Round(held, free, live, None if next_expiry is None else float(next_expiry))
 
 
-def take(conn, run: int, instance: str, agents: list[str], lease_s: float) -> dict[str, int]:
+def take(
+    conn, run: int, instance: str, agents: list[str], lease_s: float
+) -> tuple[dict[str, int], int]:
     """The leases of `agents` that are still free taken by this run, each under a new epoch,
     which fences off the holder before; its sends marked and never answered are in_doubt now
-    (its lease is gone: no answer of them will be recorded). Agent: (epoch) of those taken."""
-    taken = {}
+    (its lease is gone: no answer of them will be recorded). The epochs of those taken (by
+    agent), and how many sends became in_doubt."""
+    taken, parked = {}, 0
     for agent_id in agents:
         row = conn.execute(
             "SELECT run FROM leases WHERE agent_id = ? AND expires_at <= clock_timestamp()"
@@ -114,8 +119,8 @@ def take(conn, run: int, instance: str, agents: list[str], lease_s: float) -> di
         ).fetchone()
         taken[agent_id] = epoch
         if row[0] != run:  # this run's own sends are still awaited by its lanes
-            _in_doubt(conn, agent_id)
-    return taken
+            parked += _in_doubt(conn, agent_id)
+    return taken, parked
 
 
 def _in_doubt(conn, agent_id: str) -> int:
@@ -151,15 +156,3 @@ def shared_secret(conn, name: str, new: bytes) -> bytes:
         "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, new)
     )
     return bytes(conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
-
-
-def holders(conn) -> list[tuple]:
-    """For `status`: each live or recent run with its agents and last renewal."""
-    return conn.execute(
-        "SELECT r.run, r.instance, r.pid, extract(epoch FROM r.renewed_at),"
-        " r.renewed_at + make_interval(secs => r.lease_s) > clock_timestamp() AS alive,"
-        " coalesce(array_agg(l.agent_id ORDER BY l.agent_id)"
-        "  FILTER (WHERE l.expires_at > clock_timestamp()), '{}')"
-        " FROM runs AS r LEFT JOIN leases AS l ON l.run = r.run"
-        " WHERE r.instance IS NOT NULL AND r.stopped_at IS NULL GROUP BY r.run ORDER BY r.run"
-    ).fetchall()

@@ -237,6 +237,7 @@ def read_status(state_dir: Path, cluster: ClusterConfig | None = None) -> dict |
     except FileNotFoundError:
         return None
     try:
+        conn.execute(dialect(conn).snapshot)  # one state of the ledger throughout the report
         return status_report(conn, time.time())
     finally:
         conn.close()

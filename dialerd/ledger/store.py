@@ -18,7 +18,7 @@ from ..logs import log
 from ..request import Request
 from ..results import Outcome
 from . import control, intake, leases, placed, retention, sends, status
-from .dialect import POSTGRES
+from .dialect import POSTGRES, dialect
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
 from .schema import connect, create_schema
@@ -358,7 +358,9 @@ class Ledger:
         """This run's heartbeat and its leases renewed; what there is to take (leases.Round)."""
         return await self.call(leases.renew, self.run, agents, self.cluster.lease_s)
 
-    async def take_leases(self, agents: list[str]) -> dict[str, int]:
+    async def take_leases(self, agents: list[str]) -> tuple[dict[str, int], int]:
+        """The free leases of `agents` taken: their epochs, and how many sends of the holders
+        before became in_doubt (see leases.take)."""
         cluster = self.cluster
         return await self.call(leases.take, self.run, cluster.instance, agents, cluster.lease_s)
 
@@ -393,7 +395,7 @@ class Ledger:
         if self.cluster is None:
             conn = connect(self.path, read_only=True)
             try:
-                return _report(conn, "BEGIN")
+                return _report(conn)
             finally:
                 conn.close()
         from .postgres import psycopg
@@ -404,7 +406,7 @@ class Ledger:
             try:
                 if self._status_conn is None or self._status_conn.broken:
                     self._status_conn = self._connect_postgres()
-                report = _report(self._status_conn, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+                report = _report(self._status_conn)
                 self._status_conn.execute("COMMIT")
                 return report
             except psycopg.Error as error:  # the database went away during the report
@@ -417,6 +419,6 @@ class Ledger:
             self._status_conn = None
 
 
-def _report(conn: Any, begin: str) -> dict:
-    conn.execute(begin)  # one snapshot for all of the report's queries
+def _report(conn: Any) -> dict:
+    conn.execute(dialect(conn).snapshot)  # one snapshot for all of the report's queries
     return status.status_report(conn, time.time())
