@@ -349,10 +349,11 @@ def _copy_from_postgres(
         return  # no daemon has made it yet: nothing is taken
     try:
         columns = _requests_columns(ledger)
-        # By bytes ("C"), as SQLite compares: a locale's order may not keep a key's ids together.
+        # `id` is compared by bytes (its column's collation), as on SQLite: a locale's order
+        # would not keep a key's ids together; and read by its index, a range per key.
         rows = stored.execute(
             f"SELECT {columns} FROM requests AS r JOIN unnest(CAST(? AS text[])) AS k(key)"
-            ' ON r.id COLLATE "C" >= k.key AND r.id COLLATE "C" < k.key || \'/\'',
+            " ON r.id >= k.key AND r.id < k.key || '/'",
             (sorted(set(keys)),),
         ).fetchall()
         marks = ", ".join("?" * len(columns.split(", ")))

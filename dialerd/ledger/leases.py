@@ -57,6 +57,11 @@ def join(conn, run: int, instance: str, lease_s: float) -> float | None:
     return None
 
 
+def runs_of(conn, instance: str) -> list[int]:
+    """Every run of the instance, this one too: the result lines owed to it are theirs."""
+    return [r[0] for r in conn.execute("SELECT run FROM runs WHERE instance = ?", (instance,))]
+
+
 def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
     conn.execute("UPDATE runs SET renewed_at = clock_timestamp() WHERE run = ?", (run,))
     conn.execute(

@@ -43,6 +43,7 @@ class Ledger:
         self._conn: Any = None
         self._writer: Writer | None = None
         self._status_conn: Any = None  # cluster mode: the reports' own connection
+        self._instance_runs: list[int] = []  # cluster mode: this one and its instance's before
         self._status_lock = threading.Lock()  # one report at a time on it
         self.run = 0
 
@@ -324,12 +325,9 @@ class Ledger:
         cluster mode, those of the requests this daemon's instance took in."""
         if self.cluster is None:
             sql, params = "SELECT seq, line, outcome, campaign FROM outbox", ()
-        else:
-            sql = (
-                "SELECT seq, line, outcome, campaign FROM outbox"
-                " WHERE run IN (SELECT run FROM runs WHERE instance = ?)"
-            )
-            params = (self.cluster.instance,)
+        else:  # by the list of runs, read by its index: never past others' lines owed
+            sql = "SELECT seq, line, outcome, campaign FROM outbox WHERE run = ANY(?)"
+            params = (self._instance_runs,)
         return await self.call(
             lambda conn: conn.execute(f"{sql} ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         )
@@ -352,7 +350,10 @@ class Ledger:
         """This run joins the cluster under its instance name; when a live run has that name,
         the seconds its heartbeat has left instead (see leases.join)."""
         cluster = self.cluster
-        return await self.call(leases.join, self.run, cluster.instance, cluster.lease_s)
+        left = await self.call(leases.join, self.run, cluster.instance, cluster.lease_s)
+        if left is None:
+            self._instance_runs = await self.call(leases.runs_of, cluster.instance)
+        return left
 
     async def lease_round(self, agents: list[str]) -> leases.Round:
         """This run's heartbeat and its leases renewed; what there is to take (leases.Round)."""
