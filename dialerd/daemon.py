@@ -522,14 +522,15 @@ class Daemon:
             for task in stuck_sources:
                 log.warning("a source did not stop in time; leaving it", source=task.get_name())
                 task.cancel()
-        if self._lease_task is not None:  # no lane opens from here on
-            self._lease_task.cancel()
+        if self._leases is not None:  # no lane opens from here on; what is held is renewed
+            self._leases.freeze()
         self._dispatcher.stop()
         grace = min(self.config.api.timeout_s + DRAIN_GRACE_S, max(0.0, deadline - loop.time()))
         stuck = await self._dispatcher.drain(grace)
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
         if self._leases is not None:
+            self._lease_task.cancel()
             await self._leases.leave(max(0.0, deadline - loop.time()))
         await self._stop_listeners()
         try:

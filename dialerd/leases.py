@@ -18,7 +18,9 @@ from .logs import log
 from .metrics import Metrics
 
 EARLIEST_WAKE_S = 0.02  # a lease running out is taken this soon after, at the earliest
-GIVE_UP_WAIT_S = 5.0  # beyond api.timeout_s: a lane given up finishes its sends first
+# A lane given up has its sends answered first, for lease_s / 2 at most: the agent waits for
+# that, and no agent may stall longer than lease_s; an answer later than that is in_doubt.
+GIVE_UP_WAIT_SHARE = 0.5
 
 
 def share(agents: int, live: list[int], run: int) -> int:
@@ -53,10 +55,17 @@ class Leases:
         self._giving_up: set[str] = set()  # lanes stopping before their leases are released
         self._tasks: set[asyncio.Task] = set()
         self._woken = asyncio.Event()  # a lease given up elsewhere: a round now
+        self._frozen = False  # the daemon is stopping: renew what it holds, take and give none
 
     @property
     def held(self) -> list[str]:
         return sorted(self._fences)
+
+    def freeze(self) -> None:
+        """The daemon's stop has begun: the leases it holds are renewed while its lanes drain
+        (an answer awaited past lease_s would else be another daemon's in_doubt), and no lease
+        is taken or given up any more."""
+        self._frozen = True
 
     def wake(self) -> None:
         """Another daemon gave up leases, or left: a round at once, to take them."""
@@ -94,8 +103,10 @@ class Leases:
             fence = self._fences.get(agent)
             if fence is not None and fence.epoch == epoch:
                 fence.valid_until = valid_until
-            elif agent not in self._giving_up:  # held, and no lane: a take whose answer was lost
-                self._open({agent: epoch}, valid_until)
+            elif agent not in self._giving_up and not self._frozen:
+                self._open({agent: epoch}, valid_until)  # held, no lane: a take's answer lost
+        if self._frozen:
+            return
         fair = share(len(self._config().agents), round_.live, self._ledger.run)
         holding = set(self._fences) - self._giving_up
         take, give_up = plan(holding, round_.free, fair)
@@ -140,7 +151,8 @@ class Leases:
 
     async def _release_when_settled(self, agents: list[str], lanes: list) -> None:
         try:
-            timeout = self._config().api.timeout_s + GIVE_UP_WAIT_S
+            config = self._config()
+            timeout = min(config.api.timeout_s, config.cluster.lease_s * GIVE_UP_WAIT_SHARE)
             await self._dispatcher.settled(lanes, timeout)
             await self._ledger.release_leases(agents)
             for agent in agents:
