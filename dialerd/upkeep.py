@@ -44,6 +44,8 @@ class Upkeep:
             now = time.time()
             if await self._ledger.expire_due(now, self._config().max_queue_s):
                 self._on_final()
+            if self._config().cluster is not None and await self._ledger.park_orphans():
+                self._on_final()
             if now - forgotten_at >= FORGET_EVERY_S:
                 cap = self._config().max_calls_per_number
                 kept_s = max(NUMBER_CALLS_KEPT_S, cap.per_s if cap else 0.0)

@@ -198,3 +198,31 @@ def test_two_daemons_of_one_name_starting_at_once_are_not_both_let_in(pg, pg_dsn
     pg.execute("COMMIT")
     assert join(other, runs[1], "dialer-1", LEASE_S) is not None
     other.close()
+
+
+def test_a_send_left_by_a_holder_no_daemon_followed_ends_in_doubt(pg):
+    """An agent taken out of every daemon's config: its lease is never taken again, and what
+    its last holder had in flight ends in_doubt once the lease has been out for long enough."""
+    from dialerd.ledger.leases import ORPHAN_AFTER_S, park_orphans
+
+    holder = new_run(pg, "d1")
+    renew(pg, holder, [AGENT, "agent-us"], LEASE_S)
+    take(pg, holder, "d1", [AGENT, "agent-us"], LEASE_S)
+    orphan, held = queued(pg, "r1"), queued(pg, "r2")
+    pg.execute("UPDATE requests SET agent_id = 'agent-us' WHERE seq = ?", (held,))
+    for seq in (orphan, held):
+        assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(holder, 1)) == (True, None)
+    pg.execute(
+        "UPDATE leases SET expires_at = clock_timestamp() - make_interval(secs => ?)"
+        " WHERE agent_id = ?",
+        (ORPHAN_AFTER_S / 2, AGENT),
+    )
+    assert park_orphans(pg) == 0, "not out for long enough"
+    pg.execute(
+        "UPDATE leases SET expires_at = clock_timestamp() - make_interval(secs => ?)"
+        " WHERE agent_id = ?",
+        (ORPHAN_AFTER_S + 1, AGENT),
+    )
+    assert park_orphans(pg) == 1
+    states = dict(pg.execute("SELECT id, coalesce(outcome, state) FROM requests").fetchall())
+    assert states == {"r1": "in_doubt", "r2": "sending"}

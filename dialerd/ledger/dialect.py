@@ -85,7 +85,7 @@ def tell(conn: Any, *notices: str) -> None:
 
 
 # The ledger's chores that every daemon of a cluster runs (each would do the same work).
-CHORES = ("prune", "expire", "settle", "forget")
+CHORES = ("prune", "expire", "settle", "forget", "orphans")
 
 
 def chore_is_ours(conn: Any, chore: str) -> bool:

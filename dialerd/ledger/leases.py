@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..results import Outcome
-from .dialect import LEASES, tell
+from .dialect import LEASES, chore_is_ours, tell
 from .lock import LedgerLocked
 from .sends import IN_DOUBT_ERROR, finish
 from .states import State
 
 _LEASE_LASTS = "clock_timestamp() + make_interval(secs => ?)"
 _FREE = "run = NULL, instance = NULL, expires_at = clock_timestamp()"
+ORPHAN_AFTER_S = 300.0  # lease_s at its longest
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +130,31 @@ def take(
 
 
 def _in_doubt(conn, agent_id: str) -> int:
-    seqs = [
-        r[0]
-        for r in conn.execute(
-            f"SELECT seq FROM requests WHERE state != '{State.FINAL}'"
-            f" AND state = '{State.SENDING}' AND agent_id = ?",
-            (agent_id,),
-        )
-    ]
+    return _park(
+        conn,
+        f"SELECT seq FROM requests WHERE state != '{State.FINAL}'"
+        f" AND state = '{State.SENDING}' AND agent_id = ?",
+        (agent_id,),
+    )
+
+
+def park_orphans(conn) -> int:
+    """Sends marked under a lease that ran out ORPHAN_AFTER_S ago and that no daemon took since
+    (its agent is in no daemon's config now): in_doubt, as a takeover would make them."""
+    if not chore_is_ours(conn, "orphans"):
+        return 0
+    return _park(
+        conn,
+        f"SELECT r.seq FROM requests AS r WHERE r.state != '{State.FINAL}'"
+        f" AND r.state = '{State.SENDING}' AND NOT EXISTS (SELECT 1 FROM leases AS l"
+        "  WHERE l.agent_id = r.agent_id"
+        "  AND l.expires_at > clock_timestamp() - make_interval(secs => ?))",
+        (ORPHAN_AFTER_S,),
+    )
+
+
+def _park(conn, select: str, params: tuple) -> int:
+    seqs = [r[0] for r in conn.execute(select, params)]
     for seq in seqs:
         finish(conn, seq, Outcome.IN_DOUBT, {"error": IN_DOUBT_ERROR})
     return len(seqs)

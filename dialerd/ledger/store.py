@@ -368,6 +368,10 @@ class Ledger:
     async def release_leases(self, agents: list[str]) -> None:
         await self.call(leases.release, self.run, agents)
 
+    async def park_orphans(self) -> int:
+        """Sends in flight for an agent no daemon has held for a while: in_doubt."""
+        return await self.call(leases.park_orphans)
+
     async def leave(self) -> None:
         await self.call(leases.leave, self.run)
 
