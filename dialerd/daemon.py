@@ -31,12 +31,10 @@ from .dispatcher import Dispatcher, Wiring
 from .dnc import DoNotCall
 from .holds import Hold
 from .hours import CallingWindow
-from .leases import Leases
+from .leases import Leases, join_cluster
 from .ledger import Ledger, empty_agent_status
-from .ledger.leases import InstanceRunning
 from .logs import log
 from .metrics import Metrics
-from .notices import Notices
 from .notify import Notifier
 from .progress import PROGRESS_EVERY_S, progress_fields, summary_fields
 from .results import ResultsWriter
@@ -75,7 +73,6 @@ class Daemon:
         self._admin: AdminListener | None = None
         self.ledger = Ledger(config.state_dir, config.cluster)
         self._leases: Leases | None = None  # cluster mode
-        self._lease_task: asyncio.Task | None = None
         self._controls_changed = asyncio.Event()  # a notice of another process's control
         self._upkeep = Upkeep(self.ledger, lambda: self.config, self._notify_final)
         self._started_at = 0.0  # loop time the tasks started, for the summary
@@ -119,7 +116,7 @@ class Daemon:
 
     async def _run_with_ledger(self) -> None:
         if self.config.cluster is not None:
-            await self._join_cluster(self.config.cluster.lease_s)
+            await join_cluster(self.ledger, self.config.cluster)
         else:  # in cluster mode, each agent's when its lease is taken (leases.take)
             parked = await self.ledger.recover_in_flight()
             if parked:
@@ -144,26 +141,6 @@ class Daemon:
             if self._simulator is not None:
                 await self._simulator.stop()
             self._results.close()
-
-    async def _join_cluster(self, lease_s: float) -> None:
-        """Join under this instance's name. A run of that name still alive by its heartbeat is
-        waited for until it runs out (a restart just after a crash); one that goes on renewing
-        is another daemon with this name, and this one does not start."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + lease_s * 2
-        while (left := await self.ledger.join()) is not None:
-            if loop.time() + left > deadline:
-                raise InstanceRunning(
-                    f"another daemon named {self.config.cluster.instance!r} is running on this"
-                    " ledger: give each daemon its own instance"
-                )
-            log.warning(
-                "an earlier run of this instance is alive by its heartbeat: waiting for it",
-                instance=self.config.cluster.instance,
-                wait_s=round(left, 3),
-            )
-            await asyncio.sleep(left + 0.05)
-        log.info("joined the cluster", instance=self.config.cluster.instance, run=self.ledger.run)
 
     async def _api(self) -> tuple[str, Mapping[str, str]]:
         """The key and endpoints: the configured API, or the built-in simulator."""
@@ -421,14 +398,7 @@ class Daemon:
                 self._leases = Leases(
                     self.ledger, self._dispatcher, lambda: self.config, self.metrics
                 )
-                self._lease_task = group.create_task(self._leases.run(), name="leases")
-                notices = Notices(
-                    self.config.cluster,
-                    self._on_notice_of_work,
-                    self._controls_changed.set,
-                    self._leases.wake,
-                )
-                background.append(group.create_task(notices.run(), name="notices"))
+                background += self._leases.start(group, self._controls_changed.set)
             background.append(group.create_task(self._reload_on_hangup(), name="reload"))
             background.append(group.create_task(self._notice_controls(), name="controls"))
             background.append(group.create_task(self._upkeep.sweep(), name="sweep"))
@@ -468,13 +438,6 @@ class Daemon:
             await self._drain(sources)
             for task in background:
                 task.cancel()
-
-    def _on_notice_of_work(self, agent_ids: list[str] | None) -> None:
-        """Another daemon queued work (a request, a redial) for these agents (None: any)."""
-        if agent_ids is None:
-            self._dispatcher.reread_queues()
-        else:
-            self._dispatcher.wake(agent_ids, reread=True)
 
     def _on_queued(self, agent_ids: frozenset[str]) -> None:
         self._dispatcher.wake(agent_ids, reread=True)  # what came may go before what it holds
@@ -530,7 +493,6 @@ class Daemon:
         if stuck:
             log.warning("sends without an answer at shutdown: in_doubt", count=stuck)
         if self._leases is not None:
-            self._lease_task.cancel()
             await self._leases.leave(max(0.0, deadline - loop.time()))
         await self._stop_listeners()
         try:

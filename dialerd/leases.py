@@ -10,12 +10,13 @@ import asyncio
 from collections.abc import Callable
 
 from .aio import wait_event
-from .config import Config
+from .config import ClusterConfig, Config
 from .dispatcher import Dispatcher, Fence
 from .ledger import Ledger
-from .ledger.leases import Round
+from .ledger.leases import InstanceRunning, Round
 from .logs import log
 from .metrics import Metrics
+from .notices import Notices
 
 EARLIEST_WAKE_S = 0.02  # a lease running out is taken this soon after, at the earliest
 # A lane given up has its sends answered first, for lease_s / 2 at most: the agent waits for
@@ -38,6 +39,27 @@ def plan(held: set[str], free: list[str], fair: int) -> tuple[list[str], list[st
     return [], sorted(held)[fair:]
 
 
+async def join_cluster(ledger: Ledger, cluster: ClusterConfig) -> None:
+    """Join under this instance's name. A run of that name still alive by its heartbeat is
+    waited for until it runs out (a restart just after a crash); one that goes on renewing
+    is another daemon with this name, and this one does not start."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cluster.lease_s * 2
+    while (left := await ledger.join()) is not None:
+        if loop.time() + left > deadline:
+            raise InstanceRunning(
+                f"another daemon named {cluster.instance!r} is running on this ledger: give"
+                " each daemon its own instance"
+            )
+        log.warning(
+            "an earlier run of this instance is alive by its heartbeat: waiting for it",
+            instance=cluster.instance,
+            wait_s=round(left, 3),
+        )
+        await asyncio.sleep(left + 0.05)
+    log.info("joined the cluster", instance=cluster.instance, run=ledger.run)
+
+
 class Leases:
     def __init__(
         self,
@@ -55,6 +77,7 @@ class Leases:
         self._giving_up: set[str] = set()  # lanes stopping before their leases are released
         self._tasks: set[asyncio.Task] = set()
         self._woken = asyncio.Event()  # a lease given up elsewhere: a round now
+        self._rounds: asyncio.Task | None = None
         self._frozen = False  # the daemon is stopping: renew what it holds, take and give none
 
     @property
@@ -70,6 +93,20 @@ class Leases:
     def wake(self) -> None:
         """Another daemon gave up leases, or left: a round at once, to take them."""
         self._woken.set()
+
+    def start(self, group: asyncio.TaskGroup, on_control: Callable[[], None]) -> list:
+        """The lease rounds, and the other daemons' notices: new work wakes the lanes of the
+        agents this daemon holds, a control calls `on_control`, a lease given up a round."""
+        self._rounds = group.create_task(self.run(), name="leases")
+        notices = Notices(self._config().cluster, self._work_queued, on_control, self.wake)
+        return [self._rounds, group.create_task(notices.run(), name="notices")]
+
+    def _work_queued(self, agent_ids: list[str] | None) -> None:
+        """Another daemon queued work (a request, a redial) for these agents (None: any)."""
+        if agent_ids is None:
+            self._dispatcher.reread_queues()
+        else:
+            self._dispatcher.wake(agent_ids, reread=True)
 
     async def run(self) -> None:
         """Renew, take and give up leases until cancelled (the daemon's stop, which then
@@ -164,6 +201,8 @@ class Leases:
     async def leave(self, timeout: float) -> None:
         """The daemon stops (its lanes drained): every lease is released, and this run counts
         as alive no more, so that the others take its agents at once."""
+        if self._rounds is not None:
+            self._rounds.cancel()
         for task in self._tasks:
             task.cancel()
         try:
