@@ -7,6 +7,7 @@ mark. The records are the ledger's (ledger/leases.py); the decisions are made he
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Callable
 
 from .aio import wait_event
@@ -31,11 +32,14 @@ def share(agents: int, live: list[int], run: int) -> int:
     return base + (1 if live.index(run) < extra else 0)
 
 
-def plan(held: set[str], free: list[str], fair: int) -> tuple[list[str], list[str]]:
+def plan(held: set[str], free: list[str], fair: int, run: int) -> tuple[list[str], list[str]]:
     """The agents to take (free ones, while this run has fewer than its share) and to give up
-    (while it has more): an agent moves only from a holder with more than its share."""
+    (while it has more): an agent moves only from a holder with more than its share. The free
+    ones in an order of this run's own, so that daemons taking at once mostly ask for
+    different agents."""
     if len(held) < fair:
-        return free[: fair - len(held)], []
+        ordered = sorted(free, key=lambda agent: zlib.crc32(f"{run}/{agent}".encode()))
+        return ordered[: fair - len(held)], []
     return [], sorted(held)[fair:]
 
 
@@ -146,9 +150,11 @@ class Leases:
             return
         fair = share(len(self._config().agents), round_.live, self._ledger.run)
         holding = set(self._fences) - self._giving_up
-        take, give_up = plan(holding, round_.free, fair)
+        take, give_up = plan(holding, round_.free, fair, self._ledger.run)
         if take:
             taken, parked = await self._ledger.take_leases(take)
+            if len(taken) < len(take):  # another daemon took some at the same moment
+                self._woken.set()  # the next round at once: others may be free
             if taken:
                 self._open(taken, valid_until)
                 log.info("leases taken", agents=sorted(taken), share=fair, daemons=len(round_.live))

@@ -6,6 +6,7 @@ nothing goes over an agent's rate, every request gets one result, from the daemo
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -395,3 +396,37 @@ def test_a_stdin_run_in_a_cluster_ends_when_what_it_took_in_is_final(
     report = json.loads(run_dialerd("status", "-c", str(config), "--json").stdout)
     assert sum(entry["queued"] for entry in report["agents"].values()) > 0, "all of it was done"
     assert other.stop()[0] == 0
+
+
+def test_survivors_that_take_a_dead_daemons_agents_at_once_take_them_in_one_round(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    """Two survivors whose leases round at the same moment, each owed one of the dead daemon's
+    two agents: both are taken as the leases run out, not one a lease round later (each asks
+    first for agents in an order of its own, and one that lost a race rounds again at once)."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    url = ledger_url(pg_dsn)
+    started = []
+    for name in ("d1", "d2", "d3"):  # d1 started first: its share is two agents, the others' one
+        started.append(daemons("-c", str(cluster_config(tmp_path, name, sim, url))))
+        started[-1].wait_running()
+    first, *survivors = started
+    wait_for(lambda: [len(held(d)) for d in started] == [2, 1, 1], 30, "the agents shared")
+    drop(tmp_path, "d1", "batch.jsonl", requests("r", 200))
+    wait_for(lambda: len(sim.arrivals()) > 20, 30, "sending")
+    orphans = held(first)
+    first.kill()
+    killed_at = time.time()
+    wait_for(lambda: set().union(*(held(d) for d in survivors)) >= orphans, 30, "the takeover")
+    takes = [
+        event["timestamp"]
+        for daemon in survivors
+        for event in events(daemon)
+        if event["event"] == "leases taken" and set(event["agents"]) & orphans
+    ]
+    moments = [dt.datetime.fromisoformat(stamp).timestamp() for stamp in takes]
+    assert len(moments) == 2 and max(moments) - min(moments) < LEASE_S / 3 / 2, takes
+    assert max(moments) - killed_at <= LEASE_S + 0.3, (takes, killed_at)
+    for daemon in survivors:
+        assert daemon.stop()[0] == 0
