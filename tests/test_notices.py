@@ -4,6 +4,7 @@ the other daemons as its transactions commit, and the daemon's listener, which r
 from __future__ import annotations
 
 import asyncio
+import os
 
 import psycopg
 import pytest
@@ -51,8 +52,9 @@ def test_what_the_ledger_tells_the_other_daemons_as_it_commits(pg, pg_dsn):
 
 async def test_the_listener_wakes_what_each_notice_is_of_and_comes_back_after_a_cut(pg, pg_dsn):
     calls: asyncio.Queue = asyncio.Queue()
+    cluster = cluster_of(pg_dsn, instance=f"notices-test-{os.getpid()}")
     notices = Notices(
-        cluster_of(pg_dsn),
+        cluster,
         lambda agents: calls.put_nowait(("queued", agents)),
         lambda: calls.put_nowait(("control",)),
         lambda: calls.put_nowait(("leases",)),
@@ -73,9 +75,9 @@ async def test_the_listener_wakes_what_each_notice_is_of_and_comes_back_after_a_
         ]
         # The server ends the listener's connection: it listens again, and since a notice may
         # have been missed meanwhile, every lane reads its queue again and controls are synced.
-        pg.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name LIKE '%notices' AND pid != pg_backend_pid()"
+        pg.execute(  # this test's listener only: the server may be other tests' and daemons'
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ?",
+            (f"dialerd {cluster.instance} notices",),
         )
         assert [await asyncio.wait_for(calls.get(), 20) for _ in range(2)] == [
             ("queued", None),
