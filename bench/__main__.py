@@ -2,7 +2,19 @@
 
 import sys
 
-from . import callbacks, control, fidelity, lists, memory, pg_driver, scale, soak, spool, startup
+from . import (
+    callbacks,
+    cluster,
+    control,
+    fidelity,
+    lists,
+    memory,
+    pg_driver,
+    scale,
+    soak,
+    spool,
+    startup,
+)
 
 BENCHMARKS = {
     "fidelity": fidelity,
@@ -15,6 +27,7 @@ BENCHMARKS = {
     "soak": soak,
     "control": control,
     "pg_driver": pg_driver,
+    "cluster": cluster,
 }
 
 
