@@ -135,8 +135,14 @@ class Writer:
                     outcomes.append((True, fn(conn, *args)))
                     conn.execute("RELEASE call")
                 except Exception as error:  # handed to the caller, who decides
-                    conn.execute("ROLLBACK TO call")
-                    conn.execute("RELEASE call")
+                    try:
+                        conn.execute("ROLLBACK TO call")
+                        conn.execute("RELEASE call")
+                    except Exception:
+                        # The transaction went with the call's error (SQLite rolls back on a
+                        # full disk or an I/O error; a connection lost): the batch fails as the
+                        # call did, so that its fault is known for what it is, and tried again.
+                        raise error from None
                     outcomes.append((False, error))
             self._commit_known(conn)
         except Exception as error:  # handed to every caller: the thread serves on
