@@ -109,14 +109,17 @@ def take(
     (its lease is gone: no answer of them will be recorded). The epochs of those taken (by
     agent), and how many sends became in_doubt."""
     taken, parked = {}, 0
-    for agent_id in agents:
+    # In one order whoever takes (two daemons locking two rows in opposite orders deadlock, and
+    # wait deadlock_timeout to learn it); one another daemon is taking now is skipped, not
+    # waited for: the caller rounds again for what is still free.
+    for agent_id in sorted(agents):
         row = conn.execute(
             "SELECT run FROM leases WHERE agent_id = ? AND expires_at <= clock_timestamp()"
-            " FOR UPDATE",
+            " FOR UPDATE SKIP LOCKED",
             (agent_id,),
         ).fetchone()
         if row is None:
-            continue  # taken by another daemon since the round read it
+            continue  # taken by another daemon since the round read it, or being taken
         (epoch,) = conn.execute(
             "UPDATE leases SET run = ?, instance = ?, epoch = epoch + 1,"
             f" expires_at = {_LEASE_LASTS}, taken_at = clock_timestamp() WHERE agent_id = ?"
