@@ -360,14 +360,22 @@ def backend(request) -> str:
 
 
 @pytest.fixture
+def pg(pg_dsn: str) -> Iterator[postgres.PgConn]:
+    """A connection to a new ledger on PostgreSQL, for what only cluster mode has."""
+    conn = postgres.connect(pg_dsn)
+    postgres.create_schema(conn)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
 def ledger_conn(backend: str, tmp_path: Path, request) -> Iterator[Any]:
     """A connection to a new ledger of the current schema, on the backend's engine."""
-    if backend == "sqlite":
-        conn = connect(tmp_path / "ledger.sqlite3")
-        create_schema(conn)
-    else:
-        conn = postgres.connect(request.getfixturevalue("pg_dsn"))
-        postgres.create_schema(conn)
+    if backend == "postgresql":
+        yield request.getfixturevalue("pg")
+        return
+    conn = connect(tmp_path / "ledger.sqlite3")
+    create_schema(conn)
     yield conn
     conn.close()
 

@@ -20,14 +20,6 @@ AGENT = "agent-eu"
 LEASE_S = 30.0
 
 
-@pytest.fixture
-def pg(pg_dsn):
-    conn = postgres.connect(pg_dsn)
-    postgres.create_schema(conn)
-    yield conn
-    conn.close()
-
-
 def new_run(conn, instance: str) -> int:
     (run,) = conn.execute(
         "INSERT INTO runs (pid, started_at) VALUES (1, 0) RETURNING run"

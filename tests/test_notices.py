@@ -11,21 +11,12 @@ import pytest
 from conftest import cluster_of
 from test_request import CONFIG
 
-from dialerd.ledger import postgres
 from dialerd.ledger.control import Selection, record
 from dialerd.ledger.dialect import NOTICES
 from dialerd.ledger.intake import add
 from dialerd.ledger.leases import release
 from dialerd.notices import Notices
 from dialerd.request import build_request
-
-
-@pytest.fixture
-def pg(pg_dsn):
-    conn = postgres.connect(pg_dsn)
-    postgres.create_schema(conn)
-    yield conn
-    conn.close()
 
 
 def heard(listener: psycopg.Connection) -> list[str]:
