@@ -81,6 +81,7 @@ class Leases:
         self._giving_up: set[str] = set()  # lanes stopping before their leases are released
         self._tasks: set[asyncio.Task] = set()
         self._woken = asyncio.Event()  # a lease given up elsewhere: a round now
+        self._raced = False  # a take lost a race: the next round soon (others may be free)
         self._rounds: asyncio.Task | None = None
         self._frozen = False  # the daemon is stopping: renew what it holds, take and give none
 
@@ -126,8 +127,11 @@ class Leases:
                 self._lose_all("the ledger's database does not answer")
                 await asyncio.sleep(lease_s / 3 - (self._loop.time() - began))
                 continue
+            self._raced = False
             await self._apply(round_, began + lease_s)
             wake = began + lease_s / 3
+            if self._raced:  # soon, not at once: a row locked for long must not make a spin
+                wake = self._loop.time() + EARLIEST_WAKE_S
             if round_.next_expiry_s is not None:  # another daemon's lease may be free then
                 wake = min(wake, self._loop.time() + round_.next_expiry_s + EARLIEST_WAKE_S)
             await wait_event(self._woken, max(EARLIEST_WAKE_S, wake - self._loop.time()))
@@ -153,8 +157,7 @@ class Leases:
         take, give_up = plan(holding, round_.free, fair, self._ledger.run)
         if take:
             taken, parked = await self._ledger.take_leases(take)
-            if len(taken) < len(take):  # another daemon took some at the same moment
-                self._woken.set()  # the next round at once: others may be free
+            self._raced = len(taken) < len(take)  # another daemon took some at this moment
             if taken:
                 self._open(taken, valid_until)
                 log.info("leases taken", agents=sorted(taken), share=fair, daemons=len(round_.live))

@@ -13,12 +13,13 @@ from .config import Config, ConfigError
 
 def preflight(config: Config) -> None:
     """ConfigError naming each key whose path the daemon could not use as it is."""
+    cluster = config.cluster
     checks: list[tuple[str, Callable[[], str | None]]] = [
         ("state_dir", lambda: _directory_problem(config.state_dir)),
         ("spool.dir", lambda: _directory_problem(config.spool_dir)),
-        ("dnc_file", lambda: _dnc_problem(config.dnc_file)),
+        ("dnc_file", lambda: _unreadable(config.dnc_file)),
         ("results", lambda: _results_problem(config)),
-        ("ledger_password_file", lambda: _password_problem(config)),
+        ("ledger_password_file", lambda: _unreadable(cluster and cluster.password_file)),
     ]
     problems = []
     for key, check in checks:
@@ -47,22 +48,11 @@ def _directory_problem(path: Path | None) -> str | None:
     return None
 
 
-def _dnc_problem(path: Path | None) -> str | None:
-    """Whether the list can be read (its lines are judged, and reported, as the daemon reads
-    it: a bad line is skipped, not a reason not to start)."""
+def _unreadable(path: Path | None) -> str | None:
+    """Whether a file the daemon reads at start can be read (the do-not-call list's lines are
+    judged, and reported, as the daemon reads it: a bad line is skipped, not a reason not to
+    start)."""
     if path is None:
-        return None
-    try:
-        with open(path, "rb") as file:
-            file.read(1)
-    except OSError as error:
-        return f"cannot read it: {error.strerror or error} ({path})"
-    return None
-
-
-def _password_problem(config: Config) -> str | None:
-    path = config.cluster and config.cluster.password_file
-    if not path:
         return None
     try:
         with open(path, "rb") as file:

@@ -78,25 +78,29 @@ def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
             (lease_s, run, agents),
         ).fetchall()
     )
+    # The round's moment, one for all it reads: read at two moments, a lease could run out
+    # between them and be neither free nor still to run out, and wait a whole round.
+    (now,) = conn.execute("SELECT clock_timestamp()").fetchone()
     live = [
         r[0]
         for r in conn.execute(
             "SELECT run FROM runs WHERE stopped_at IS NULL"
-            " AND renewed_at + make_interval(secs => lease_s) > clock_timestamp() ORDER BY run"
+            " AND renewed_at + make_interval(secs => lease_s) > ? ORDER BY run",
+            (now,),
         )
     ]
     free = [
         r[0]
         for r in conn.execute(
-            "SELECT agent_id FROM leases WHERE agent_id = ANY(?)"
-            " AND expires_at <= clock_timestamp() ORDER BY agent_id",
-            (agents,),
+            "SELECT agent_id FROM leases WHERE agent_id = ANY(?) AND expires_at <= ?"
+            " ORDER BY agent_id",
+            (agents, now),
         )
     ]
     (next_expiry,) = conn.execute(
-        "SELECT extract(epoch FROM min(expires_at) - clock_timestamp()) FROM leases"
-        " WHERE agent_id = ANY(?) AND run IS DISTINCT FROM ? AND expires_at > clock_timestamp()",
-        (agents, run),
+        "SELECT extract(epoch FROM min(expires_at) - ?) FROM leases"
+        " WHERE agent_id = ANY(?) AND run IS DISTINCT FROM ? AND expires_at > ?",
+        (now, agents, run, now),
     ).fetchone()
     return Round(held, free, live, None if next_expiry is None else float(next_expiry))
 
