@@ -1,5 +1,5 @@
 """The mark transaction on PostgreSQL by driver: asyncpg, psycopg 3 async, and psycopg 3 sync in
-one thread with group commit (the SQLite ledger's pattern), side by side in one run.
+dialerd's own ledger writer thread, with its group commits, side by side in one run.
 
 The mark is the transaction before each outbound call: the lease check (FOR SHARE), the request's
 number, the per-number cap's window, the move to `sending` unless paused, and a row each in
@@ -21,10 +21,8 @@ import collections
 import contextlib
 import math
 import os
-import queue
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +32,9 @@ import asyncpg
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from dialerd.ledger import postgres
+from dialerd.ledger.writer import Writer
+
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 AGENTS = 10
 MARKS = 7500  # per way and load, over all the rounds: about a minute in all
@@ -41,7 +42,6 @@ ROUNDS = 15
 CONCURRENCY = 50
 CONNECTIONS = 4  # of each async way under concurrency
 WARMUP = 100  # marks per way and load before the rounds: statements prepared, caches filled
-BATCH_MARKS = 2000  # marks in one group commit at most
 CAP_WINDOW_S = 3600.0
 CAP_COUNT = 10  # never reached: every mark does all its work
 HOLDER, EPOCH = f"bench-{os.getpid()}", 1
@@ -201,66 +201,30 @@ class HandedOut:
                 self._idle.append(conn)
 
 
-class GroupCommit:
-    """psycopg sync in one thread, as dialerd/ledger/writer.py runs SQLite: the marks queued
-    while one transaction commits run together in the next, each under a savepoint, and the
-    waiting loop is woken once per batch."""
+class Counted:
+    """The sync connection as dialerd's ledger writer uses it, its commits counted."""
 
     def __init__(self, conn: psycopg.Connection):
-        self._conn = conn
-        self._marks: queue.SimpleQueue = queue.SimpleQueue()
+        self.raw = conn
         self.commits = 0
-        self._thread = threading.Thread(target=self._serve, name="group-commit", daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._marks.put(None)
-        self._thread.join()
+    def execute(self, sql: str, params: tuple | None = None) -> psycopg.Cursor:
+        self.commits += sql == "COMMIT"
+        return self.raw.execute(sql, params)
 
-    async def mark(self, seq: int, agent: str, now: float) -> bool:
-        future = asyncio.get_running_loop().create_future()
-        self._marks.put((seq, agent, now, future))
-        return await future
+    def cursor(self) -> psycopg.Cursor:
+        return self.raw.cursor()
 
-    def _serve(self) -> None:
-        while (first := self._marks.get()) is not None:
-            batch = [first]
-            while len(batch) < BATCH_MARKS:
-                try:
-                    item = self._marks.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._marks.put(None)  # stop after this batch
-                    break
-                batch.append(item)
-            self._commit(batch)
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
-    def _commit(self, batch: list) -> None:
-        outcomes = []
-        try:
-            with self._conn.transaction():
-                for seq, agent, now, _future in batch:
-                    try:
-                        with self._conn.transaction():  # nested: SAVEPOINT ... RELEASE
-                            outcomes.append((True, _mark_psycopg_sync(self._conn, seq, agent, now)))
-                    except Exception as error:  # the caller's, as the ledger hands it over
-                        outcomes.append((False, error))
-        except psycopg.Error as error:  # the commit failed: nothing of the batch holds
-            outcomes = [(False, error)] * len(batch)
-        self.commits += 1
-        futures = [item[-1] for item in batch]
-        futures[0].get_loop().call_soon_threadsafe(_settle, futures, outcomes)
+    @property
+    def broken(self) -> bool:
+        return self.raw.broken
 
-
-def _settle(futures: list[asyncio.Future], outcomes: list[tuple[bool, object]]) -> None:
-    for future, (ok, value) in zip(futures, outcomes, strict=True):
-        if future.cancelled():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    def close(self) -> None:
+        self.raw.close()
 
 
 @dataclass
@@ -349,9 +313,16 @@ async def _open_ways(stack: contextlib.AsyncExitStack, dsn: str, schema: str) ->
         handed.append(conn)
     sync = psycopg.connect(dsn, cursor_factory=psycopg.RawCursor, **options)
     stack.callback(sync.close)
-    group = GroupCommit(sync)
-    stack.callback(group.stop)
-    group_serving = (group.mark, [sync.info.backend_pid])
+    # dialerd's own writer thread, as the daemon runs it on PostgreSQL (group commits of at most
+    # postgres.BATCH_CALLS, a savepoint per call, the commit's outcome asked for once lost).
+    counted = Counted(sync)
+    writer = Writer(counted, postgres.engine("bench", reconnect=None))
+    stack.callback(writer.stop)
+
+    async def group_mark(seq: int, agent: str, now: float) -> bool:
+        return await writer.call(_mark_psycopg_sync, seq, agent, now)
+
+    group_serving = (group_mark, [sync.info.backend_pid])
     return [
         Way(
             "asyncpg",
@@ -373,7 +344,7 @@ async def _open_ways(stack: contextlib.AsyncExitStack, dsn: str, schema: str) ->
         Way(
             "psycopg sync thread, group commit",
             {"sequential": group_serving, "concurrent": group_serving},
-            lambda: group.commits,
+            lambda: counted.commits,
         ),
     ]
 

@@ -8,9 +8,8 @@ import psycopg
 from test_request import CONFIG
 
 from dialerd.ledger import postgres
-from dialerd.ledger.dialect import POSTGRES
 from dialerd.ledger.intake import add
-from dialerd.ledger.writer import Engine, Writer
+from dialerd.ledger.writer import Writer
 from dialerd.request import build_request
 
 
@@ -34,17 +33,7 @@ class LostCommit:
 
 
 def writer(conn, pg_dsn: str) -> Writer:
-    engine = Engine(
-        "test",
-        POSTGRES,
-        batch_calls=60,
-        reconnect=lambda: postgres.connect(pg_dsn),
-        fault=postgres.is_transient,
-        lasting=postgres.is_outage,
-        commit_token=postgres.commit_token,
-        committed=postgres.committed,
-    )
-    return Writer(conn, engine)
+    return Writer(conn, postgres.engine("test", lambda: postgres.connect(pg_dsn)))
 
 
 def request(request_id: str):

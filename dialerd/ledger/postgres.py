@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,12 @@ from psycopg.pq import TransactionStatus
 
 from .dialect import POSTGRES
 from .schema import LedgerTooNew
+from .writer import Engine
 
 CONNECT_TIMEOUT_S = 5
+# Calls in one group commit: each is a subtransaction, and past 64 of them in one transaction
+# every other session's snapshot checks get slower (the subtransaction cache).
+BATCH_CALLS = 60
 # A transaction left open this long between two statements is ended by the server: its process
 # was stopped (SIGSTOP, a paused VM) or cut off, and the locks it holds (a lease's, a number's,
 # rows) would hold every other daemon up. No call of the ledger pauses that long mid-transaction;
@@ -110,6 +114,20 @@ def committed(conn: PgConn, token: int) -> bool | None:
     server has not yet seen its connection go)."""
     (status,) = conn.execute("SELECT txid_status(?)", (token,)).fetchone()
     return {"committed": True, "aborted": False}.get(status)
+
+
+def engine(where: str, reconnect: Callable[[], Any] | None) -> Engine:
+    """What the ledger's writer needs of PostgreSQL (see writer.Engine)."""
+    return Engine(
+        where,
+        POSTGRES,
+        batch_calls=BATCH_CALLS,
+        reconnect=reconnect,
+        fault=is_transient,
+        lasting=is_outage,
+        commit_token=commit_token,
+        committed=committed,
+    )
 
 
 def connect(

@@ -18,7 +18,7 @@ from ..logs import log
 from ..request import Request
 from ..results import Outcome
 from . import control, intake, leases, placed, retention, sends, status
-from .dialect import POSTGRES, dialect
+from .dialect import dialect
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
 from .schema import connect, create_schema
@@ -29,9 +29,6 @@ from .writer import Engine, Writer
 # Records pruned in one call: one commit's worth that holds up the sends' marks in it by a few
 # milliseconds at most.
 PRUNE_BATCH = 200
-# Calls in one group commit on PostgreSQL: each is a subtransaction, and past 64 of them in one
-# transaction every other session's snapshot checks get slower (the subtransaction cache).
-PG_BATCH_CALLS = 60
 
 
 class Ledger:
@@ -98,17 +95,7 @@ class Ledger:
         except OSError:
             self.close()
             raise
-        engine = Engine(
-            self.where,
-            POSTGRES,
-            batch_calls=PG_BATCH_CALLS,
-            reconnect=self._connect_postgres,
-            fault=postgres.is_transient,
-            lasting=postgres.is_outage,
-            commit_token=postgres.commit_token,
-            committed=postgres.committed,
-        )
-        self._writer = Writer(self._conn, engine)
+        self._writer = Writer(self._conn, postgres.engine(self.where, self._connect_postgres))
 
     def _connect_postgres(self) -> Any:
         from . import postgres
