@@ -65,6 +65,23 @@ def test_a_lease_is_taken_once_and_its_epoch_fences_the_holder_before(pg):
     assert mark_sending(pg, seq + 1, None, 1, 0.0, None, fence=(second, 2)) == (True, None)
 
 
+def test_the_holder_before_is_fenced_off_even_from_a_request_its_successor_sent(pg):
+    """The old holder's lane was about to send the request at the head of the agent's queue;
+    the new holder sent it first. The old holder is told that it lost the lease (its lane
+    stops), not merely that the request is no longer queued (it would read the next one)."""
+    first, second = new_run(pg, "d1"), new_run(pg, "d2")
+    renew(pg, first, [AGENT], LEASE_S)
+    take(pg, first, "d1", [AGENT], LEASE_S)
+    seq = queued(pg, "r1")
+    run_out(pg)
+    assert take(pg, second, "d2", [AGENT], LEASE_S) == ({AGENT: 2}, 0)
+    assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(second, 2)) == (True, None)
+    with pytest.raises(LeaseLost):
+        mark_sending(pg, seq, None, 1, 0.0, None, fence=(first, 1))
+    # The holder itself, marking a request no longer queued, is told just that.
+    assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(second, 2)) == (False, None)
+
+
 def test_a_mark_holds_off_a_takeover_until_it_commits(pg, pg_dsn):
     """The mark checks the lease FOR SHARE: a takeover, which updates the row, waits until the
     mark's transaction has committed, so no send is marked under a lease already taken."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import clock
 from ..config import NumberCap
 from ..results import Outcome, result_line
 from .dialect import chore_is_ours, dialect
@@ -106,16 +106,19 @@ def mark_sending(
     """See Ledger.mark_sending. `fence`: (run, epoch) of the agent's lease, in cluster mode;
     the send is then stamped by the database's clock."""
     row = conn.execute(
-        f"SELECT to_number, agent_id FROM requests WHERE seq = ? AND state = '{State.QUEUED}'",
-        (seq,),
+        "SELECT to_number, agent_id, state FROM requests WHERE seq = ?", (seq,)
     ).fetchone()
     if row is None:
         return False, None
-    to, agent_id = row
+    to, agent_id, state = row
+    # The lease first: a holder that lost it learns so at its next mark, whatever became of
+    # the request (the new holder may have sent it already), and its lane stops there.
     if fence is not None:
         now = _fenced_clock(conn, agent_id, *fence)
         if now is None:
             raise LeaseLost(agent_id)
+    if state != State.QUEUED:
+        return False, None
     if cap is not None and dialect(conn).lock_number:  # two daemons' marks: one at a time
         conn.execute(dialect(conn).lock_number, (to,))
     allowed_at = None if cap is None else _cap_allows_at(conn, to, now, cap)
@@ -274,7 +277,7 @@ def finish(
 ) -> bool:
     """The request's outcome, and its result line into the outbox, in one transaction; once.
     Whether it ended now (not when final already, or, for a cancel, out)."""
-    now = time.time()
+    now = clock.now()
     columns = {c: fields[c] for c in FINISH_COLUMNS if c in fields}
     if columns.get("response"):
         columns["response"] = columns["response"][:RESPONSE_KEPT]
