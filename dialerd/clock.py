@@ -1,5 +1,11 @@
-"""Steps of the wall clock (set by hand, or by NTP at boot): the ledger schedules by the wall
-clock, which must survive a restart, so a step is noticed and what is scheduled follows it."""
+"""The wall clock the ledger's moments are in, and its steps (set by hand, or by NTP at boot):
+the ledger schedules by the wall clock, which must survive a restart, so a step is noticed and
+what is scheduled follows it.
+
+In cluster mode the moments are the whole cluster's, so the clock is the database's: read with
+each lease round and carried between two readings by the monotonic clock, so that a step of
+this host's clock, or its skew from the others', moves nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,23 @@ from collections.abc import Awaitable, Callable
 
 LOOK_EVERY_S = 1.0
 STEP_MIN_S = 1.0  # a smaller change is drift, which NTP slews away
+
+_database: tuple[float, float] | None = None  # (the database's wall clock, monotonic) at once
+
+
+def now() -> float:
+    """The wall clock now (seconds since the epoch): this host's, or the database's once
+    follow_database() has been told it."""
+    if _database is None:
+        return time.time()
+    wall, monotonic = _database
+    return wall + (time.monotonic() - monotonic)
+
+
+def follow_database(wall: float, monotonic: float) -> None:
+    """The database's clock read `wall` when the monotonic clock read `monotonic`."""
+    global _database
+    _database = (wall, monotonic)
 
 
 async def follow_steps(on_step: Callable[[float, float], Awaitable[None]]) -> None:

@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import sqlite3
-import time
 from collections.abc import Mapping
 
 from . import clock, studio
@@ -121,7 +120,7 @@ class Daemon:
             parked = await self.ledger.recover_in_flight()
             if parked:
                 log.warning("sends in flight at the last stop are in_doubt", count=parked)
-        await self.ledger.release_held(time.time())
+        await self.ledger.release_held(clock.now())
         stdin_source = self.config.stdin is True or (
             self.config.stdin == "auto" and stdin_is_data()
         )
@@ -198,7 +197,7 @@ class Daemon:
         self._window = _calling_window(new)
         self._dispatcher.update(new.agents, open_new=new.cluster is None)
         self._dispatcher.release_holds()  # a new key or agent id may be what the API wanted
-        if await self.ledger.release_held(time.time()):
+        if await self.ledger.release_held(clock.now()):
             self._dispatcher.wake(self._dispatcher.lanes)
         log.info("reloaded", agents=len(new.agents))
         await self._say_unserved()
@@ -355,8 +354,11 @@ class Daemon:
 
     async def _clock_stepped(self, step: float, stepped_at: float) -> None:
         if self.config.cluster is not None:
-            # The other daemons' clocks did not step: the shared ledger's times stay.
-            log.warning("the wall clock was stepped", step_s=round(step, 3))
+            # The ledger's moments are the database's clock's (see clock): nothing moves.
+            log.warning(
+                "the wall clock was stepped; the database's clock is followed",
+                step_s=round(step, 3),
+            )
             return
         moved = await self.ledger.follow_clock_step(step, stepped_at)
         log.warning(

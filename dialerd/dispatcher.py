@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
+from . import clock
 from .aio import Progress, wait_event
 from .callbacks import StatusUrls, report_mismatch
 from .config import AgentConfig, NumberCap, RedialPolicy
@@ -213,7 +213,7 @@ class Lane:
         if reason is not None:
             await self._finish(pending, Outcome.BLOCKED, error=reason)
             return True
-        if pending.expires_at is not None and pending.expires_at <= time.time():
+        if pending.expires_at is not None and pending.expires_at <= clock.now():
             await self._finish(pending, Outcome.EXPIRED, error=EXPIRED_ERROR)
             return True
         return await self._outside_hours(pending)
@@ -227,7 +227,7 @@ class Lane:
         window = self._wiring.calling_window()
         if window is None:
             return batch
-        now = time.time()
+        now = clock.now()
         inside, holds = [], []
         for pending in batch:
             opens_at = window.next_open(pending.body["to"], now, pending.timezone)
@@ -268,11 +268,11 @@ class Lane:
     async def _next_due(self) -> Pending | None:
         if not self._due:
             self._wake.clear()
-            due, next_due = await self._ledger.due(self.agent.id, time.time(), PREFETCH)
+            due, next_due = await self._ledger.due(self.agent.id, clock.now(), PREFETCH)
             # A batch outside the calling hours is held at once, not one commit per request.
             self._due.extend(await self._inside_hours(due))
             if not due:
-                wait = None if next_due is None else max(0.0, next_due - time.time())
+                wait = None if next_due is None else max(0.0, next_due - clock.now())
                 poll = self._wiring.idle_poll_s
                 if poll is not None:
                     wait = poll if wait is None else min(wait, poll)
@@ -439,7 +439,7 @@ class Lane:
         if token is None:
             await self._finish(pending, Outcome.DIALED, **fields)
             return
-        wait_until = time.time() + self._wiring.callback_wait_s()
+        wait_until = clock.now() + self._wiring.callback_wait_s()
         effect, mismatched = await self._ledger.placed(
             pending.seq, token, wait_until, self._wiring.redial(), **fields
         )
@@ -469,7 +469,7 @@ class Lane:
             self._not_before = max(self._not_before, self._loop.time() + delay)
         else:
             delay = backoff(pending.retries)
-        await self._ledger.retry_later(pending.seq, time.time() + delay, True, result.error)
+        await self._ledger.retry_later(pending.seq, clock.now() + delay, True, result.error)
         self._loop.call_later(delay, self._wake.set)
 
     async def _finish(self, pending: Pending, outcome: Outcome, **fields) -> None:

@@ -9,13 +9,13 @@ import email.utils
 import enum
 import json
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from . import clock
 from .logs import log
 
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
@@ -270,4 +270,4 @@ def _retry_after(value: str | None) -> float | None:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, moment.timestamp() - time.time())
+    return max(0.0, moment.timestamp() - clock.now())

@@ -5,9 +5,9 @@ calls, so that none holds up a send's mark."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
+from . import clock
 from .config import Config
 from .ledger import Ledger
 
@@ -30,10 +30,10 @@ class Upkeep:
     async def settle_placed(self) -> None:
         """Placed calls that no callback reported unreached within wait_s end `dialed`."""
         while True:
-            settled, next_end = await self._ledger.settle_placed(time.time())
+            settled, next_end = await self._ledger.settle_placed(clock.now())
             if settled:
                 self._on_final()
-            wait = SETTLE_EVERY_S if next_end is None else next_end - time.time()
+            wait = SETTLE_EVERY_S if next_end is None else next_end - clock.now()
             await asyncio.sleep(min(SETTLE_EVERY_S, max(0.0, wait)))
 
     async def sweep(self) -> None:
@@ -41,7 +41,7 @@ class Upkeep:
         when their turn comes; placed calls older than any cap looks back are forgotten."""
         forgotten_at = 0.0
         while True:
-            now = time.time()
+            now = clock.now()
             if await self._ledger.expire_due(now, self._config().max_queue_s):
                 self._on_final()
             if self._config().cluster is not None and await self._ledger.park_orphans():
@@ -58,7 +58,7 @@ class Upkeep:
         given back; never in one long transaction that would hold up a send's mark."""
         while True:
             retention_s = self._config().retention_s
-            more = await self._ledger.prune(time.time(), retention_s)
+            more = await self._ledger.prune(clock.now(), retention_s)
             more |= await self._ledger.vacuum()  # beside pruning, not after it: a burst is long
             await asyncio.sleep(PRUNE_PAUSE_S if more else min(PRUNE_EVERY_S, retention_s))
 

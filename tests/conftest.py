@@ -23,11 +23,19 @@ import pytest
 import yaml
 from pg_server import fresh_schema, shared_server_dsn, skip_or_fail, unreachable_reason
 
+from dialerd import clock
 from dialerd.config import ClusterConfig
 from dialerd.ledger import MIGRATIONS, SCHEMA, Ledger, connect, create_schema, postgres
 from dialerd.simulator import Faults, Simulator
 
 TEST_KEY = "test-key-not-secret"
+
+
+@pytest.fixture(autouse=True)
+def host_clock(monkeypatch):
+    """Each test starts on this host's clock: a ledger opened on PostgreSQL makes the process
+    follow the database's (clock.follow_database)."""
+    monkeypatch.setattr(clock, "_database", None)
 
 
 def write_config(tmp_path: Path, agents: dict[str, dict] | None = None, **top: Any) -> Path:

@@ -5,19 +5,22 @@ clock has not reached yet is not waited for."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from conftest import read_results, result_lines, run_dialerd, sim_config
+from conftest import cluster_of, read_results, result_lines, run_dialerd, sim_config
+from test_cluster import ledger_url
 from test_faults import drop
 
 from dialerd import clock
 from dialerd.config import build_config
 from dialerd.daemon import Daemon
-from dialerd.ledger import connect, create_schema
+from dialerd.ledger import Ledger, connect, create_schema, postgres
+from dialerd.ledger.opening import open_ledger
 from dialerd.ledger.sends import follow_clock_step
 from dialerd.simulator import Faults
 
@@ -160,3 +163,75 @@ async def test_a_clock_stepped_back_during_a_run_leaves_what_was_due_due(tmp_pat
 
 def lines(start: int, end: int) -> str:
     return "".join(json.dumps({"to": f"4477009004{n:02d}"}) + "\n" for n in range(start, end))
+
+
+# -- cluster mode: the database's clock -----------------------------------------------------------
+
+
+@pytest.fixture
+def an_hour_ahead(monkeypatch):
+    """This host's wall clock an hour ahead of the database's (stepped, or skewed); the real
+    time."""
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    return real_time
+
+
+def test_the_database_clock_is_followed_between_two_readings(an_hour_ahead):
+    clock.follow_database(1_000.0, time.monotonic() - 2.5)
+    assert 1_002.5 <= clock.now() < 1_003.5
+
+
+def test_a_command_on_a_host_with_a_skewed_clock_reads_the_database_clock(
+    tmp_path, pg_dsn, an_hour_ahead, monkeypatch
+):
+    cluster = cluster_of(pg_dsn)
+    ledger = Ledger(tmp_path, cluster)
+    ledger.open()  # the schema, as a daemon makes it (and its clock followed, forgotten here)
+    ledger.close()
+    monkeypatch.setattr(clock, "_database", None)
+    conn = open_ledger(tmp_path, cluster)
+    conn.close()
+    assert abs(clock.now() - an_hour_ahead()) < 1
+
+
+async def test_a_daemon_in_a_cluster_keeps_to_the_databases_clock_not_its_hosts(
+    tmp_path, pg_dsn, an_hour_ahead
+):
+    """Its host's clock is an hour ahead: a request not before a minute from now waits, and
+    those due now go at once, each with its result."""
+    spool = tmp_path / "spool"
+    config = build_config(
+        {
+            "api": {"key_env": "VGAI_KEY", "timeout_s": 2},
+            "agents": {"agent-a": {"region": "eu", "rate": 5}},
+            "state_dir": str(tmp_path / "state"),
+            "spool": {"dir": str(spool)},
+            "results": str(tmp_path / "results.jsonl"),
+            "stdin": False,
+            "ledger": ledger_url(pg_dsn),
+            "instance": "skewed",
+            "lease_s": 2,
+        }
+    )
+    later = dt.datetime.fromtimestamp(an_hour_ahead() + 60, dt.UTC).isoformat()
+    waiting = json.dumps({"id": "later", "to": "447700900490", "not_before": later}) + "\n"
+    daemon = Daemon(config, simulate=Faults())
+    run = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(30):
+            while not (spool / "incoming").exists():
+                await asyncio.sleep(0.05)
+            drop(spool, "batch.jsonl", waiting + lines(0, 3))
+            while len(read_results(tmp_path / "results.jsonl")) < 3:
+                await asyncio.sleep(0.05)
+        daemon.request_stop("test")
+        await asyncio.wait_for(run, 15)
+    finally:
+        if not run.done():
+            run.cancel()
+    assert [r["outcome"] for r in read_results(tmp_path / "results.jsonl")] == ["dialed"] * 3
+    conn = postgres.connect(ledger_url(pg_dsn))
+    (state,) = conn.execute("SELECT state FROM requests WHERE id = 'later'").fetchone()
+    conn.close()
+    assert state == "queued"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import clock
 from ..config import ClusterConfig
 from ..results import Outcome
 from .dialect import CONTROL, dialect, tell
@@ -143,7 +144,7 @@ def _cancel_batch(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
         conn.executemany(
             f"UPDATE requests SET cancelled_at = ? WHERE seq = ?"
             f" AND state IN ('{State.SENDING}', '{State.PLACED}') AND cancelled_at IS NULL",
-            ((time.time(), seq) for seq, state in states.items() if state in OUT),
+            ((clock.now(), seq) for seq, state in states.items() if state in OUT),
         )
         conn.execute("COMMIT")
     except BaseException:
@@ -195,7 +196,7 @@ def _set_pause(
         if paused:
             changed = conn.execute(
                 "INSERT INTO pauses (kind, name, since) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                (kind, name, time.time()),
+                (kind, name, clock.now()),
             ).rowcount
         else:
             changed = conn.execute(
@@ -263,6 +264,6 @@ def record(conn: sqlite3.Connection, action: str, selection: Selection) -> None:
     """An operator's change, for a running daemon to notice."""
     conn.execute(
         "INSERT INTO controls (action, target, at) VALUES (?, ?, ?)",
-        (action, str(selection), time.time()),
+        (action, str(selection), clock.now()),
     )
     tell(conn, CONTROL)

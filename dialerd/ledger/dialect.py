@@ -3,7 +3,9 @@ in the SQL both read."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 NOTICES = "dialerd"  # the channel of the daemons' wake-ups (see dialerd/notices.py)
@@ -94,3 +96,9 @@ def chore_is_ours(conn: Any, chore: str) -> bool:
     while the sends' marks in its group commit wait too); on SQLite, always."""
     sql = dialect(conn).try_lock
     return not sql or conn.execute(sql, (CHORES.index(chore),)).fetchone()[0]
+
+
+def clock_reading(conn: Any) -> tuple[datetime, float]:
+    """PostgreSQL's clock now, and the monotonic clock when it was read."""
+    (now,) = conn.execute("SELECT clock_timestamp()").fetchone()
+    return now, time.monotonic()

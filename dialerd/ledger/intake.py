@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import clock
 from ..config import ClusterConfig
 from ..request import Request
 from ..results import Outcome, result_line, utc_text
@@ -60,7 +60,7 @@ def add(
     spool_file: SpoolChunk | None,
     dedupe_window_s: float,
 ) -> Intake:
-    now = time.time()
+    now = clock.now()
     agents = set()
     accepted = 0
     paused = {name for (name,) in conn.execute("SELECT name FROM pauses WHERE kind = 'campaign'")}
@@ -303,7 +303,7 @@ def foresee_intake(
             _copy_from_postgres(ledger, state_dir, cluster, keys)
         elif (state_dir / "ledger.sqlite3").exists():
             _copy_repeatable(ledger, state_dir / "ledger.sqlite3", keys)
-        now = time.time()
+        now = clock.now()
         ledger.execute("BEGIN")
         taken = [take(ledger, 0, request, now, dedupe_window_s) for request in requests]
         return [(request_id, repeated is not None) for request_id, repeated in taken]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..results import Outcome
-from .dialect import LEASES, chore_is_ours, tell
+from .dialect import LEASES, chore_is_ours, clock_reading, tell
 from .lock import LedgerLocked
 from .sends import IN_DOUBT_ERROR, finish
 from .states import State
@@ -31,6 +31,7 @@ class Round:
     free: list[str]
     live: list[int]
     next_expiry_s: float | None
+    clock: tuple[float, float]  # the database's clock at the round, and the monotonic clock then
 
 
 class InstanceRunning(LedgerLocked):
@@ -80,7 +81,7 @@ def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
     )
     # The round's moment, one for all it reads: read at two moments, a lease could run out
     # between them and be neither free nor still to run out, and wait a whole round.
-    (now,) = conn.execute("SELECT clock_timestamp()").fetchone()
+    now, read_at = clock_reading(conn)
     live = [
         r[0]
         for r in conn.execute(
@@ -102,7 +103,8 @@ def renew(conn, run: int, agents: list[str], lease_s: float) -> Round:
         " WHERE agent_id = ANY(?) AND run IS DISTINCT FROM ? AND expires_at > ?",
         (now, agents, run, now),
     ).fetchone()
-    return Round(held, free, live, None if next_expiry is None else float(next_expiry))
+    next_expiry_s = None if next_expiry is None else float(next_expiry)
+    return Round(held, free, live, next_expiry_s, (now.timestamp(), read_at))
 
 
 def take(

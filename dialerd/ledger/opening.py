@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import clock
 from ..config import ClusterConfig
+from .dialect import clock_reading
 from .schema import MIGRATIONS, connect
 
 
@@ -37,7 +39,14 @@ def open_ledger(state_dir: Path, cluster: ClusterConfig | None, read_only: bool 
             f"the ledger in {postgres.describe(cluster.url)} has schema version {version},"
             f" newer than this dialerd knows ({postgres.VERSION})"
         )
+    follow_database_clock(conn)
     return conn
+
+
+def follow_database_clock(conn: Any) -> None:
+    """Cluster mode: this process's moments are the database's (see clock)."""
+    now, read_at = clock_reading(conn)
+    clock.follow_database(now.timestamp(), read_at)
 
 
 def open_current(state_dir: Path, cluster: ClusterConfig | None) -> Any:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Mapping
 
+from .. import clock
 from ..config import RedialPolicy
 from ..request import callback_matches
 from ..results import Outcome
@@ -48,7 +48,7 @@ def placed(
             effect = "mismatch"
             mismatched.append(status)
         elif applied is None:
-            effect = applied = _unreached(conn, seq, status, redial.get(status), time.time())
+            effect = applied = _unreached(conn, seq, status, redial.get(status), clock.now())
         else:
             effect = "repeat"
         conn.execute("UPDATE callbacks SET effect = ? WHERE seq = ?", (effect, callback_seq))

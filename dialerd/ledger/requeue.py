@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+from .. import clock
 from ..config import ClusterConfig
 from ..results import Outcome
 from .control import Selection, record
@@ -32,7 +32,7 @@ def requeue(
         version = tables_version(conn)
         counted = version >= COUNTED_SINCE
         campaigns = version >= CAMPAIGNS_SINCE
-        now = time.time()
+        now = clock.now()
         due_again = {"first_due_at": now} if version >= FIRST_DUE_SINCE else {}
         if campaigns:  # a cancel while its send was out is over: this is a new send
             due_again["cancelled_at"] = None
@@ -63,7 +63,7 @@ def requeue(
                 count_outcome(conn, agent_id, Outcome.IN_DOUBT, -1, of, sharded)
             conn.execute(
                 "INSERT INTO requeues (id, previous_error, at) VALUES (?, ?, ?)",
-                (request_id, error, time.time()),
+                (request_id, error, clock.now()),
             )
             requeued.append(request_id)
         if campaigns and requeued:

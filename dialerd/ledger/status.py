@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
+from .. import clock
 from ..config import ClusterConfig
 from .dialect import POSTGRES, dialect, tables_version
 from .dialect import shard as dialect_shard
@@ -50,7 +50,7 @@ def count_outcome(
             f" VALUES (?, ?, ?, ?{shard[1]}) ON CONFLICT (campaign, outcome{shard[0]})"
             " DO UPDATE SET count = campaign_counts.count + excluded.count,"
             " last_at = excluded.last_at",
-            (campaign, outcome, by, time.time(), *shard[2]),
+            (campaign, outcome, by, clock.now(), *shard[2]),
         )
 
 
@@ -238,7 +238,7 @@ def read_status(state_dir: Path, cluster: ClusterConfig | None = None) -> dict |
         return None
     try:
         conn.execute(dialect(conn).snapshot)  # one state of the ledger throughout the report
-        return status_report(conn, time.time())
+        return status_report(conn, clock.now())
     finally:
         conn.close()
 

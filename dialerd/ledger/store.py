@@ -8,11 +8,11 @@ import dataclasses
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import clock
 from ..config import ClusterConfig, NumberCap, RedialPolicy
 from ..logs import log
 from ..request import Request
@@ -21,6 +21,7 @@ from . import control, intake, leases, placed, retention, sends, status
 from .dialect import dialect
 from .intake import Intake, SpoolChunk, SpoolRecord
 from .lock import keep_ledger_private, lock_state_dir
+from .opening import follow_database_clock
 from .schema import connect, create_schema
 from .sends import Pending
 from .states import State
@@ -68,7 +69,7 @@ class Ledger:
             self._conn = connect(self.path)
             create_schema(self._conn)
             cursor = self._conn.execute(
-                "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), time.time())
+                "INSERT INTO runs (pid, started_at) VALUES (?, ?)", (os.getpid(), clock.now())
             )
         except sqlite3.Error as error:  # not writable (read-only file or directory), not SQLite
             self.close()
@@ -85,9 +86,10 @@ class Ledger:
         try:
             self._conn = self._connect_postgres()
             postgres.create_schema(self._conn)
+            follow_database_clock(self._conn)
             (self.run,) = self._conn.execute(
                 "INSERT INTO runs (pid, started_at) VALUES (?, ?) RETURNING run",
-                (os.getpid(), time.time()),
+                (os.getpid(), clock.now()),
             ).fetchone()
         except postgres.psycopg.Error as error:
             self.close()
@@ -198,7 +200,7 @@ class Ledger:
         run's (sends.LeaseLost when it is not); the send is stamped by the database's clock.
         """
         fence = None if epoch is None else (self.run, epoch)
-        return await self.call(sends.mark_sending, seq, token, attempt, time.time(), cap, fence)
+        return await self.call(sends.mark_sending, seq, token, attempt, clock.now(), cap, fence)
 
     async def unmark(self, seq: int) -> None:
         """A marked send that never left (a stop began first): queued again as it was."""
@@ -263,7 +265,7 @@ class Ledger:
         `mismatch` (its `to`, `agent_id` or `conversation_uuid` is another call's: recorded, and
         changes nothing).
         """
-        return await self.call(placed.apply_callback, token, body, redial, time.time())
+        return await self.call(placed.apply_callback, token, body, redial, clock.now())
 
     async def settle_placed(self, now: float) -> tuple[int, float | None]:
         """Placed calls whose wait for a callback is over end `dialed`; (count, next wait end)."""
@@ -272,7 +274,7 @@ class Ledger:
     async def since_last_send(self, agent_id: str) -> float | None:
         """How long ago the agent's latest send left, in this run or one before, or (cluster
         mode) from another daemon: by the clock that stamped it (the database's, there)."""
-        return await self.call(sends.since_last_send, agent_id, time.time())
+        return await self.call(sends.since_last_send, agent_id, clock.now())
 
     async def retry_later(
         self, seq: int, due_at: float | None, counts_retry: bool, error: str
@@ -413,4 +415,4 @@ class Ledger:
 
 def _report(conn: Any) -> dict:
     conn.execute(dialect(conn).snapshot)  # one snapshot for all of the report's queries
-    return status.status_report(conn, time.time())
+    return status.status_report(conn, clock.now())
