@@ -74,7 +74,8 @@ async def simulator_factory():
 
 def dialerd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DIALERD_", "VGAI_"))}
-    env.update({"VGAI_KEY": TEST_KEY, "PYTHONUNBUFFERED": "1"}, **extra)
+    # PYTHONFAULTHANDLER: a daemon that does not stop is made to say where it is (Daemon.stop).
+    env.update({"VGAI_KEY": TEST_KEY, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}, **extra)
     return env
 
 
@@ -292,8 +293,13 @@ class Daemon:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # the faulthandler prints every thread's stack
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
             self.kill()
-            raise AssertionError(f"dialerd did not exit within {timeout} s of {signum}") from None
+            raise AssertionError(
+                f"dialerd did not exit within {timeout} s of {signum}:\n{self.stderr[-6000:]}"
+            ) from None
         return code, time.monotonic() - started
 
     def kill(self) -> None:

@@ -3,17 +3,25 @@ a holder off once another has taken its lease, and how the agents are shared (SP
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 import psycopg
 import pytest
+from conftest import cluster_of
 from hypothesis import given
 from hypothesis import strategies as st
+from test_dispatcher import KEY, make_config, requests_for
 from test_request import CONFIG
 
+from dialerd import studio
+from dialerd.dispatcher import Dispatcher, Fence, Wiring
 from dialerd.leases import plan, share
-from dialerd.ledger import postgres
+from dialerd.ledger import Ledger, postgres
 from dialerd.ledger.intake import add
 from dialerd.ledger.leases import join, leave, release, renew, take
 from dialerd.ledger.sends import LeaseLost, mark_sending
+from dialerd.metrics import Metrics
 from dialerd.request import build_request
 
 AGENT = "agent-eu"
@@ -80,6 +88,57 @@ def test_the_holder_before_is_fenced_off_even_from_a_request_its_successor_sent(
         mark_sending(pg, seq, None, 1, 0.0, None, fence=(first, 1))
     # The holder itself, marking a request no longer queued, is told just that.
     assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(second, 2)) == (False, None)
+
+
+async def test_a_lane_whose_lease_is_taken_behind_its_back_sends_no_more(
+    tmp_path, pg_dsn, simulator_factory
+):
+    """The lease taken by another daemon while the lane's own view of it still holds (as after
+    a pause): its next mark is refused by the epoch, counted, and the lane stops; what it had
+    marked went out, the rest stays queued for the new holder."""
+    simulator = await simulator_factory({AGENT: 5})
+    endpoints = {region: simulator.endpoint(region) for region in ("eu", "us")}
+    config = make_config(tmp_path, endpoints, {AGENT: ("eu", 5)})
+    ledger = Ledger(tmp_path / "state", cluster_of(pg_dsn, "d1", LEASE_S))
+    ledger.open()
+    try:
+        assert await ledger.join() is None
+        await ledger.lease_round([AGENT])
+        epochs, _ = await ledger.take_leases([AGENT])
+        fields = requests_for(AGENT, 20)
+        requests = [build_request(f, config, f"t:{i}") for i, f in enumerate(fields)]
+        await ledger.add(requests, [], None, 0)
+        metrics = Metrics()
+        async with studio.session(5) as http, asyncio.timeout(30):
+            client = studio.StudioClient(http, KEY, config.api.endpoints)
+            dispatcher = Dispatcher(Wiring(ledger, client, lambda: None, metrics))
+            loop = asyncio.get_running_loop()
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start([], group)
+                fence = Fence(epochs[AGENT], loop.time() + 3600)
+                dispatcher.open_lanes([config.agents[AGENT]], {AGENT: fence})
+                while len(simulator.placed()) < 3:
+                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(taken_by_another, pg_dsn)
+                await dispatcher.lanes[AGENT].task  # it stops by itself
+            assert await dispatcher.drain(1.0) == 0
+        states = Counter(
+            r[0] for r in await ledger.call(lambda c: c.execute("SELECT state FROM requests"))
+        )
+    finally:
+        ledger.close()
+    fenced = metrics.registry.get_sample_value("dialerd_fenced_marks_total", {"agent": AGENT})
+    assert fenced == 1
+    placed = len(simulator.placed())
+    assert placed >= 3 and states == {"final": placed, "queued": len(fields) - placed}
+
+
+def taken_by_another(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute(
+            "UPDATE leases SET run = NULL, instance = 'd2', epoch = epoch + 1 WHERE agent_id = %s",
+            (AGENT,),
+        )
 
 
 def test_a_mark_holds_off_a_takeover_until_it_commits(pg, pg_dsn):
