@@ -354,11 +354,13 @@ class Daemon:
 
     async def _clock_stepped(self, step: float, stepped_at: float) -> None:
         if self.config.cluster is not None:
-            # The ledger's moments are the database's clock's (see clock): nothing moves.
+            # The ledger's moments are the database's clock's (see clock): nothing moves. A
+            # round now reads it again: a suspended host's monotonic clock did not count on.
             log.warning(
                 "the wall clock was stepped; the database's clock is followed",
                 step_s=round(step, 3),
             )
+            self._leases.wake()
             return
         moved = await self.ledger.follow_clock_step(step, stepped_at)
         log.warning(

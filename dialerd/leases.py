@@ -10,7 +10,6 @@ import asyncio
 import zlib
 from collections.abc import Callable
 
-from . import clock
 from .aio import wait_event
 from .config import ClusterConfig, Config
 from .dispatcher import Dispatcher, Fence
@@ -129,7 +128,6 @@ class Leases:
                 await asyncio.sleep(lease_s / 3 - (self._loop.time() - began))
                 continue
             self._raced = False
-            clock.follow_database(*round_.clock)
             await self._apply(round_, began + lease_s)
             wake = began + lease_s / 3
             if self._raced:  # soon, not at once: a row locked for long must not make a spin

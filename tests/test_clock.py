@@ -195,6 +195,18 @@ def test_a_command_on_a_host_with_a_skewed_clock_reads_the_database_clock(
     assert abs(clock.now() - an_hour_ahead()) < 1
 
 
+async def test_each_lease_round_reads_the_databases_clock_again(tmp_path, pg_dsn):
+    ledger = Ledger(tmp_path, cluster_of(pg_dsn))
+    ledger.open()
+    try:
+        assert await ledger.join() is None
+        clock.follow_database(time.time() + 3600, time.monotonic())  # a reading an hour off
+        await ledger.lease_round(["agent-a"])
+        assert abs(clock.now() - time.time()) < 1
+    finally:
+        ledger.close()
+
+
 async def test_a_daemon_in_a_cluster_keeps_to_the_databases_clock_not_its_hosts(
     tmp_path, pg_dsn, an_hour_ahead
 ):

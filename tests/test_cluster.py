@@ -235,8 +235,12 @@ def test_a_daemon_stopped_past_its_lease_sends_nothing_for_the_agents_it_lost(
     check_every_request_once(sim, read_results(results_path), batch)
     # What it marked after the others took its agents was refused by the epoch check, counted.
     refused = [e for e in events(second) if e["event"].startswith("the agent's lease is")]
-    assert {e["agent"] for e in refused} == its_agents
     assert sum(fenced.values()) == len(refused)
+    # (Unless stopped in a lease round's wait, whose timeout then ran out first: the lanes
+    # were stopped before any could mark, since the database had not answered in time.)
+    silence = "the ledger's database does not answer"
+    if not any(e.get("why") == silence for e in events(second)):
+        assert {e["agent"] for e in refused} == its_agents
     # Between finding its leases gone and taking any back, it sent nothing new for them (a
     # send it had made before it was stopped may still have been answered after).
     to_of = {request["id"]: request["to"] for request in batch}

@@ -99,6 +99,8 @@ def chore_is_ours(conn: Any, chore: str) -> bool:
 
 
 def clock_reading(conn: Any) -> tuple[datetime, float]:
-    """PostgreSQL's clock now, and the monotonic clock when it was read."""
+    """PostgreSQL's clock now, and the monotonic clock when it was read (halfway through the
+    round trip)."""
+    before = time.monotonic()
     (now,) = conn.execute("SELECT clock_timestamp()").fetchone()
-    return now, time.monotonic()
+    return now, (before + time.monotonic()) / 2

@@ -345,8 +345,11 @@ class Ledger:
         return left
 
     async def lease_round(self, agents: list[str]) -> leases.Round:
-        """This run's heartbeat and its leases renewed; what there is to take (leases.Round)."""
-        return await self.call(leases.renew, self.run, agents, self.cluster.lease_s)
+        """This run's heartbeat and its leases renewed; what there is to take (leases.Round).
+        The process follows the database's clock as the round read it."""
+        round_ = await self.call(leases.renew, self.run, agents, self.cluster.lease_s)
+        clock.follow_database(*round_.clock)
+        return round_
 
     async def take_leases(self, agents: list[str]) -> tuple[dict[str, int], int]:
         """The free leases of `agents` taken: their epochs, and how many sends of the holders
