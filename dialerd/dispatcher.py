@@ -516,6 +516,7 @@ class Dispatcher:
         self._retired_counts: dict[str, tuple[int, int]] = {}  # of those done with, per agent
         self._lane_tasks: list[asyncio.Task] = []
         self._group: asyncio.TaskGroup | None = None
+        self._stopped = False
 
     def start(self, agents: Iterable[AgentConfig], group: asyncio.TaskGroup) -> None:
         """Lanes for `agents`; in cluster mode none yet (the leases open them)."""
@@ -523,7 +524,11 @@ class Dispatcher:
         self._add_lanes(list(agents))
 
     def _add_lanes(self, agents: list[AgentConfig], fences: Mapping[str, Fence] = {}) -> None:
-        """Start a lane per agent, staggered over one second so agents never send in step."""
+        """Start a lane per agent, staggered over one second so agents never send in step;
+        none once stopped (a lease taken as the stop began: its lane would never be stopped,
+        and the daemon's task group would wait for it for ever)."""
+        if self._stopped:
+            return
         for index, agent in enumerate(agents):
             lane = Lane(agent, self._wiring, fences.get(agent.id))
             self.lanes[agent.id] = lane
@@ -608,6 +613,7 @@ class Dispatcher:
             lane.reread()
 
     def stop(self) -> None:
+        self._stopped = True
         for lane in self.lanes.values():
             lane.stop()
 

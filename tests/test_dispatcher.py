@@ -644,3 +644,15 @@ async def test_a_send_that_raises_in_the_client_holds_the_lane_and_goes_once_it_
     assert logged.count("sends no longer fail in the client") == 1, logged
     assert "Forbidden control character" in logged
     assert "two-line" not in logged
+
+
+async def test_no_lane_opens_once_the_dispatcher_is_stopped(tmp_path, ledger):
+    """A lease taken as the stop began (the round's answer came during the drain): its lane
+    would never be stopped, and the daemon would wait for it for ever."""
+    config = make_config(tmp_path, {"eu": "http://127.0.0.1:9/eu"}, {"late": ("eu", 1)})
+    dispatcher = Dispatcher(Wiring(ledger, None, lambda: None, Metrics()))
+    async with asyncio.timeout(5), asyncio.TaskGroup() as group:
+        dispatcher.start([], group)
+        dispatcher.stop()
+        dispatcher.open_lanes([config.agents["late"]], {})
+    assert dispatcher.lanes == {}
