@@ -3,16 +3,15 @@ the state_dir or (cluster mode) on PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import clock
+from ..aio import Worker
 from ..config import ClusterConfig, NumberCap, RedialPolicy
 from ..logs import log
 from ..request import Request
@@ -42,7 +41,7 @@ class Ledger:
         self._writer: Writer | None = None
         self._status_conn: Any = None  # cluster mode: the reports' own connection
         self._instance_runs: list[int] = []  # cluster mode: this one and its instance's before
-        self._status_lock = threading.Lock()  # one report at a time on it
+        self._reports: Worker | None = None  # the thread the reports are read in, in turn
         self.run = 0
 
     @property
@@ -120,6 +119,9 @@ class Ledger:
             self._conn.close()
             self._conn = None
         self._close_status_conn()
+        if self._reports is not None:
+            self._reports.close()
+            self._reports = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -385,8 +387,12 @@ class Ledger:
 
     async def status(self) -> dict:
         """The status report, read on a connection of its own in another thread: a report
-        never waits for the writer, nor holds up a send's mark (WAL lets both go on at once)."""
-        return await asyncio.to_thread(self._read_status)
+        never waits for the writer, nor holds up a send's mark (WAL lets both go on at once).
+        The thread is a Worker's: a report stuck on a database that went away mid-read never
+        holds up the process's exit."""
+        if self._reports is None:
+            self._reports = Worker("ledger-reports")
+        return await self._reports.run(self._read_status)
 
     def _read_status(self) -> dict:
         if self.cluster is None:
@@ -399,16 +405,15 @@ class Ledger:
 
         # One connection for the reports, kept (a new one per report would cost the server a
         # process each time /status or /metrics is read), made again once it is lost.
-        with self._status_lock:
-            try:
-                if self._status_conn is None or self._status_conn.broken:
-                    self._status_conn = self._connect_postgres()
-                report = _report(self._status_conn)
-                self._status_conn.execute("COMMIT")
-                return report
-            except psycopg.Error as error:  # the database went away during the report
-                self._close_status_conn()
-                raise OSError(f"cannot read the ledger {self.where}: {error}") from None
+        try:
+            if self._status_conn is None or self._status_conn.broken:
+                self._status_conn = self._connect_postgres()
+            report = _report(self._status_conn)
+            self._status_conn.execute("COMMIT")
+            return report
+        except psycopg.Error as error:  # the database went away during the report
+            self._close_status_conn()
+            raise OSError(f"cannot read the ledger {self.where}: {error}") from None
 
     def _close_status_conn(self) -> None:
         if self._status_conn is not None:
