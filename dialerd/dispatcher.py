@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -56,8 +57,15 @@ class Fence:
     epoch: int
     valid_until: float
 
-    def valid(self, now: float) -> bool:
-        return now < self.valid_until
+    def lets_send(self, now: float, interval: float) -> bool:
+        """Whether a send may leave now: while the lease has one interval left at least, so
+        that whoever takes it once it has run out sends an interval after this send or later
+        (a send that left long after its mark is spaced from, too)."""
+        return now + interval < self.valid_until
+
+    def end(self) -> None:
+        """The lease is being given up: nothing more leaves under it."""
+        self.valid_until = -math.inf
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class Lane:
         self._over_rate_said = False  # the warning that 429s go on at the widest margin
         self._limiter = self._new_limiter()
         self._not_before = 0.0  # loop time before which the next send may not leave
+        self.left_at: float | None = None  # loop time the last send left, in this run
         self._agent_hold = Hold("the agent", agent=agent.id)
         self.sent = 0  # sends that left, in this run
         self.placed = 0  # calls the API placed of them
@@ -344,11 +353,16 @@ class Lane:
         await asyncio.sleep(max(0.0, self._not_before - self._loop.time()))
         # A lease that ran out meanwhile (the process was stopped, the renewals failed): the
         # send may be another daemon's to make now.
-        if self._stopping or (self.fence is not None and not self.fence.valid(self._loop.time())):
+        if self._stopping or not self._lease_lets_send():
             await self._ledger.unmark(pending.seq)
             return None
         self._wiring.metrics.paced(self.agent.id, self._loop.time() - waiting_since)
         return body, token
+
+    def _lease_lets_send(self) -> bool:
+        """Cluster mode: checked after the mark, and again as the request's bytes are about to
+        leave (a connection may be slow to make, the process paused in between)."""
+        return self.fence is None or self.fence.lets_send(self._loop.time(), self.interval)
 
     def _outgoing(self, pending: Pending) -> tuple[dict, str | None]:
         """The body as sent, with a status_url of its own when callbacks are on."""
@@ -365,13 +379,23 @@ class Lane:
         task.add_done_callback(self.in_flight.discard)
         await asyncio.wait((departed, task), return_when=asyncio.FIRST_COMPLETED)
         left_at = departed.result() if departed.done() else self._loop.time()
+        self.left_at = left_at
         self._not_before = max(self._not_before, left_at + (1.0 - self.tolerance) * self.interval)
 
     async def _complete(
         self, pending: Pending, body: dict, token: str | None, departed: asyncio.Future
     ) -> None:
         started = self._loop.time()
-        result = await self._wiring.client.make_call(self.agent.region, body, departed)
+        lets_send = None if self.fence is None else self._lease_lets_send
+        result = await self._wiring.client.make_call(self.agent.region, body, departed, lets_send)
+        if result.verdict is Verdict.WITHHELD:  # not sent: queued again, for the lease's holder
+            log.warning(
+                "the agent's lease ran out before the request left: not sent",
+                agent=self.agent.id,
+                id=pending.id,
+            )
+            await self._ledger.unmark(pending.seq)
+            return
         latency = self._loop.time() - started
         self.sent += 1
         self.placed += result.verdict is Verdict.PLACED

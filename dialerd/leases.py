@@ -146,9 +146,11 @@ class Leases:
             self._lose(lost, "taken by another daemon")
         for agent, epoch in round_.held.items():
             fence = self._fences.get(agent)
+            if agent in self._giving_up:
+                continue  # renewed until released, but nothing more is sent under it
             if fence is not None and fence.epoch == epoch:
                 fence.valid_until = valid_until
-            elif agent not in self._giving_up and not self._frozen:
+            elif not self._frozen:
                 self._open({agent: epoch}, valid_until)  # held, no lane: a take's answer lost
         if self._frozen:
             return
@@ -200,12 +202,25 @@ class Leases:
             config = self._config()
             timeout = min(config.api.timeout_s, config.cluster.lease_s * GIVE_UP_WAIT_SHARE)
             await self._dispatcher.settled(lanes, timeout)
+            await self._after_last_sends(lanes)
             await self._ledger.release_leases(agents)
             for agent in agents:
                 self._fences.pop(agent, None)
             self._metrics.leases(len(self._fences), "given_up", len(agents))
         finally:
             self._giving_up.difference_update(agents)
+
+    async def _after_last_sends(self, lanes: list) -> None:
+        """Nothing more leaves under the leases given up, and they are released an interval
+        after the last send that did at the earliest: the next holder spaces its first send
+        from that send's mark, and it may have left long after (a slow connection)."""
+        quiet_at = 0.0
+        for lane in lanes:
+            if lane.fence is not None:
+                lane.fence.end()
+            if lane.left_at is not None:
+                quiet_at = max(quiet_at, lane.left_at + lane.interval)
+        await asyncio.sleep(max(0.0, quiet_at - self._loop.time()))
 
     async def leave(self, timeout: float) -> None:
         """The daemon stops (its lanes drained): every lease is released, and this run counts

@@ -9,7 +9,7 @@ import email.utils
 import enum
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ ERROR_TEXT_KEPT = 500
 
 
 class Verdict(enum.Enum):
+    WITHHELD = "withheld"  # not sent: as its bytes were to leave, the caller said no more
     PLACED = "placed"  # 2xx: the API placed the call
     RETRY = "retry"  # refused before any call was placed: send again later
     FAILED = "failed"  # refused for good
@@ -55,14 +56,20 @@ class SendResult:
 
 
 class _Sending:
-    """The send in progress in a task: its `departed` future, and whether its bytes may have
-    gone out (from then on, a failure counts as written: at most once)."""
+    """The send in progress in a task: its `departed` future, whether it may still leave
+    (asked as its first byte is to be written), and whether its bytes may have gone out (from
+    then on, a failure counts as written: at most once)."""
 
-    __slots__ = ("departed", "written")
+    __slots__ = ("departed", "may_leave", "written")
 
-    def __init__(self, departed: asyncio.Future):
+    def __init__(self, departed: asyncio.Future, may_leave: Callable[[], bool] | None):
         self.departed = departed
+        self.may_leave = may_leave
         self.written = False
+
+
+class _Withheld(Exception):
+    """The send was stopped before its first byte: what make_call() says is WITHHELD."""
 
 
 _sending: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar("sending", default=None)
@@ -85,6 +92,11 @@ class _TimedRequest(aiohttp.ClientRequest):
         content_length: int | None = None,
     ) -> None:
         sending = _sending.get()
+        if sending is not None and sending.may_leave is not None and not sending.may_leave():
+            # The request line and headers wait in the writer's buffer for the body: nothing
+            # has gone out, and the answer's read raises this at once.
+            conn.protocol.set_exception(_Withheld())
+            return
         transport = conn.transport
         # Counted as written before the write (a failure in it may follow bytes that went),
         # unless the connection is already closing and no byte can go; stamped after it (a
@@ -134,10 +146,15 @@ class StudioClient:
         self._endpoints = endpoints
 
     async def make_call(
-        self, region: str, body: dict[str, Any], departed: asyncio.Future
+        self,
+        region: str,
+        body: dict[str, Any],
+        departed: asyncio.Future,
+        may_leave: Callable[[], bool] | None = None,
     ) -> SendResult:
-        """POST one call; `departed` gets the loop time at which the request left."""
-        sending = _Sending(departed)
+        """POST one call; `departed` gets the loop time at which the request left. When
+        `may_leave` says no as the request is about to leave, it does not (WITHHELD)."""
+        sending = _Sending(departed, may_leave)
         current = _sending.set(sending)
         try:
             async with self._http.post(
@@ -146,6 +163,8 @@ class StudioClient:
                 headers=self._headers,
             ) as response:
                 result = await _judge(response)
+        except _Withheld:
+            return SendResult(Verdict.WITHHELD, error="not sent: withheld as it was to leave")
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             result = _judge_failure(error, written=sending.written)
         except Exception as error:

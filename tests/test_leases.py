@@ -4,8 +4,12 @@ a holder off once another has taken its lease, and how the agents are shared (SP
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import math
 from collections import Counter
 
+import aiohttp
 import psycopg
 import pytest
 from conftest import cluster_of
@@ -13,10 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_dispatcher import KEY, make_config, requests_for
 from test_request import CONFIG
+from test_studio import SlowToResolve
 
 from dialerd import studio
 from dialerd.dispatcher import Dispatcher, Fence, Wiring
-from dialerd.leases import plan, share
+from dialerd.leases import Leases, plan, share
 from dialerd.ledger import Ledger, postgres
 from dialerd.ledger.intake import add
 from dialerd.ledger.leases import join, leave, release, renew, take
@@ -90,6 +95,49 @@ def test_the_holder_before_is_fenced_off_even_from_a_request_its_successor_sent(
     assert mark_sending(pg, seq, None, 1, 0.0, None, fence=(second, 2)) == (False, None)
 
 
+class OneLane:
+    """A daemon's lane for AGENT on a ledger on PostgreSQL, under a lease it took whose fence
+    holds for `valid_for_s`, with `count` requests queued; at the simulator, through
+    `connector` (None: the session's own)."""
+
+    def __init__(self, tmp_path, pg_dsn, simulator, count: int, valid_for_s: float, connector=None):
+        endpoints = {region: simulator.endpoint(region) for region in ("eu", "us")}
+        if connector is not None:  # by a name, which the connector's resolver is asked for
+            endpoints = {r: url.replace("127.0.0.1", "api.test") for r, url in endpoints.items()}
+        self.config = make_config(tmp_path, endpoints, {AGENT: ("eu", 5)})
+        self.ledger = Ledger(tmp_path / "state", cluster_of(pg_dsn, "d1", LEASE_S))
+        self.metrics = Metrics()
+        self._count, self._valid_for_s, self._connector = count, valid_for_s, connector
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Dispatcher:
+        self.ledger.open()
+        self._stack.callback(self.ledger.close)
+        assert await self.ledger.join() is None
+        await self.ledger.lease_round([AGENT])
+        epochs, _ = await self.ledger.take_leases([AGENT])
+        fields = requests_for(AGENT, self._count)
+        requests = [build_request(f, self.config, f"t:{i}") for i, f in enumerate(fields)]
+        await self.ledger.add(requests, [], None, 0)
+        http = await self._stack.enter_async_context(studio.session(5, self._connector))
+        client = studio.StudioClient(http, KEY, self.config.api.endpoints)
+        self.dispatcher = Dispatcher(Wiring(self.ledger, client, lambda: None, self.metrics))
+        group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self.dispatcher.start([], group)
+        loop = asyncio.get_running_loop()
+        fence = Fence(epochs[AGENT], loop.time() + self._valid_for_s)
+        self.dispatcher.open_lanes([self.config.agents[AGENT]], {AGENT: fence})
+        return self.dispatcher
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.dispatcher.stop()
+        await self._stack.__aexit__(*exc_info)  # the lane ends, then the session and ledger
+
+    async def states(self) -> Counter:
+        rows = await self.ledger.call(lambda c: c.execute("SELECT state FROM requests").fetchall())
+        return Counter(state for (state,) in rows)
+
+
 async def test_a_lane_whose_lease_is_taken_behind_its_back_sends_no_more(
     tmp_path, pg_dsn, simulator_factory
 ):
@@ -97,40 +145,93 @@ async def test_a_lane_whose_lease_is_taken_behind_its_back_sends_no_more(
     a pause): its next mark is refused by the epoch, counted, and the lane stops; what it had
     marked went out, the rest stays queued for the new holder."""
     simulator = await simulator_factory({AGENT: 5})
-    endpoints = {region: simulator.endpoint(region) for region in ("eu", "us")}
-    config = make_config(tmp_path, endpoints, {AGENT: ("eu", 5)})
-    ledger = Ledger(tmp_path / "state", cluster_of(pg_dsn, "d1", LEASE_S))
-    ledger.open()
-    try:
-        assert await ledger.join() is None
-        await ledger.lease_round([AGENT])
-        epochs, _ = await ledger.take_leases([AGENT])
-        fields = requests_for(AGENT, 20)
-        requests = [build_request(f, config, f"t:{i}") for i, f in enumerate(fields)]
-        await ledger.add(requests, [], None, 0)
-        metrics = Metrics()
-        async with studio.session(5) as http, asyncio.timeout(30):
-            client = studio.StudioClient(http, KEY, config.api.endpoints)
-            dispatcher = Dispatcher(Wiring(ledger, client, lambda: None, metrics))
-            loop = asyncio.get_running_loop()
-            async with asyncio.TaskGroup() as group:
-                dispatcher.start([], group)
-                fence = Fence(epochs[AGENT], loop.time() + 3600)
-                dispatcher.open_lanes([config.agents[AGENT]], {AGENT: fence})
-                while len(simulator.placed()) < 3:
-                    await asyncio.sleep(0.01)
-                await asyncio.to_thread(taken_by_another, pg_dsn)
-                await dispatcher.lanes[AGENT].task  # it stops by itself
-            assert await dispatcher.drain(1.0) == 0
-        states = Counter(
-            r[0] for r in await ledger.call(lambda c: c.execute("SELECT state FROM requests"))
-        )
-    finally:
-        ledger.close()
-    fenced = metrics.registry.get_sample_value("dialerd_fenced_marks_total", {"agent": AGENT})
+    lane = OneLane(tmp_path, pg_dsn, simulator, 20, valid_for_s=3600)
+    async with asyncio.timeout(30), lane as dispatcher:
+        while len(simulator.placed()) < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(taken_by_another, pg_dsn)
+        await dispatcher.lanes[AGENT].task  # it stops by itself
+        assert await dispatcher.drain(1.0) == 0
+        states = await lane.states()
+    fenced = lane.metrics.registry.get_sample_value("dialerd_fenced_marks_total", {"agent": AGENT})
     assert fenced == 1
     placed = len(simulator.placed())
-    assert placed >= 3 and states == {"final": placed, "queued": len(fields) - placed}
+    assert placed >= 3 and states == {"final": placed, "queued": 20 - placed}
+
+
+async def test_a_send_whose_lease_runs_out_while_it_connects_is_queued_again_not_sent(
+    tmp_path, pg_dsn, simulator_factory
+):
+    """Marked and let go under a lease with 0.5 s left, on a connection that takes 0.6 s to
+    make: as its bytes are to leave, the lease has less than an interval left, so it stays
+    home and is queued again (the next holder sends it)."""
+    simulator = await simulator_factory({AGENT: 5})
+    resolver = SlowToResolve(0.6)
+    connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
+    lane = OneLane(tmp_path, pg_dsn, simulator, 1, valid_for_s=0.5, connector=connector)
+    async with asyncio.timeout(30), lane:
+        while not resolver.asked or (await lane.states()) != {"queued": 1}:
+            await asyncio.sleep(0.05)
+    assert simulator.arrivals == []
+
+
+async def test_a_lease_given_up_is_released_an_interval_after_its_last_send_left(
+    tmp_path, pg_dsn, simulator_factory, monkeypatch
+):
+    """A second daemon joins: the first gives one of its two agents up. Nothing more leaves
+    under that lease, and it is released no sooner than an interval after the lane's last
+    send left, which the next holder's first send cannot then follow too closely (it spaces
+    from the send's mark, which may be long before)."""
+    agents = {AGENT: ("eu", 5), "agent-us": ("us", 5)}
+    simulator = await simulator_factory(dict.fromkeys(agents, 5))
+    endpoints = {region: simulator.endpoint(region) for region in ("eu", "us")}
+    config = dataclasses.replace(
+        make_config(tmp_path, endpoints, agents), cluster=cluster_of(pg_dsn, "d1", LEASE_S)
+    )
+    ledger = Ledger(tmp_path / "state", config.cluster)
+    ledger.open()
+    released: list[tuple[list[str], float]] = []
+    release = ledger.release_leases
+
+    async def noted(given_up: list[str]) -> None:
+        released.append((given_up, asyncio.get_running_loop().time()))
+        await release(given_up)
+
+    monkeypatch.setattr(ledger, "release_leases", noted)
+    try:
+        assert await ledger.join() is None
+        fields = [r for agent in agents for r in requests_for(agent, 40, block=len(agent))]
+        requests = [build_request(f, config, f"t:{i}") for i, f in enumerate(fields)]
+        await ledger.add(requests, [], None, 0)
+        async with studio.session(5) as http, asyncio.timeout(30):
+            client = studio.StudioClient(http, KEY, config.api.endpoints)
+            dispatcher = Dispatcher(Wiring(ledger, client, lambda: None, Metrics()))
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start([], group)
+                leases = Leases(ledger, dispatcher, lambda: config, Metrics())
+                rounds = group.create_task(leases.run())
+                while len({a.agent_id for a in simulator.placed()}) < 2:
+                    await asyncio.sleep(0.01)
+                lanes = dict(dispatcher.lanes)
+                await asyncio.to_thread(another_daemon_joins, pg_dsn)
+                leases.wake()
+                while not released:
+                    await asyncio.sleep(0.01)
+                rounds.cancel()
+                dispatcher.stop()
+            await dispatcher.drain(1.0)
+    finally:
+        ledger.close()
+    [([given_up], released_at)] = released
+    lane = lanes[given_up]
+    assert lane.fence.valid_until == -math.inf
+    assert released_at >= lane.left_at + lane.interval
+
+
+def another_daemon_joins(dsn: str) -> None:
+    other = postgres.connect(dsn)
+    new_run(other, "d2")
+    other.close()
 
 
 def taken_by_another(dsn: str) -> None:

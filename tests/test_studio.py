@@ -452,6 +452,46 @@ async def test_connection_refused_is_retried_and_never_departed(http):
     assert_no_key(result)
 
 
+class SlowToResolve(aiohttp.abc.AbstractResolver):
+    """127.0.0.1 for every name, `delay_s` after it is asked: a connection slow to make."""
+
+    def __init__(self, delay_s: float):
+        self._delay_s = delay_s
+        self.asked = 0
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        self.asked += 1
+        await asyncio.sleep(self._delay_s)
+        return [
+            {"hostname": host, "host": "127.0.0.1", "port": port, "family": family}
+            | {"proto": 0, "flags": 0}
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_send_withheld_as_it_was_to_leave_never_reaches_the_api(simulator_factory):
+    """`may_leave` is asked once the connection is made, as the first byte is to be written
+    (a lease may run out while a connection is slow to make): a no sends nothing, stamps no
+    departure, and the session goes on."""
+    simulator = await simulator_factory({"agent-a": 5})
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(resolver=SlowToResolve(0.3), force_close=True)
+    async with studio.session(5, connector) as http:
+        client = StudioClient(
+            http, KEY, {"eu": simulator.endpoint("eu").replace("127.0.0.1", "api.test")}
+        )
+        until = loop.time() + 0.15  # still true as the send begins, no more once it connects
+        departed = new_departed()
+        withheld = await client.make_call("eu", BODY, departed, lambda: loop.time() < until)
+        assert withheld.verdict is Verdict.WITHHELD and not departed.done()
+        assert simulator.arrivals == []
+        placed = await client.make_call("eu", BODY, new_departed(), lambda: True)
+    assert placed.verdict is Verdict.PLACED
+    assert len(simulator.arrivals) == 1
+
+
 async def test_simulator_placed_call(http, simulator_factory):
     simulator = await simulator_factory({"agent-a": 5})
     client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
