@@ -26,10 +26,11 @@ from .config import (
     read_api_key,
     restart_needed,
 )
-from .dispatcher import Dispatcher, Wiring
+from .dispatcher import Dispatcher
 from .dnc import DoNotCall
 from .holds import Hold
 from .hours import CallingWindow
+from .lane import Wiring
 from .leases import Leases, join_cluster
 from .ledger import Ledger, empty_agent_status
 from .logs import log

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from .aio import wait_event
 from .config import ClusterConfig, Config
-from .dispatcher import Dispatcher, Fence
+from .dispatcher import Dispatcher
+from .lane import Fence
 from .ledger import Ledger
 from .ledger.leases import InstanceRunning, Round
 from .logs import log

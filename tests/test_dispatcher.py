@@ -22,10 +22,11 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
-from dialerd import dispatcher as dispatcher_module
+from dialerd import lane as lane_module
 from dialerd import studio
 from dialerd.config import Config, build_config
-from dialerd.dispatcher import Dispatcher, Lane, Wiring
+from dialerd.dispatcher import Dispatcher
+from dialerd.lane import Lane, Wiring
 from dialerd.ledger import Ledger
 from dialerd.metrics import Metrics
 from dialerd.request import build_request
@@ -235,12 +236,12 @@ def endpoints_of(simulator: Simulator) -> dict[str, str]:
 
 @pytest.fixture
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(dispatcher_module, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(lane_module, "BACKOFF_BASE_S", 0.01)
 
 
 @pytest.fixture
 def fast_retries(monkeypatch, fast_backoff):
-    monkeypatch.setattr(dispatcher_module, "MAX_RETRIES", 2)
+    monkeypatch.setattr(lane_module, "MAX_RETRIES", 2)
 
 
 # -- rate --------------------------------------------------------------------------------------

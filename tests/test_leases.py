@@ -20,7 +20,8 @@ from test_request import CONFIG
 from test_studio import SlowToResolve
 
 from dialerd import studio
-from dialerd.dispatcher import Dispatcher, Fence, Wiring
+from dialerd.dispatcher import Dispatcher
+from dialerd.lane import Fence, Wiring
 from dialerd.leases import Leases, plan, share
 from dialerd.ledger import Ledger, postgres
 from dialerd.ledger.intake import add

@@ -39,7 +39,8 @@ from conftest import (
 from dialerd import admin
 from dialerd.cli import EX_CONFIG, EX_USAGE
 from dialerd.config import build_config
-from dialerd.dispatcher import Dispatcher, Wiring
+from dialerd.dispatcher import Dispatcher
+from dialerd.lane import Wiring
 from dialerd.ledger import Ledger
 from dialerd.logs import JOURNAL_PRIORITY
 from dialerd.metrics import Metrics
