@@ -11,9 +11,15 @@ from typing import Any
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
-    """Wait for `event` at most `timeout` seconds (None: no limit); True if it was set."""
+    """Wait for `event` at most `timeout` seconds (None: no limit); True if it was set.
+
+    asyncio.timeout(), not wait_for(): on Python 3.11, a wait_for() cancelled in the step its
+    event is set returns as if set and the cancellation is lost, so that a task cancelled at a
+    stop (the results writer, woken by the last outcome) went on for ever and the daemon never
+    exited."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await event.wait()
     return event.is_set()
 
 

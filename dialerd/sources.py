@@ -174,7 +174,8 @@ class StdinSource:
             # that blocks is in the reading thread, never in this task.
             try:
                 with self.progress.waiting():
-                    batch = await asyncio.wait_for(batches.get(), STOP_CHECK_S)
+                    async with asyncio.timeout(STOP_CHECK_S):  # not wait_for: see wait_event
+                        batch = await batches.get()
             except TimeoutError:
                 continue
             if batch is None:
