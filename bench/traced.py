@@ -64,11 +64,11 @@ def _noting_writes(write):
 _make_call = studio.StudioClient.make_call
 
 
-async def _traced_make_call(self, region, body, departed):
+async def _traced_make_call(self, region, body, departed, may_leave=None):
     watched = _Watched(departed)
     _sending.set(watched)
     try:
-        return await _make_call(self, region, body, watched)
+        return await _make_call(self, region, body, watched, may_leave)
     finally:
         stamp = watched.result() if watched.done() else None
         sent = (body.get("agent_id"), body["to"], stamp, watched.stamped_at, watched.written_at)

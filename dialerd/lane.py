@@ -317,6 +317,12 @@ class Lane:
             self._due.clear()
             return None
         await self._sleep_until(self._not_before - MARK_LEAD_S)
+        if not self._lease_lets_send():
+            # Too little of the lease is left to send in: not marked until it is renewed (or
+            # found lost). The request goes first again, in its place.
+            self._due.appendleft(pending)
+            await self._sleep_until(self._loop.time() + self.interval)
+            return None
         with self.progress.waiting():
             await self._limiter.acquire()
         if self._stopping:
@@ -361,9 +367,14 @@ class Lane:
         return body, token
 
     def _lease_lets_send(self) -> bool:
-        """Cluster mode: checked after the mark, and again as the request's bytes are about to
-        leave (a connection may be slow to make, the process paused in between)."""
+        """Cluster mode: checked before the mark, after it, and again as the request's bytes
+        are about to leave (a connection may be slow to make, the process paused in between)."""
         return self.fence is None or self.fence.lets_send(self._loop.time(), self.interval)
+
+    def _may_leave(self) -> bool:
+        """Asked as a send's first byte is about to be written: not once a stop has begun,
+        nor once the lease has too little left."""
+        return not self._stopping and self._lease_lets_send()
 
     def _outgoing(self, pending: Pending) -> tuple[dict, str | None]:
         """The body as sent, with a status_url of its own when callbacks are on."""
@@ -379,22 +390,22 @@ class Lane:
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
         await asyncio.wait((departed, task), return_when=asyncio.FIRST_COMPLETED)
-        left_at = departed.result() if departed.done() else self._loop.time()
-        self.left_at = left_at
+        if departed.done():
+            self.left_at = left_at = departed.result()
+        else:  # not sent (refused at once, withheld): spaced from now all the same
+            left_at = self._loop.time()
         self._not_before = max(self._not_before, left_at + (1.0 - self.tolerance) * self.interval)
 
     async def _complete(
         self, pending: Pending, body: dict, token: str | None, departed: asyncio.Future
     ) -> None:
         started = self._loop.time()
-        lets_send = None if self.fence is None else self._lease_lets_send
-        result = await self._wiring.client.make_call(self.agent.region, body, departed, lets_send)
-        if result.verdict is Verdict.WITHHELD:  # not sent: queued again, for the lease's holder
-            log.warning(
-                "the agent's lease ran out before the request left: not sent",
-                agent=self.agent.id,
-                id=pending.id,
-            )
+        result = await self._wiring.client.make_call(
+            self.agent.region, body, departed, self._may_leave
+        )
+        if result.verdict is Verdict.WITHHELD:  # not sent: queued again, as it was
+            why = "the stop had begun" if self._stopping else "the agent's lease was running out"
+            log.warning("a send was withheld as it was to leave", agent=self.agent.id, why=why)
             await self._ledger.unmark(pending.seq)
             return
         latency = self._loop.time() - started

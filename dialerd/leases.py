@@ -202,8 +202,8 @@ class Leases:
         try:
             config = self._config()
             timeout = min(config.api.timeout_s, config.cluster.lease_s * GIVE_UP_WAIT_SHARE)
-            await self._dispatcher.settled(lanes, timeout)
-            await self._after_last_sends(lanes)
+            settled = await self._dispatcher.settled(lanes, timeout)
+            await self._after_last_sends(lanes, settled)
             await self._ledger.release_leases(agents)
             for agent in agents:
                 self._fences.pop(agent, None)
@@ -211,17 +211,21 @@ class Leases:
         finally:
             self._giving_up.difference_update(agents)
 
-    async def _after_last_sends(self, lanes: list) -> None:
+    async def _after_last_sends(self, lanes: list, settled: bool) -> None:
         """Nothing more leaves under the leases given up, and they are released an interval
         after the last send that did at the earliest: the next holder spaces its first send
-        from that send's mark, and it may have left long after (a slow connection)."""
+        from that send's mark, and it may have left long after (a slow connection). Lanes not
+        settled may have a send leaving at this moment, its departure not yet noted."""
+        now = self._loop.time()
         quiet_at = 0.0
         for lane in lanes:
             if lane.fence is not None:
                 lane.fence.end()
-            if lane.left_at is not None:
+            if not settled:
+                quiet_at = max(quiet_at, now + lane.interval)
+            elif lane.left_at is not None:
                 quiet_at = max(quiet_at, lane.left_at + lane.interval)
-        await asyncio.sleep(max(0.0, quiet_at - self._loop.time()))
+        await asyncio.sleep(max(0.0, quiet_at - now))
 
     async def leave(self, timeout: float) -> None:
         """The daemon stops (its lanes drained): every lease is released, and this run counts

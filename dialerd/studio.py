@@ -164,6 +164,8 @@ class StudioClient:
             ) as response:
                 result = await _judge(response)
         except _Withheld:
+            if sending.written:  # asked again for a redirect's new request: the first went
+                return SendResult(Verdict.IN_DOUBT, error="withheld after a redirect")
             return SendResult(Verdict.WITHHELD, error="not sent: withheld as it was to leave")
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             result = _judge_failure(error, written=sending.written)

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
+from test_studio import SlowToResolve
 
 from dialerd import lane as lane_module
 from dialerd import studio
@@ -657,3 +658,27 @@ async def test_no_lane_opens_once_the_dispatcher_is_stopped(tmp_path, ledger):
         dispatcher.stop()
         dispatcher.open_lanes([config.agents["late"]], {})
     assert dispatcher.lanes == {}
+
+
+async def test_a_send_still_connecting_when_the_stop_begins_is_queued_again_not_sent(
+    tmp_path, ledger, simulator_factory
+):
+    """No send starts once the stop has begun: one whose connection is still being made is
+    withheld before its first byte, and waits in the ledger for the next run."""
+    simulator = await simulator_factory({"agent-a": 5})
+    endpoints = {r: simulator.endpoint(r).replace("127.0.0.1", "api.test") for r in ("eu", "us")}
+    config = make_config(tmp_path, endpoints, {"agent-a": ("eu", 5)})
+    [request] = [build_request(f, config, "test:0") for f in requests_for("agent-a", 1)]
+    await ledger.add([request], [], None, 0)
+    resolver = SlowToResolve(0.3, on_ask=lambda: dispatcher.stop())
+    connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
+    async with studio.session(5, connector) as http, asyncio.timeout(10):
+        client = studio.StudioClient(http, KEY, config.api.endpoints)
+        dispatcher = Dispatcher(Wiring(ledger, client, lambda: None, Metrics()))
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(config.agents.values(), group)
+        assert await dispatcher.drain(5.0) == 0
+    assert resolver.asked == 1 and simulator.arrivals == []
+    assert await ledger.open_requests() == 1
+    [(state,)] = await ledger.call(lambda c: c.execute("SELECT state FROM requests").fetchall())
+    assert state == "queued"

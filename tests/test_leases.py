@@ -126,8 +126,8 @@ class OneLane:
         group = await self._stack.enter_async_context(asyncio.TaskGroup())
         self.dispatcher.start([], group)
         loop = asyncio.get_running_loop()
-        fence = Fence(epochs[AGENT], loop.time() + self._valid_for_s)
-        self.dispatcher.open_lanes([self.config.agents[AGENT]], {AGENT: fence})
+        self.fence = Fence(epochs[AGENT], loop.time() + self._valid_for_s)
+        self.dispatcher.open_lanes([self.config.agents[AGENT]], {AGENT: self.fence})
         return self.dispatcher
 
     async def __aexit__(self, *exc_info) -> None:
@@ -163,13 +163,14 @@ async def test_a_lane_whose_lease_is_taken_behind_its_back_sends_no_more(
 async def test_a_send_whose_lease_runs_out_while_it_connects_is_queued_again_not_sent(
     tmp_path, pg_dsn, simulator_factory
 ):
-    """Marked and let go under a lease with 0.5 s left, on a connection that takes 0.6 s to
-    make: as its bytes are to leave, the lease has less than an interval left, so it stays
-    home and is queued again (the next holder sends it)."""
+    """Marked and let go under its lease, on a connection slow to make, while which the lease
+    runs out (its renewals fail): as its bytes are to leave, the lease has less than an
+    interval left, so it stays home and is queued again (the next holder sends it)."""
     simulator = await simulator_factory({AGENT: 5})
-    resolver = SlowToResolve(0.6)
+    loop = asyncio.get_running_loop()
+    resolver = SlowToResolve(0.3, on_ask=lambda: setattr(lane.fence, "valid_until", loop.time()))
     connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
-    lane = OneLane(tmp_path, pg_dsn, simulator, 1, valid_for_s=0.5, connector=connector)
+    lane = OneLane(tmp_path, pg_dsn, simulator, 1, valid_for_s=3600, connector=connector)
     async with asyncio.timeout(30), lane:
         while not resolver.asked or (await lane.states()) != {"queued": 1}:
             await asyncio.sleep(0.05)

@@ -453,14 +453,17 @@ async def test_connection_refused_is_retried_and_never_departed(http):
 
 
 class SlowToResolve(aiohttp.abc.AbstractResolver):
-    """127.0.0.1 for every name, `delay_s` after it is asked: a connection slow to make."""
+    """127.0.0.1 for every name, `delay_s` after it is asked: a connection slow to make;
+    `on_ask()` is called as it is asked."""
 
-    def __init__(self, delay_s: float):
+    def __init__(self, delay_s: float, on_ask=lambda: None):
         self._delay_s = delay_s
+        self._on_ask = on_ask
         self.asked = 0
 
     async def resolve(self, host, port=0, family=socket.AF_INET):
         self.asked += 1
+        self._on_ask()
         await asyncio.sleep(self._delay_s)
         return [
             {"hostname": host, "host": "127.0.0.1", "port": port, "family": family}
@@ -490,6 +493,21 @@ async def test_a_send_withheld_as_it_was_to_leave_never_reaches_the_api(simulato
         placed = await client.make_call("eu", BODY, new_departed(), lambda: True)
     assert placed.verdict is Verdict.PLACED
     assert len(simulator.arrivals) == 1
+
+
+async def test_a_send_withheld_on_a_kept_connection_leaves_nothing_behind_on_it(
+    http, simulator_factory
+):
+    """On a connection kept from the send before, the request line and headers of a withheld
+    send wait in its writer's buffer: the connection is closed with them, never reused."""
+    simulator = await simulator_factory({"agent-a": 5})
+    client = StudioClient(http, KEY, {"eu": simulator.endpoint("eu")})
+    first = await client.make_call("eu", BODY, new_departed())
+    withheld = await client.make_call("eu", BODY, new_departed(), lambda: False)
+    third = await client.make_call("eu", BODY, new_departed())
+    assert withheld.verdict is Verdict.WITHHELD
+    assert first.verdict is third.verdict is Verdict.PLACED
+    assert len(simulator.arrivals) == 2
 
 
 async def test_simulator_placed_call(http, simulator_factory):
