@@ -5,6 +5,7 @@ clock has not reached yet is not waited for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import sqlite3
@@ -128,37 +129,51 @@ async def test_a_clock_stepped_back_during_a_run_leaves_what_was_due_due(tmp_pat
     monkeypatch.setattr(time, "time", lambda: real_time() + wall["offset"])
     monkeypatch.setattr(clock, "LOOK_EVERY_S", 0.1)
     spool = tmp_path / "spool"
-    config = build_config(
+    config = spool_config(tmp_path, rate=1)
+    results = tmp_path / "state" / "results.jsonl"
+    async with running(config):
+        drop(spool, "first.jsonl", lines(0, 5))
+        while len(read_results(results)) < 1:
+            await asyncio.sleep(0.05)
+        drop(spool, "second.jsonl", lines(5, 8))  # taken long before the lane reads it
+        while not (spool / "done" / "second.jsonl").exists():
+            await asyncio.sleep(0.05)
+        wall["offset"] = -3600.0
+        while len(read_results(results)) < 8:
+            await asyncio.sleep(0.05)
+    assert {r["outcome"] for r in read_results(results)} == {"dialed"}
+
+
+def spool_config(tmp_path: Path, rate: int, **more):
+    """agent-a at `rate`, its requests from tmp_path/spool, sent to the simulator in the
+    daemon; `more` keys."""
+    return build_config(
         {
             "api": {"key_env": "VGAI_KEY", "timeout_s": 2},
-            "agents": {"agent-a": {"region": "eu", "rate": 1}},
+            "agents": {"agent-a": {"region": "eu", "rate": rate}},
             "state_dir": str(tmp_path / "state"),
-            "spool": {"dir": str(spool)},
+            "spool": {"dir": str(tmp_path / "spool")},
             "stdin": False,
+            **more,
         }
     )
-    results = tmp_path / "state" / "results.jsonl"
+
+
+@contextlib.asynccontextmanager
+async def running(config):
+    """The daemon of `config` in this loop, its spool ready; stopped as by SIGTERM after."""
     daemon = Daemon(config, simulate=Faults())
     run = asyncio.create_task(daemon.run())
     try:
         async with asyncio.timeout(30):
-            while not (spool / "incoming").exists():
+            while not (config.spool_dir / "incoming").exists():
                 await asyncio.sleep(0.05)
-            drop(spool, "first.jsonl", lines(0, 5))
-            while len(read_results(results)) < 1:
-                await asyncio.sleep(0.05)
-            drop(spool, "second.jsonl", lines(5, 8))  # taken long before the lane reads it
-            while not (spool / "done" / "second.jsonl").exists():
-                await asyncio.sleep(0.05)
-            wall["offset"] = -3600.0
-            while len(read_results(results)) < 8:
-                await asyncio.sleep(0.05)
+            yield daemon
         daemon.request_stop("test")
         await asyncio.wait_for(run, 15)
     finally:
         if not run.done():
             run.cancel()
-    assert {r["outcome"] for r in read_results(results)} == {"dialed"}
 
 
 def lines(start: int, end: int) -> str:
@@ -213,35 +228,14 @@ async def test_a_daemon_in_a_cluster_keeps_to_the_databases_clock_not_its_hosts(
     """Its host's clock is an hour ahead: a request not before a minute from now waits, and
     those due now go at once, each with its result."""
     spool = tmp_path / "spool"
-    config = build_config(
-        {
-            "api": {"key_env": "VGAI_KEY", "timeout_s": 2},
-            "agents": {"agent-a": {"region": "eu", "rate": 5}},
-            "state_dir": str(tmp_path / "state"),
-            "spool": {"dir": str(spool)},
-            "results": str(tmp_path / "results.jsonl"),
-            "stdin": False,
-            "ledger": ledger_url(pg_dsn),
-            "instance": "skewed",
-            "lease_s": 2,
-        }
-    )
+    cluster = {"ledger": ledger_url(pg_dsn), "instance": "skewed", "lease_s": 2}
+    config = spool_config(tmp_path, rate=5, results=str(tmp_path / "results.jsonl"), **cluster)
     later = dt.datetime.fromtimestamp(an_hour_ahead() + 60, dt.UTC).isoformat()
     waiting = json.dumps({"id": "later", "to": "447700900490", "not_before": later}) + "\n"
-    daemon = Daemon(config, simulate=Faults())
-    run = asyncio.create_task(daemon.run())
-    try:
-        async with asyncio.timeout(30):
-            while not (spool / "incoming").exists():
-                await asyncio.sleep(0.05)
-            drop(spool, "batch.jsonl", waiting + lines(0, 3))
-            while len(read_results(tmp_path / "results.jsonl")) < 3:
-                await asyncio.sleep(0.05)
-        daemon.request_stop("test")
-        await asyncio.wait_for(run, 15)
-    finally:
-        if not run.done():
-            run.cancel()
+    async with running(config):
+        drop(spool, "batch.jsonl", waiting + lines(0, 3))
+        while len(read_results(tmp_path / "results.jsonl")) < 3:
+            await asyncio.sleep(0.05)
     assert [r["outcome"] for r in read_results(tmp_path / "results.jsonl")] == ["dialed"] * 3
     conn = postgres.connect(ledger_url(pg_dsn))
     (state,) = conn.execute("SELECT state FROM requests WHERE id = 'later'").fetchone()
