@@ -35,6 +35,8 @@ class Dispatcher:
             return
         for index, agent in enumerate(agents):
             lane = Lane(agent, self._wiring, fences.get(agent.id))
+            if agent.id in self.lanes:  # one that stopped by itself: it ends as retired ones do
+                self._retired.append(self.lanes[agent.id])
             self.lanes[agent.id] = lane
             task = self._group.create_task(
                 lane.run(start_delay=index / len(agents)), name=f"lane:{agent.id}"
@@ -46,6 +48,11 @@ class Dispatcher:
     def _lane_ended(self, task: asyncio.Task) -> None:
         if task in self._lane_tasks:
             self._lane_tasks.remove(task)
+
+    def sends_for(self, agent_id: str) -> bool:
+        """Whether the agent has a lane that has not stopped."""
+        lane = self.lanes.get(agent_id)
+        return lane is not None and not lane.stopping
 
     def open_lanes(self, agents: list[AgentConfig], fences: Mapping[str, Fence]) -> None:
         """Cluster mode: lanes for agents whose leases this daemon has taken."""

@@ -64,6 +64,10 @@ class Fence:
         (a send that left long after its mark is spaced from, too)."""
         return now + interval < self.valid_until
 
+    def running_low(self, now: float, interval: float) -> bool:
+        """Still held, with less than an interval left: its renewal is due any moment."""
+        return now < self.valid_until <= now + interval
+
     def end(self) -> None:
         """The lease is being given up: nothing more leaves under it."""
         self.valid_until = -math.inf
@@ -167,6 +171,10 @@ class Lane:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def release_holds(self) -> None:
         """A reload: what the API refused is tried again at once."""
@@ -317,9 +325,10 @@ class Lane:
             self._due.clear()
             return None
         await self._sleep_until(self._not_before - MARK_LEAD_S)
-        if not self._lease_lets_send():
-            # Too little of the lease is left to send in: not marked until it is renewed (or
-            # found lost). The request goes first again, in its place.
+        if self.fence is not None and self.fence.running_low(self._loop.time(), self.interval):
+            # Too little of the lease is left to send in: not marked until it is renewed. The
+            # request goes first again, in its place. (One that has run out by this daemon's
+            # count, as after a pause, is marked: the database says whether it is still ours.)
             self._due.appendleft(pending)
             await self._sleep_until(self._loop.time() + self.interval)
             return None
@@ -338,7 +347,8 @@ class Lane:
         except LeaseLost:
             self._wiring.metrics.fenced(self.agent.id)
             log.warning(
-                "the agent's lease is another daemon's now: not sending", agent=self.agent.id
+                "the agent's lease is not this daemon's now (taken, or run out): not sending",
+                agent=self.agent.id,
             )
             self.stop()
             return None

@@ -151,6 +151,10 @@ class Leases:
                 continue  # renewed until released, but nothing more is sent under it
             if fence is not None and fence.epoch == epoch:
                 fence.valid_until = valid_until
+                if not self._dispatcher.sends_for(agent) and not self._frozen:
+                    # Its lane stopped at a mark refused as the lease had run out (a pause),
+                    # which no other daemon took meanwhile: renewed now, it sends again.
+                    self._open({agent: epoch}, valid_until)
             elif not self._frozen:
                 self._open({agent: epoch}, valid_until)  # held, no lane: a take's answer lost
         if self._frozen:

@@ -260,6 +260,28 @@ def test_a_daemon_stopped_past_its_lease_sends_nothing_for_the_agents_it_lost(
     assert not stale, stale
 
 
+def test_a_daemon_paused_past_its_leases_that_nobody_took_goes_on_with_them(
+    tmp_path, simulator, daemons, pg_dsn, monkeypatch
+):
+    """Alone in its cluster, stopped (SIGSTOP) past lease_s: its leases ran out but no other
+    daemon took them. As it goes on, its marks are refused (run out) and its rounds renew the
+    leases under the same epochs: its lanes start again, and every request is dialed."""
+    monkeypatch.setenv("VGAI_KEY", "k")
+    sim = simulator("--latency", "0.05-0.1", agents=SIM_AGENTS)
+    alone = daemons("-c", str(cluster_config(tmp_path, "d1", sim, ledger_url(pg_dsn))))
+    alone.wait_running()
+    batch = requests("r", 120)
+    drop(tmp_path, "d1", "batch.jsonl", batch)
+    wait_for(lambda: len(sent_for(alone)) == len(AGENTS), 30, "every agent sending")
+    alone.proc.send_signal(signal.SIGSTOP)
+    time.sleep(LEASE_S * 2)  # past its leases, for certain (no one else to take them)
+    alone.proc.send_signal(signal.SIGCONT)
+    results_path = tmp_path / "d1" / "results.jsonl"
+    wait_for(lambda: len(read_results(results_path)) >= len(batch), 60, "every result")
+    assert alone.stop()[0] == 0
+    check_every_request_once(sim, read_results(results_path), batch)
+
+
 def sent_for(daemon, at_least: int = 3) -> set[str]:
     """The agents the daemon has sent `at_least` requests for."""
     sends = Counter(e["agent"] for e in events(daemon) if e["event"] == "send")
