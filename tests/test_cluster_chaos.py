@@ -121,7 +121,8 @@ def run_the_chaos(tmp_path, simulator, daemons, monkeypatch, server) -> dict:
         assert daemon.stop(timeout=30)[0] == 0, daemon.stderr[-2000:]
 
     arrivals = sim.arrivals()
-    assert not [a for a in arrivals if a["http_status"] == 429], "429s at the simulator"
+    refused = [a for a in arrivals if a["http_status"] == 429]
+    assert not refused, ("429s at the simulator", before_each(refused, arrivals), kills, stops)
     assert not over_rate(arrivals, RATES)
     placed = Counter(a["to"] for a in arrivals if a["placed"])
     assert not {to: n for to, n in placed.items() if n > 1}, "placed more than once"
@@ -152,6 +153,18 @@ def run_the_chaos(tmp_path, simulator, daemons, monkeypatch, server) -> dict:
         "arrivals": len(arrivals),
         "worst_failover_s": max((gap for _, gap in gaps), default=None),
     }
+
+
+def before_each(refused: list[dict], arrivals: list[dict]) -> list[list[tuple]]:
+    """For each 429, its agent's arrivals in the 1.2 s before it: (wall time, number, status)."""
+    return [
+        [
+            (round(a["wall"], 3), a["to"], a["http_status"])
+            for a in arrivals
+            if a["agent_id"] == late["agent_id"] and late["at"] - 1.2 <= a["at"] <= late["at"]
+        ]
+        for late in refused
+    ]
 
 
 def in_doubt_marks(dsn: str) -> dict[str, float]:
