@@ -146,17 +146,16 @@ class Leases:
         if lost:
             self._lose(lost, "taken by another daemon")
         for agent, epoch in round_.held.items():
-            fence = self._fences.get(agent)
             if agent in self._giving_up:
                 continue  # renewed until released, but nothing more is sent under it
+            fence = self._fences.get(agent)
             if fence is not None and fence.epoch == epoch:
                 fence.valid_until = valid_until
-                if not self._dispatcher.sends_for(agent) and not self._frozen:
-                    # Its lane stopped at a mark refused as the lease had run out (a pause),
-                    # which no other daemon took meanwhile: renewed now, it sends again.
-                    self._open({agent: epoch}, valid_until)
-            elif not self._frozen:
-                self._open({agent: epoch}, valid_until)  # held, no lane: a take's answer lost
+            # Every lease held has a lane sending: one is missing after a take whose answer was
+            # lost, or after a mark refused as the lease had run out (a pause) and no other
+            # daemon took it meanwhile.
+            if not self._dispatcher.sends_for(agent) and not self._frozen:
+                self._open({agent: epoch}, valid_until)
         if self._frozen:
             return
         fair = share(len(self._config().agents), round_.live, self._ledger.run)
